@@ -3,7 +3,7 @@
 
 use crate::model::Revision;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum BackendError {
     /// The requested revision is at or below the compaction point.
     #[error("mvcc: required revision has been compacted (compact revision {compact_revision})")]

@@ -43,7 +43,7 @@ pub type FeedStream = BoxStream<'static, Result<FeedItem>>;
 pub trait Backend: Send + Sync + 'static {
     /// Reads keys in `req.range` as of `req.revision` (`<= 0`: the current revision).
     ///
-    /// Contract: `Compacted` when `0 < revision <= compact_revision`, `FutureRevision` when
+    /// Contract: `Compacted` when `0 < revision < compact_revision`, `FutureRevision` when
     /// `revision > current`. `count` is the number of live keys in the range at that revision;
     /// `kvs` are sorted and filtered as in etcd (see [`range::finish_range`]), at most `limit`
     /// of them, with `more` set when more matched. `keys_only` leaves values empty,
@@ -78,7 +78,8 @@ pub trait Backend: Send + Sync + 'static {
     /// skipped even while writes race the call. After it has caught up with the revisions
     /// that existed when it was called, and whenever it is idle, it yields `Progress(rev)`
     /// meaning everything `<= rev` has been delivered. Fails with `Compacted` (carrying the
-    /// compact revision) when `0 < from <= compact_revision`; a feed that falls behind a
+    /// compact revision) when `0 < from < compact_revision` (a watch from the compact revision
+    /// itself still sees that revision's events, as in etcd); a feed that falls behind a
     /// compaction ends with that error. The stream lives until dropped.
     async fn watch(&self, from: Revision) -> Result<FeedStream>;
 
