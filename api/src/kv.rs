@@ -1,0 +1,114 @@
+//! The KV service: Range, Put, DeleteRange, Txn and Compact. Writes other than Txn run as
+//! one-op txns, so every write path goes through the backend's txn semantics.
+
+use std::sync::Arc;
+
+use cairn_backend::{self as model, Backend};
+use cairn_proto::etcdserverpb as pb;
+use cairn_proto::etcdserverpb::kv_server::Kv;
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::errors::{backend_status, ApiError};
+use crate::header::HeaderSource;
+use crate::validate;
+
+/// etcd wraps each write in an internal raft request (an ID header and a field tag) before
+/// comparing it against --max-request-bytes; this approximates that envelope.
+const RAFT_ENVELOPE_BYTES: usize = 16;
+
+/// Request limits from etcd's flags.
+#[derive(Clone, Copy, Debug)]
+pub struct KvLimits {
+    pub max_txn_ops: usize,
+    pub max_request_bytes: usize,
+}
+
+pub struct KvService {
+    backend: Arc<dyn Backend>,
+    header: HeaderSource,
+    limits: KvLimits,
+}
+
+impl KvService {
+    pub fn new(backend: Arc<dyn Backend>, header: HeaderSource, limits: KvLimits) -> Self {
+        Self { backend, header, limits }
+    }
+
+    /// etcd's "request is too large" check, applied to writes as they would enter raft.
+    fn check_size(&self, encoded_len: usize) -> Result<(), Status> {
+        if encoded_len + RAFT_ENVELOPE_BYTES > self.limits.max_request_bytes {
+            return Err(ApiError::RequestTooLarge.into());
+        }
+        Ok(())
+    }
+
+    /// Runs one write op as a txn and returns its single response.
+    async fn write_one(&self, op: model::RequestOp) -> Result<model::ResponseOp, Status> {
+        let resp = self.backend.txn(model::TxnRequest::unconditional(vec![op])).await.map_err(backend_status)?;
+        resp.responses.into_iter().next().ok_or_else(|| Status::internal("empty txn response"))
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn range(&self, req: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+        let req = req.into_inner();
+        validate::check_range(&req)?;
+        let resp = self.backend.range(convert::range_req(req)).await.map_err(backend_status)?;
+        let header = self.header.header(resp.revision);
+        Ok(Response::new(convert::range_resp(resp, header)))
+    }
+
+    async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let req = req.into_inner();
+        validate::check_put(&req)?;
+        self.check_size(req.encoded_len())?;
+        match self.write_one(model::RequestOp::Put(convert::put_req(req))).await? {
+            model::ResponseOp::Put(r) => {
+                let header = self.header.header(r.revision);
+                Ok(Response::new(convert::put_resp(r, header)))
+            }
+            other => Err(Status::internal(format!("unexpected txn response {other:?}"))),
+        }
+    }
+
+    async fn delete_range(
+        &self,
+        req: Request<pb::DeleteRangeRequest>,
+    ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let req = req.into_inner();
+        validate::check_delete(&req)?;
+        self.check_size(req.encoded_len())?;
+        match self.write_one(model::RequestOp::DeleteRange(convert::delete_req(req))).await? {
+            model::ResponseOp::DeleteRange(r) => {
+                let header = self.header.header(r.revision);
+                Ok(Response::new(convert::delete_resp(r, header)))
+            }
+            other => Err(Status::internal(format!("unexpected txn response {other:?}"))),
+        }
+    }
+
+    async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let req = req.into_inner();
+        validate::check_txn(&req, self.limits.max_txn_ops)?;
+        let size = req.encoded_len();
+        let txn = convert::txn_req(req);
+        if txn.has_writes() {
+            self.check_size(size)?;
+        }
+        let resp = self.backend.txn(txn).await.map_err(backend_status)?;
+        let header = self.header.header(resp.revision);
+        Ok(Response::new(convert::txn_resp(resp, header)))
+    }
+
+    async fn compact(
+        &self,
+        req: Request<pb::CompactionRequest>,
+    ) -> Result<Response<pb::CompactionResponse>, Status> {
+        let req = req.into_inner();
+        let resp = self.backend.compact(req.revision, req.physical).await.map_err(backend_status)?;
+        Ok(Response::new(pb::CompactionResponse { header: Some(self.header.header(resp.revision)) }))
+    }
+}

@@ -1,0 +1,103 @@
+//! The Maintenance service: Status, hashes, defragmentation and alarms. Snapshot,
+//! MoveLeader and Downgrade are not served yet.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use cairn_backend::Backend;
+use cairn_proto::etcdserverpb as pb;
+use cairn_proto::etcdserverpb::maintenance_server::Maintenance;
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::errors::{backend_status, ApiError};
+use crate::header::HeaderSource;
+
+pub struct MaintenanceService {
+    backend: Arc<dyn Backend>,
+    header: HeaderSource,
+    /// The etcd version reported by Status (--cairn-version).
+    version: String,
+}
+
+impl MaintenanceService {
+    pub fn new(backend: Arc<dyn Backend>, header: HeaderSource, version: String) -> Self {
+        Self { backend, header, version }
+    }
+
+    async fn current_header(&self) -> Result<pb::ResponseHeader, Status> {
+        let (rev, _) = self.backend.current_revision().await.map_err(backend_status)?;
+        Ok(self.header.header(rev))
+    }
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    /// No alarms are raised yet, so every action answers with an empty list.
+    async fn alarm(&self, _req: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
+        Ok(Response::new(pb::AlarmResponse { header: Some(self.current_header().await?), alarms: vec![] }))
+    }
+
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let st = self.backend.status().await.map_err(backend_status)?;
+        self.header.set_raft_term(st.raft_term);
+        Ok(Response::new(pb::StatusResponse {
+            header: Some(self.header.header(st.revision)),
+            version: self.version.clone(),
+            db_size: st.db_size,
+            leader: if st.is_leader { self.header.member_id() } else { 0 },
+            raft_index: st.raft_index,
+            raft_term: st.raft_term,
+            raft_applied_index: st.raft_applied_index,
+            errors: vec![],
+            db_size_in_use: st.db_size_in_use,
+            is_learner: false,
+        }))
+    }
+
+    async fn defragment(
+        &self,
+        _req: Request<pb::DefragmentRequest>,
+    ) -> Result<Response<pb::DefragmentResponse>, Status> {
+        self.backend.defragment().await.map_err(backend_status)?;
+        Ok(Response::new(pb::DefragmentResponse { header: Some(self.current_header().await?) }))
+    }
+
+    /// etcd hashes the whole backend file; Cairn has no such file, so this is HashKV's hash
+    /// at the current revision.
+    async fn hash(&self, _req: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
+        let h = self.backend.hash_kv(0).await.map_err(backend_status)?;
+        Ok(Response::new(pb::HashResponse { header: Some(self.header.header(h.revision)), hash: h.hash }))
+    }
+
+    async fn hash_kv(&self, req: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
+        let h = self.backend.hash_kv(req.into_inner().revision).await.map_err(backend_status)?;
+        Ok(Response::new(pb::HashKvResponse {
+            header: Some(self.header.header(h.revision)),
+            hash: h.hash,
+            compact_revision: h.compact_revision,
+        }))
+    }
+
+    type SnapshotStream = SnapshotStream;
+
+    async fn snapshot(&self, _req: Request<pb::SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
+        Err(ApiError::unimplemented("Maintenance.Snapshot").into())
+    }
+
+    async fn move_leader(
+        &self,
+        _req: Request<pb::MoveLeaderRequest>,
+    ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        Err(ApiError::unimplemented("Maintenance.MoveLeader").into())
+    }
+
+    async fn downgrade(
+        &self,
+        _req: Request<pb::DowngradeRequest>,
+    ) -> Result<Response<pb::DowngradeResponse>, Status> {
+        Err(ApiError::unimplemented("Maintenance.Downgrade").into())
+    }
+}

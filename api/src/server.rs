@@ -1,0 +1,192 @@
+//! Binds the client URLs and serves etcd's gRPC services on them.
+//!
+//! Use [`Server::bind`] to open the listeners (port 0 works; [`Server::local_addrs`] tells
+//! the ports), then [`Server::serve`] until the shutdown future resolves. [`run`] does both.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use cairn_backend::Backend;
+use cairn_proto::etcdserverpb::{
+    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    maintenance_server::MaintenanceServer,
+};
+use futures::StreamExt;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::cluster::{ClusterService, MemberInfo};
+use crate::header::HeaderSource;
+use crate::kv::{KvLimits, KvService};
+use crate::lease::LeaseService;
+use crate::maintenance::MaintenanceService;
+use crate::urls;
+
+/// gRPC framing on top of --max-request-bytes, as etcd allows for its receive limit.
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// How long open streams (watches, keep-alives) may keep the server up after shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Everything the server needs, already derived from etcd's flags by the binary.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub name: String,
+    pub listen_client_urls: Vec<String>,
+    pub advertise_client_urls: Vec<String>,
+    pub peer_urls: Vec<String>,
+    pub member_id: u64,
+    pub cluster_id: u64,
+    /// The etcd version reported by Maintenance.Status.
+    pub version: String,
+    pub max_txn_ops: usize,
+    pub max_request_bytes: usize,
+    /// Lease TTLs below this are raised to it (seconds).
+    pub min_lease_ttl: i64,
+    pub progress_notify_interval: Duration,
+    pub max_concurrent_streams: Option<u32>,
+    pub grpc_keepalive_interval: Duration,
+    pub grpc_keepalive_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    /// etcd's defaults, listening on an ephemeral port of 127.0.0.1 (handy for tests).
+    fn default() -> Self {
+        Self {
+            name: "default".into(),
+            listen_client_urls: vec!["http://127.0.0.1:0".into()],
+            advertise_client_urls: vec!["http://localhost:2379".into()],
+            peer_urls: vec!["http://localhost:2380".into()],
+            member_id: 0x8e9e05c52164694d,
+            cluster_id: 0xcdf818194e3a8c32,
+            version: "3.5.17".into(),
+            max_txn_ops: 128,
+            max_request_bytes: 1_572_864,
+            min_lease_ttl: 2,
+            progress_notify_interval: Duration::from_secs(600),
+            max_concurrent_streams: None,
+            grpc_keepalive_interval: Duration::from_secs(2 * 3600),
+            grpc_keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// A server whose listeners are bound but not yet serving.
+pub struct Server {
+    cfg: ServerConfig,
+    backend: Arc<dyn Backend>,
+    listeners: Vec<TcpListener>,
+}
+
+impl Server {
+    pub async fn bind(cfg: ServerConfig, backend: Arc<dyn Backend>) -> anyhow::Result<Self> {
+        let mut listeners = Vec::new();
+        for url in &cfg.listen_client_urls {
+            if urls::is_tls(url) {
+                tracing::warn!("TLS is not implemented yet: serving plaintext on {url}");
+            }
+            let addr = urls::bind_addr(url).map_err(anyhow::Error::msg)?;
+            let l = TcpListener::bind(addr).await.with_context(|| format!("listen tcp {addr}"))?;
+            listeners.push(l);
+        }
+        anyhow::ensure!(!listeners.is_empty(), "no client URL to listen on");
+        Ok(Self { cfg, backend, listeners })
+    }
+
+    /// The bound addresses, in the order of --listen-client-urls.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and gives open streams a short
+    /// grace period.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let header = HeaderSource::new(self.cfg.cluster_id, self.cfg.member_id);
+        let refresher = header.start_refresh(self.backend.clone()).await;
+        let router = self.router(&header);
+        let incoming = futures::stream::select_all(self.listeners.into_iter().map(TcpListenerStream::new))
+            .map(|conn| {
+                let conn = conn?;
+                // Small unary RPCs must not wait for Nagle.
+                conn.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(conn)
+            });
+        log_ready(&self.cfg, &header);
+        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+        let serving = router.serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            let _ = stopped_tx.send(());
+        });
+        let result = tokio::select! {
+            r = serving => r.context("serving gRPC"),
+            _ = async { let _ = stopped_rx.await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
+        };
+        refresher.abort();
+        result
+    }
+
+    fn router(&self, header: &HeaderSource) -> tonic::transport::server::Router {
+        let cfg = &self.cfg;
+        let max_decode = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
+        let backend = &self.backend;
+        let limits = KvLimits { max_txn_ops: cfg.max_txn_ops, max_request_bytes: cfg.max_request_bytes };
+        let kv = KvService::new(backend.clone(), header.clone(), limits);
+        let lease = LeaseService::new(backend.clone(), header.clone(), cfg.min_lease_ttl);
+        let maintenance = MaintenanceService::new(backend.clone(), header.clone(), cfg.version.clone());
+        let me = MemberInfo {
+            name: cfg.name.clone(),
+            peer_urls: cfg.peer_urls.clone(),
+            client_urls: cfg.advertise_client_urls.clone(),
+        };
+        let cluster = ClusterService::new(header.clone(), me);
+        // TODO(watch): mount watch::WatchService once api/src/watch.rs exists.
+        tonic::transport::Server::builder()
+            .max_concurrent_streams(cfg.max_concurrent_streams)
+            .http2_keepalive_interval(Some(cfg.grpc_keepalive_interval))
+            .http2_keepalive_timeout(Some(cfg.grpc_keepalive_timeout))
+            .trace_fn(|req| tracing::debug_span!("grpc", method = %req.uri().path()))
+            .add_service(KvServer::new(kv).max_decoding_message_size(max_decode))
+            .add_service(LeaseServer::new(lease).max_decoding_message_size(max_decode))
+            .add_service(MaintenanceServer::new(maintenance).max_decoding_message_size(max_decode))
+            .add_service(ClusterServer::new(cluster).max_decoding_message_size(max_decode))
+    }
+}
+
+/// etcd's two readiness lines; etcd's e2e suite waits for them before it starts a test.
+fn log_ready(cfg: &ServerConfig, header: &HeaderSource) {
+    tracing::info!(
+        "published {{Name:{} ClientURLs:[{}]}} to cluster {:x}",
+        cfg.name,
+        cfg.advertise_client_urls.join(" "),
+        header.cluster_id()
+    );
+    tracing::info!("enabled capabilities for version {}", major_minor(&cfg.version));
+}
+
+fn major_minor(version: &str) -> &str {
+    match version.match_indices('.').nth(1) {
+        Some((i, _)) => &version[..i],
+        None => version,
+    }
+}
+
+/// Binds and serves until `shutdown` resolves.
+pub async fn run(
+    cfg: ServerConfig,
+    backend: Arc<dyn Backend>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    Server::bind(cfg, backend).await?.serve(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn capability_version_is_major_minor() {
+        assert_eq!(super::major_minor("3.5.17"), "3.5");
+        assert_eq!(super::major_minor("3.6"), "3.6");
+    }
+}
