@@ -1,0 +1,96 @@
+//! openraft's state machine over the redb store.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{OptionalSend, StorageIOError};
+
+use crate::store::Store;
+use crate::types::{CommandResult, Entry, LogId, StorageError, StoredMembership, TypeConfig};
+
+#[derive(Clone)]
+pub struct StateMachine {
+    pub(crate) store: Arc<Store>,
+}
+
+fn sm_err(e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::write_state_machine(&std::io::Error::other(e.to_string())).into()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f).await.map_err(sm_err)
+}
+
+impl StateMachine {
+    async fn snapshot(&self, with_data: bool) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let store = self.store.clone();
+        let (state, data) = blocking(move || -> cairn_backend::Result<_> {
+            store.sync()?;
+            let state = store.applied_state()?;
+            let data = if with_data { store.dump()? } else { Vec::new() };
+            Ok((state, data))
+        })
+        .await?
+        .map_err(sm_err)?;
+        let id = state.last_applied.map_or("0-0".to_string(), |l| format!("{}-{}", l.leader_id, l.index));
+        Ok(Snapshot {
+            meta: SnapshotMeta {
+                last_log_id: state.last_applied,
+                last_membership: state.membership,
+                snapshot_id: id,
+            },
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    /// Makes the applied state durable so raft may purge the log up to it. The data itself is
+    /// produced only when a snapshot must be sent ([`RaftStateMachine::get_current_snapshot`]).
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        self.snapshot(false).await
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let s = self.store.applied_state().map_err(sm_err)?;
+        Ok((s.last_applied, s.membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let store = self.store.clone();
+        blocking(move || store.apply(entries)).await?.map_err(sm_err)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let store = self.store.clone();
+        let applied = meta.last_log_id;
+        let membership = meta.last_membership.clone();
+        blocking(move || store.install(*snapshot, applied, &membership)).await?.map_err(sm_err)
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        Ok(Some(self.snapshot(true).await?))
+    }
+}

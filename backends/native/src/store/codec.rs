@@ -1,0 +1,71 @@
+//! Byte encodings of the state machine's tables.
+
+use cairn_backend::KeyValue;
+use redb::TableDefinition;
+
+/// Live keys: key -> record. Serves reads at the current revision.
+pub const CURRENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("current");
+/// Every retained version: (key, mod revision) -> record; a tombstone has version 0.
+pub const HISTORY: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("history");
+/// The change log: (revision, sub-revision) -> key. With HISTORY it rebuilds each event.
+pub const EVENTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("events");
+/// Leases: ID -> granted TTL in seconds.
+pub const LEASES: TableDefinition<i64, i64> = TableDefinition::new("leases");
+/// Keys attached to each lease.
+pub const LEASE_KEYS: TableDefinition<(i64, &[u8]), ()> = TableDefinition::new("lease_keys");
+/// Scalars: see the `M_*` names.
+pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+pub const M_REVISION: &str = "revision";
+pub const M_COMPACT: &str = "compact_revision";
+/// Revisions below this have been physically compacted.
+pub const M_PHYSICAL: &str = "physical_compact";
+pub const M_APPLIED: &str = "last_applied";
+pub const M_MEMBERSHIP: &str = "membership";
+
+/// A version record: `create | mod | version | lease` (i64 LE each) then the value.
+pub fn encode_kv(kv: &KeyValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + kv.value.len());
+    out.extend_from_slice(&kv.create_revision.to_le_bytes());
+    out.extend_from_slice(&kv.mod_revision.to_le_bytes());
+    out.extend_from_slice(&kv.version.to_le_bytes());
+    out.extend_from_slice(&kv.lease.to_le_bytes());
+    out.extend_from_slice(&kv.value);
+    out
+}
+
+/// The tombstone record of a delete at `rev`.
+pub fn encode_tombstone(rev: i64) -> Vec<u8> {
+    encode_kv(&KeyValue { mod_revision: rev, ..Default::default() })
+}
+
+fn i64_at(b: &[u8], at: usize) -> i64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    i64::from_le_bytes(a)
+}
+
+/// Decodes a record of `key`; `with_value = false` leaves the value empty.
+pub fn decode_kv(key: &[u8], b: &[u8], with_value: bool) -> KeyValue {
+    KeyValue {
+        key: key.to_vec(),
+        create_revision: i64_at(b, 0),
+        mod_revision: i64_at(b, 8),
+        version: i64_at(b, 16),
+        lease: i64_at(b, 24),
+        value: if with_value { b[32..].to_vec() } else { Vec::new() },
+    }
+}
+
+/// Whether a record is a tombstone.
+pub fn is_tombstone(b: &[u8]) -> bool {
+    i64_at(b, 16) == 0
+}
+
+pub fn enc_i64(v: i64) -> [u8; 8] {
+    v.to_le_bytes()
+}
+
+pub fn dec_i64(b: &[u8]) -> i64 {
+    i64_at(b, 0)
+}

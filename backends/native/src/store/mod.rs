@@ -1,0 +1,458 @@
+//! The state machine's storage: etcd's MVCC key space, leases and raft metadata in redb.
+//!
+//! Invariants:
+//! - Every table change of one raft entry happens in one redb write txn together with the
+//!   `last_applied` log id, so after a crash the store is exactly the state after some entry
+//!   and raft replays the rest from the write-ahead log.
+//! - Commits are not synced one by one (the write-ahead log is the durable copy); a synced
+//!   commit happens at least every [`SYNC_EVERY`] and before a snapshot lets raft purge its log.
+//! - The change feed is published only after the commit that made it visible, so a watcher
+//!   that subscribes, then reads history, misses nothing.
+
+mod codec;
+mod compact;
+mod feed;
+mod snapshot;
+mod view;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_backend::exec::{self, TxnView};
+use cairn_backend::{
+    BackendError, ChangeBatch, CompactResponse, Event, EventKind, HashKv, KeyRange, LeaseGrant, LeaseId,
+    LeaseInfo, RangeRequest, RangeResponse, Result, Revision, TxnRequest, TxnResponse,
+};
+use parking_lot::Mutex;
+use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use tokio::sync::broadcast;
+
+pub(crate) use codec::*;
+pub(crate) use view::db_err;
+use view::View;
+
+use crate::leases::LeaseClock;
+use crate::types::{Command, CommandResult, LogId, StoredMembership};
+
+/// Longest time between synced commits of the state machine.
+const SYNC_EVERY: Duration = Duration::from_millis(1000);
+
+pub(crate) struct Store {
+    pub db: Database,
+    path: std::path::PathBuf,
+    pub feed: broadcast::Sender<Arc<ChangeBatch>>,
+    pub leases: LeaseClock,
+    /// Current and compact revision, mirrored from META for cheap reads.
+    pub revision: AtomicI64,
+    pub compact: AtomicI64,
+    last_sync: Mutex<Instant>,
+    pub compactor: tokio::sync::Notify,
+}
+
+/// What `applied_state` needs.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AppliedState {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+}
+
+impl Store {
+    pub fn open(path: &Path, cache_bytes: usize) -> anyhow::Result<Arc<Store>> {
+        let db = open_db(path, cache_bytes)?;
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(CURRENT)?;
+            txn.open_table(HISTORY)?;
+            txn.open_table(EVENTS)?;
+            txn.open_table(LEASES)?;
+            txn.open_table(LEASE_KEYS)?;
+            let mut meta = txn.open_table(META)?;
+            if meta.get(M_REVISION)?.is_none() {
+                meta.insert(M_REVISION, enc_i64(1).as_slice())?;
+                meta.insert(M_COMPACT, enc_i64(0).as_slice())?;
+                meta.insert(M_PHYSICAL, enc_i64(0).as_slice())?;
+            }
+        }
+        txn.commit()?;
+        let (rev, compact) = {
+            let r = db.begin_read()?;
+            let meta = r.open_table(META)?;
+            (read_i64(&meta, M_REVISION)?, read_i64(&meta, M_COMPACT)?)
+        };
+        let (feed, _) = broadcast::channel(4096);
+        let store = Arc::new(Store {
+            db,
+            path: path.to_path_buf(),
+            feed,
+            leases: LeaseClock::default(),
+            revision: AtomicI64::new(rev),
+            compact: AtomicI64::new(compact),
+            last_sync: Mutex::new(Instant::now()),
+            compactor: tokio::sync::Notify::new(),
+        });
+        store.reset_lease_clock()?;
+        Ok(store)
+    }
+
+    /// Gives every stored lease a full TTL from now (as etcd does when a leader takes over).
+    pub fn reset_lease_clock(&self) -> Result<()> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(LEASES).map_err(db_err)?;
+        let mut all = Vec::new();
+        for item in t.iter().map_err(db_err)? {
+            let (k, v) = item.map_err(db_err)?;
+            all.push((k.value(), v.value()));
+        }
+        self.leases.reset(all);
+        Ok(())
+    }
+
+    pub fn current(&self) -> (Revision, Revision) {
+        (self.revision.load(Ordering::Acquire), self.compact.load(Ordering::Acquire))
+    }
+
+    pub fn applied_state(&self) -> Result<AppliedState> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let meta = r.open_table(META).map_err(db_err)?;
+        let get = |name| -> Result<Option<Vec<u8>>> { Ok(meta.get(name).map_err(db_err)?.map(|v| v.value().to_vec())) };
+        let last_applied = match get(M_APPLIED)? {
+            Some(b) => postcard::from_bytes(&b).map_err(db_err)?,
+            None => None,
+        };
+        let membership = match get(M_MEMBERSHIP)? {
+            Some(b) => postcard::from_bytes(&b).map_err(db_err)?,
+            None => StoredMembership::default(),
+        };
+        Ok(AppliedState { last_applied, membership })
+    }
+
+    /// Applies a batch of committed raft entries in one redb txn; returns one result per entry.
+    pub fn apply(&self, entries: Vec<crate::types::Entry>) -> Result<Vec<CommandResult>> {
+        let mut txn = self.db.begin_write().map_err(db_err)?;
+        let sync = self.last_sync.lock().elapsed() >= SYNC_EVERY;
+        txn.set_durability(if sync { Durability::Immediate } else { Durability::None });
+        let mut results = Vec::with_capacity(entries.len());
+        let mut batches = Vec::new();
+        let mut lease_changes = Vec::new();
+        let mut compacted = false;
+        let new_revs;
+        {
+            let mut t = Tables::open(&txn)?;
+            let mut rev = read_i64(&t.meta, M_REVISION)?;
+            let mut compact = read_i64(&t.meta, M_COMPACT)?;
+            let mut last = None;
+            let mut membership = None;
+            for entry in entries {
+                last = Some(entry.log_id);
+                let result = match entry.payload {
+                    openraft::EntryPayload::Blank => CommandResult::None,
+                    openraft::EntryPayload::Membership(m) => {
+                        membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                        CommandResult::None
+                    }
+                    openraft::EntryPayload::Normal(cmd) => {
+                        let (res, batch) = t.run(cmd, &mut rev, &mut compact, &mut lease_changes)?;
+                        if let CommandResult::Compact(_) = res {
+                            compacted = true;
+                        }
+                        if let Some(b) = batch {
+                            batches.push(Arc::new(b));
+                        }
+                        res
+                    }
+                };
+                results.push(result);
+            }
+            t.meta.insert(M_REVISION, enc_i64(rev).as_slice()).map_err(db_err)?;
+            t.meta.insert(M_COMPACT, enc_i64(compact).as_slice()).map_err(db_err)?;
+            let applied = postcard::to_allocvec(&last).map_err(db_err)?;
+            t.meta.insert(M_APPLIED, applied.as_slice()).map_err(db_err)?;
+            if let Some(m) = membership {
+                let m = postcard::to_allocvec(&m).map_err(db_err)?;
+                t.meta.insert(M_MEMBERSHIP, m.as_slice()).map_err(db_err)?;
+            }
+            new_revs = (rev, compact);
+        }
+        txn.commit().map_err(db_err)?;
+        // Only after the commit: whoever sees the new revision can read it.
+        self.revision.store(new_revs.0, Ordering::Release);
+        self.compact.store(new_revs.1, Ordering::Release);
+        if sync {
+            *self.last_sync.lock() = Instant::now();
+        }
+        for change in lease_changes {
+            match change {
+                LeaseChange::Granted(id, ttl) => self.leases.grant(id, ttl),
+                LeaseChange::Revoked(id) => self.leases.forget(id),
+            }
+        }
+        for b in batches {
+            let _ = self.feed.send(b);
+        }
+        if compacted {
+            self.compactor.notify_one();
+        }
+        Ok(results)
+    }
+
+    /// Makes everything applied so far durable.
+    pub fn sync(&self) -> Result<()> {
+        let mut txn = self.db.begin_write().map_err(db_err)?;
+        txn.set_durability(Durability::Immediate);
+        txn.commit().map_err(db_err)?;
+        *self.last_sync.lock() = Instant::now();
+        Ok(())
+    }
+
+    /// A range (or a read-only txn) served from the latest committed state.
+    pub fn read_txn(&self, req: &TxnRequest) -> Result<TxnResponse> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let current = r.open_table(CURRENT).map_err(db_err)?;
+        let history = r.open_table(HISTORY).map_err(db_err)?;
+        let leases = r.open_table(LEASES).map_err(db_err)?;
+        let meta = r.open_table(META).map_err(db_err)?;
+        let base = read_i64(&meta, M_REVISION)?;
+        let compact = read_i64(&meta, M_COMPACT)?;
+        let mut view = View::new(&current, &history, &leases, base, compact);
+        let (resp, _) = exec::execute(&mut view, req)?;
+        Ok(resp)
+    }
+
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let current = r.open_table(CURRENT).map_err(db_err)?;
+        let history = r.open_table(HISTORY).map_err(db_err)?;
+        let leases = r.open_table(LEASES).map_err(db_err)?;
+        let meta = r.open_table(META).map_err(db_err)?;
+        let base = read_i64(&meta, M_REVISION)?;
+        let compact = read_i64(&meta, M_COMPACT)?;
+        let mut view = View::new(&current, &history, &leases, base, compact);
+        exec::range(&mut view, req)
+    }
+
+    pub fn lease_info(&self, id: LeaseId, keys: bool) -> Result<LeaseInfo> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let leases = r.open_table(LEASES).map_err(db_err)?;
+        let Some(granted) = leases.get(id).map_err(db_err)?.map(|v| v.value()) else {
+            return Err(BackendError::LeaseNotFound);
+        };
+        let ttl = self.leases.remaining(id).ok_or(BackendError::LeaseNotFound)?;
+        let mut out = Vec::new();
+        if keys {
+            let lk = r.open_table(LEASE_KEYS).map_err(db_err)?;
+            for item in lk.range::<(i64, &[u8])>((id, &[][..])..).map_err(db_err)? {
+                let (k, _) = item.map_err(db_err)?;
+                let (lid, key) = k.value();
+                if lid != id {
+                    break;
+                }
+                out.push(key.to_vec());
+            }
+        }
+        Ok(LeaseInfo { id, ttl, granted_ttl: granted, keys: out, revision: self.current().0 })
+    }
+
+    pub fn lease_ids(&self) -> Result<Vec<LeaseId>> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let leases = r.open_table(LEASES).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in leases.iter().map_err(db_err)? {
+            out.push(item.map_err(db_err)?.0.value());
+        }
+        Ok(out)
+    }
+
+    /// Hash of every version in (compact, rev], in (key, revision) order.
+    pub fn hash_kv(&self, rev: Revision) -> Result<HashKv> {
+        let (cur, compact) = self.current();
+        let rev = if rev <= 0 { cur } else { rev };
+        if rev > cur {
+            return Err(BackendError::FutureRevision);
+        }
+        if rev < compact {
+            return Err(BackendError::Compacted { compact_revision: compact });
+        }
+        let r = self.db.begin_read().map_err(db_err)?;
+        let history = r.open_table(HISTORY).map_err(db_err)?;
+        let mut h = crc32fast::Hasher::new();
+        for item in history.iter().map_err(db_err)? {
+            let (k, v) = item.map_err(db_err)?;
+            let (key, r) = k.value();
+            if (r as i64) <= compact || (r as i64) > rev {
+                continue;
+            }
+            h.update(key);
+            h.update(&r.to_be_bytes());
+            h.update(v.value());
+        }
+        Ok(HashKv { hash: h.finalize(), compact_revision: compact, hash_revision: rev, revision: cur })
+    }
+
+    /// File size and bytes in use.
+    pub fn sizes(&self) -> Result<(i64, i64)> {
+        Ok((self.file_size(), self.file_size()))
+    }
+
+    pub fn file_size(&self) -> i64 {
+        std::fs::metadata(&self.path).map(|m| m.len() as i64).unwrap_or(0)
+    }
+}
+
+/// Opens the database file. A previous instance in this process may still be shutting down
+/// (its last tasks hold the file for a moment), so "already open" is retried for a while.
+fn open_db(path: &Path, cache_bytes: usize) -> anyhow::Result<Database> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Database::builder().set_cache_size(cache_bytes).create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// A lease change to mirror in the lease clock once the txn has committed.
+enum LeaseChange {
+    Granted(LeaseId, i64),
+    Revoked(LeaseId),
+}
+
+fn read_i64(t: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> Result<i64> {
+    Ok(t.get(name).map_err(db_err)?.map(|v| dec_i64(v.value())).unwrap_or(0))
+}
+
+/// The tables of one write txn.
+struct Tables<'t> {
+    current: redb::Table<'t, &'static [u8], &'static [u8]>,
+    history: redb::Table<'t, (&'static [u8], u64), &'static [u8]>,
+    events: redb::Table<'t, (u64, u32), &'static [u8]>,
+    leases: redb::Table<'t, i64, i64>,
+    lease_keys: redb::Table<'t, (i64, &'static [u8]), ()>,
+    meta: redb::Table<'t, &'static str, &'static [u8]>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self> {
+        Ok(Tables {
+            current: txn.open_table(CURRENT).map_err(db_err)?,
+            history: txn.open_table(HISTORY).map_err(db_err)?,
+            events: txn.open_table(EVENTS).map_err(db_err)?,
+            leases: txn.open_table(LEASES).map_err(db_err)?,
+            lease_keys: txn.open_table(LEASE_KEYS).map_err(db_err)?,
+            meta: txn.open_table(META).map_err(db_err)?,
+        })
+    }
+
+    /// Runs one command. Rejections become `CommandResult::Err` and change nothing; storage
+    /// failures are returned as errors (raft then stops: the store is no longer trusted).
+    fn run(
+        &mut self,
+        cmd: Command,
+        rev: &mut Revision,
+        compact: &mut Revision,
+        lease_changes: &mut Vec<LeaseChange>,
+    ) -> Result<(CommandResult, Option<ChangeBatch>)> {
+        match cmd {
+            Command::Txn(req) => {
+                let (outcome, events) = {
+                    let mut view = View::new(&self.current, &self.history, &self.leases, *rev, *compact);
+                    let outcome = exec::execute(&mut view, &req);
+                    (outcome, std::mem::take(&mut view.events))
+                };
+                match outcome {
+                    Ok((resp, wrote)) => {
+                        let batch = if wrote { Some(self.write_events(*rev + 1, events)?) } else { None };
+                        if wrote {
+                            *rev += 1;
+                        }
+                        Ok((CommandResult::Txn(resp), batch))
+                    }
+                    Err(e @ BackendError::Internal(_)) => Err(e),
+                    Err(e) => Ok((CommandResult::Err(e), None)),
+                }
+            }
+            Command::Compact { revision } => {
+                if revision <= *compact {
+                    return Ok((CommandResult::Err(BackendError::Compacted { compact_revision: *compact }), None));
+                }
+                if revision > *rev {
+                    return Ok((CommandResult::Err(BackendError::FutureRevision), None));
+                }
+                *compact = revision;
+                Ok((CommandResult::Compact(CompactResponse { revision: *rev }), None))
+            }
+            Command::LeaseGrant { id, ttl } => {
+                if self.leases.get(id).map_err(db_err)?.is_some() {
+                    return Ok((CommandResult::Err(BackendError::LeaseExists), None));
+                }
+                self.leases.insert(id, ttl).map_err(db_err)?;
+                lease_changes.push(LeaseChange::Granted(id, ttl));
+                Ok((CommandResult::LeaseGrant(LeaseGrant { id, ttl, revision: *rev }), None))
+            }
+            Command::LeaseRevoke { id } => {
+                if self.leases.get(id).map_err(db_err)?.is_none() {
+                    return Ok((CommandResult::Err(BackendError::LeaseNotFound), None));
+                }
+                let mut keys = Vec::new();
+                for item in self.lease_keys.range::<(i64, &[u8])>((id, &[][..])..).map_err(db_err)? {
+                    let (k, _) = item.map_err(db_err)?;
+                    let (lid, key) = k.value();
+                    if lid != id {
+                        break;
+                    }
+                    keys.push(key.to_vec());
+                }
+                let events = {
+                    let mut view = View::new(&self.current, &self.history, &self.leases, *rev, *compact);
+                    for key in keys {
+                        let (mut found, _) = view.range_latest(&KeyRange::single(key), Some(1), false)?;
+                        if let Some(prev) = found.pop() {
+                            view.delete(prev, *rev + 1)?;
+                        }
+                    }
+                    std::mem::take(&mut view.events)
+                };
+                let batch = if events.is_empty() {
+                    None
+                } else {
+                    *rev += 1;
+                    Some(self.write_events(*rev, events)?)
+                };
+                self.leases.remove(id).map_err(db_err)?;
+                lease_changes.push(LeaseChange::Revoked(id));
+                Ok((CommandResult::LeaseRevoke(*rev), batch))
+            }
+        }
+    }
+
+    /// Writes one txn's events at `rev` into CURRENT, HISTORY, EVENTS and LEASE_KEYS.
+    fn write_events(&mut self, rev: Revision, events: Vec<Event>) -> Result<ChangeBatch> {
+        for (sub, ev) in events.iter().enumerate() {
+            let key = ev.kv.key.as_slice();
+            if let Some(prev) = &ev.prev_kv {
+                if prev.lease != 0 {
+                    self.lease_keys.remove((prev.lease, key)).map_err(db_err)?;
+                }
+            }
+            match ev.kind {
+                EventKind::Put => {
+                    let rec = encode_kv(&ev.kv);
+                    self.current.insert(key, rec.as_slice()).map_err(db_err)?;
+                    self.history.insert((key, rev as u64), rec.as_slice()).map_err(db_err)?;
+                    if ev.kv.lease != 0 {
+                        self.lease_keys.insert((ev.kv.lease, key), ()).map_err(db_err)?;
+                    }
+                }
+                EventKind::Delete => {
+                    self.current.remove(key).map_err(db_err)?;
+                    self.history.insert((key, rev as u64), encode_tombstone(rev).as_slice()).map_err(db_err)?;
+                }
+            }
+            self.events.insert((rev as u64, sub as u32), key).map_err(db_err)?;
+        }
+        Ok(ChangeBatch { revision: rev, events })
+    }
+}

@@ -1,0 +1,186 @@
+//! A read view of the store with an in-memory overlay of one txn's writes, so that a txn that
+//! fails half-way leaves the tables untouched (etcd's "all or nothing").
+
+use std::collections::BTreeMap;
+
+use cairn_backend::exec::TxnView;
+use cairn_backend::{BackendError, Event, EventKind, KeyRange, KeyValue, LeaseId, Result, Revision};
+use redb::ReadableTable;
+
+use super::codec::{decode_kv, is_tombstone};
+
+pub(crate) trait CurrentTable: ReadableTable<&'static [u8], &'static [u8]> {}
+impl<T: ReadableTable<&'static [u8], &'static [u8]>> CurrentTable for T {}
+pub(crate) trait HistoryTable: ReadableTable<(&'static [u8], u64), &'static [u8]> {}
+impl<T: ReadableTable<(&'static [u8], u64), &'static [u8]>> HistoryTable for T {}
+pub(crate) trait LeaseTable: ReadableTable<i64, i64> {}
+impl<T: ReadableTable<i64, i64>> LeaseTable for T {}
+
+pub(crate) fn db_err(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Internal(format!("storage: {e}"))
+}
+
+pub(crate) struct View<'a, C, H, L> {
+    pub current: &'a C,
+    pub history: &'a H,
+    pub leases: &'a L,
+    pub base: Revision,
+    pub compact: Revision,
+    /// Newest state of each key this txn wrote (None: deleted).
+    pub pending: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    pub events: Vec<Event>,
+}
+
+impl<'a, C: CurrentTable, H: HistoryTable, L: LeaseTable> View<'a, C, H, L> {
+    pub fn new(current: &'a C, history: &'a H, leases: &'a L, base: Revision, compact: Revision) -> Self {
+        Self { current, history, leases, base, compact, pending: BTreeMap::new(), events: Vec::new() }
+    }
+
+    fn pending_in(&self, range: &KeyRange) -> bool {
+        if self.pending.is_empty() {
+            return false;
+        }
+        if range.is_single() {
+            return self.pending.contains_key(&range.key);
+        }
+        self.pending.keys().any(|k| range.contains(k))
+    }
+}
+
+/// Scans live keys of `range` from the CURRENT table.
+pub(crate) fn scan_current<C: CurrentTable>(
+    t: &C,
+    range: &KeyRange,
+    limit: Option<usize>,
+    count_only: bool,
+    mut visit: impl FnMut(KeyValue),
+) -> Result<i64> {
+    let want = |n: usize| !count_only && limit.is_none_or(|l| n < l);
+    if range.is_single() {
+        return match t.get(range.key.as_slice()).map_err(db_err)? {
+            Some(v) => {
+                if want(0) {
+                    visit(decode_kv(&range.key, v.value(), true));
+                }
+                Ok(1)
+            }
+            None => Ok(0),
+        };
+    }
+    let iter = match range.upper() {
+        Some(end) => t.range::<&[u8]>(range.key.as_slice()..end).map_err(db_err)?,
+        None => t.range::<&[u8]>(range.key.as_slice()..).map_err(db_err)?,
+    };
+    let mut n = 0usize;
+    for item in iter {
+        let (k, v) = item.map_err(db_err)?;
+        if want(n) {
+            visit(decode_kv(k.value(), v.value(), true));
+        }
+        n += 1;
+    }
+    Ok(n as i64)
+}
+
+/// Scans `range` as of revision `rev` from the HISTORY table.
+pub(crate) fn scan_history<H: HistoryTable>(
+    t: &H,
+    range: &KeyRange,
+    rev: Revision,
+    limit: Option<usize>,
+    count_only: bool,
+    mut visit: impl FnMut(KeyValue),
+) -> Result<i64> {
+    let rev = rev as u64;
+    let iter = if range.is_single() {
+        t.range::<(&[u8], u64)>((range.key.as_slice(), 0)..=(range.key.as_slice(), rev)).map_err(db_err)?
+    } else {
+        match range.upper() {
+            Some(end) => t.range::<(&[u8], u64)>((range.key.as_slice(), 0)..(end, 0)).map_err(db_err)?,
+            None => t.range::<(&[u8], u64)>((range.key.as_slice(), 0)..).map_err(db_err)?,
+        }
+    };
+    let mut n = 0usize;
+    let mut last: Option<(Vec<u8>, Vec<u8>)> = None;
+    let mut emit = |last: Option<(Vec<u8>, Vec<u8>)>, n: &mut usize| {
+        if let Some((k, v)) = last {
+            if !is_tombstone(&v) {
+                if !count_only && limit.is_none_or(|l| *n < l) {
+                    visit(decode_kv(&k, &v, true));
+                }
+                *n += 1;
+            }
+        }
+    };
+    for item in iter {
+        let (k, v) = item.map_err(db_err)?;
+        let (key, r) = k.value();
+        if last.as_ref().is_some_and(|(lk, _)| lk.as_slice() != key) {
+            emit(last.take(), &mut n);
+        }
+        if r <= rev {
+            last = Some((key.to_vec(), v.value().to_vec()));
+        }
+    }
+    emit(last.take(), &mut n);
+    Ok(n as i64)
+}
+
+impl<C: CurrentTable, H: HistoryTable, L: LeaseTable> TxnView for View<'_, C, H, L> {
+    fn base_revision(&self) -> Revision {
+        self.base
+    }
+
+    fn compact_revision(&self) -> Revision {
+        self.compact
+    }
+
+    fn range_latest(&mut self, range: &KeyRange, limit: Option<usize>, count_only: bool) -> Result<(Vec<KeyValue>, i64)> {
+        if !self.pending_in(range) {
+            let mut kvs = Vec::new();
+            let count = scan_current(self.current, range, limit, count_only, |kv| kvs.push(kv))?;
+            return Ok((kvs, count));
+        }
+        let mut merged: BTreeMap<Vec<u8>, KeyValue> = BTreeMap::new();
+        scan_current(self.current, range, None, false, |kv| {
+            merged.insert(kv.key.clone(), kv);
+        })?;
+        for (k, v) in &self.pending {
+            if range.contains(k) {
+                match v {
+                    Some(kv) => merged.insert(k.clone(), kv.clone()),
+                    None => merged.remove(k),
+                };
+            }
+        }
+        let count = merged.len() as i64;
+        if count_only {
+            return Ok((Vec::new(), count));
+        }
+        let take = limit.unwrap_or(usize::MAX);
+        Ok((merged.into_values().take(take).collect(), count))
+    }
+
+    fn range_at(&mut self, range: &KeyRange, rev: Revision, limit: Option<usize>, count_only: bool) -> Result<(Vec<KeyValue>, i64)> {
+        let mut kvs = Vec::new();
+        let count = scan_history(self.history, range, rev, limit, count_only, |kv| kvs.push(kv))?;
+        Ok((kvs, count))
+    }
+
+    fn lease_exists(&mut self, id: LeaseId) -> Result<bool> {
+        Ok(self.leases.get(id).map_err(db_err)?.is_some())
+    }
+
+    fn put(&mut self, kv: KeyValue, prev: Option<KeyValue>) -> Result<()> {
+        self.pending.insert(kv.key.clone(), Some(kv.clone()));
+        self.events.push(Event { kind: EventKind::Put, kv, prev_kv: prev });
+        Ok(())
+    }
+
+    fn delete(&mut self, prev: KeyValue, rev: Revision) -> Result<()> {
+        self.pending.insert(prev.key.clone(), None);
+        let kv = KeyValue { key: prev.key.clone(), mod_revision: rev, ..Default::default() };
+        self.events.push(Event { kind: EventKind::Delete, kv, prev_kv: Some(prev) });
+        Ok(())
+    }
+}

@@ -1,0 +1,340 @@
+//! The write-ahead log that holds the raft log and the raft vote.
+//!
+//! Layout: `<dir>/<seq:016x>.wal` segment files, each a sequence of records framed as
+//! `len: u32 LE | crc32: u32 LE | payload` (payload = postcard-encoded [`Record`]). One writer
+//! thread appends records and calls `fdatasync` once per batch of queued jobs (group commit),
+//! then completes every job of the batch: an append is acknowledged only after it is on disk.
+//!
+//! Recovery replays every segment in order. A torn or corrupt record at the end of the last
+//! segment (a crash in the middle of a write) is cut off; damage anywhere else is an error,
+//! because acknowledged records would be lost. Each new segment starts with the current vote,
+//! committed id and purge point, so older segments can be deleted once every entry in them is
+//! purged.
+//!
+//! After any write or sync error the writer fails every later job: it never writes after a
+//! record that may be torn, so a full disk cannot corrupt what is stored.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Entry, LogId, TypeConfig, Vote};
+
+const SEGMENT_BYTES: u64 = 64 << 20;
+const HEADER: usize = 8;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Record {
+    Entry(Entry),
+    Vote(Vote),
+    Committed(Option<LogId>),
+    /// Remove entries with index >= this.
+    Truncate(u64),
+    /// Entries up to and including this log id are no longer needed.
+    Purge(LogId),
+}
+
+/// The log as it is in memory: what replay rebuilds and what readers see.
+#[derive(Default)]
+pub(crate) struct LogState {
+    pub entries: BTreeMap<u64, Entry>,
+    pub vote: Option<Vote>,
+    pub committed: Option<LogId>,
+    pub purged: Option<LogId>,
+}
+
+impl LogState {
+    fn apply(&mut self, rec: Record) {
+        match rec {
+            Record::Entry(e) => {
+                self.entries.insert(e.log_id.index, e);
+            }
+            Record::Vote(v) => self.vote = Some(v),
+            Record::Committed(c) => self.committed = c,
+            Record::Truncate(since) => {
+                self.entries.split_off(&since);
+            }
+            Record::Purge(id) => {
+                let keep = self.entries.split_off(&(id.index + 1));
+                self.entries = keep;
+                if self.purged.is_none_or(|p| p.index < id.index) {
+                    self.purged = Some(id);
+                }
+            }
+        }
+    }
+
+    pub fn last_log_id(&self) -> Option<LogId> {
+        self.entries.values().next_back().map(|e| e.log_id).or(self.purged)
+    }
+}
+
+/// What to do when a job's bytes are on disk.
+pub(crate) enum Done {
+    Flushed(openraft::storage::LogFlushed<TypeConfig>),
+    Notify(tokio::sync::oneshot::Sender<io::Result<()>>),
+    Nothing,
+}
+
+struct Job {
+    bytes: Vec<u8>,
+    max_index: Option<u64>,
+    done: Done,
+}
+
+/// Handle to the log: shared state plus the writer thread's queue.
+#[derive(Clone)]
+pub(crate) struct Wal {
+    pub state: Arc<Mutex<LogState>>,
+    tx: mpsc::Sender<Job>,
+}
+
+impl Wal {
+    /// Opens (or creates) the log in `dir`, replays it and starts the writer thread.
+    pub fn open(dir: &Path) -> io::Result<Wal> {
+        fs::create_dir_all(dir)?;
+        let mut segments = list_segments(dir)?;
+        let mut state = LogState::default();
+        let mut seg_max: BTreeMap<u64, Option<u64>> = BTreeMap::new();
+        let last_seq = segments.last().map(|(s, _)| *s);
+        for (seq, path) in &segments {
+            let is_last = Some(*seq) == last_seq;
+            let max = replay_segment(path, is_last, &mut state)?;
+            seg_max.insert(*seq, max);
+        }
+        let (seq, file) = match segments.pop() {
+            Some((seq, path)) => (seq, OpenOptions::new().append(true).open(path)?),
+            None => (0, create_segment(dir, 0)?),
+        };
+        let state = Arc::new(Mutex::new(state));
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            dir: dir.to_path_buf(),
+            file,
+            seq,
+            written: 0,
+            seg_max,
+            state: state.clone(),
+            failed: None,
+        };
+        std::thread::Builder::new()
+            .name("cairn-wal".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(Wal { state, tx })
+    }
+
+    /// Queues records for writing; `done` runs once they are durable (or failed).
+    pub fn submit(&self, records: &[Record], done: Done) -> io::Result<()> {
+        let mut bytes = Vec::new();
+        let mut max_index = None;
+        for r in records {
+            if let Record::Entry(e) = r {
+                max_index = Some(e.log_id.index);
+            }
+            encode(r, &mut bytes)?;
+        }
+        self.tx
+            .send(Job { bytes, max_index, done })
+            .map_err(|_| io::Error::other("write-ahead log writer stopped"))
+    }
+
+    /// Writes records and waits until they are durable.
+    pub async fn write_sync(&self, records: &[Record]) -> io::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(records, Done::Notify(tx))?;
+        rx.await.map_err(|_| io::Error::other("write-ahead log writer stopped"))?
+    }
+}
+
+fn encode(rec: &Record, out: &mut Vec<u8>) -> io::Result<()> {
+    let payload = postcard::to_allocvec(rec).map_err(io::Error::other)?;
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(())
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:016x}.wal"))
+}
+
+fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for ent in fs::read_dir(dir)? {
+        let path = ent?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let Some(hex) = name.strip_suffix(".wal") else { continue };
+        if let Ok(seq) = u64::from_str_radix(hex, 16) {
+            out.push((seq, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn create_segment(dir: &Path, seq: u64) -> io::Result<File> {
+    let file = OpenOptions::new().create_new(true).append(true).open(segment_path(dir, seq))?;
+    File::open(dir)?.sync_all()?;
+    Ok(file)
+}
+
+/// Replays one segment into `state`; returns the highest entry index it holds.
+fn replay_segment(path: &Path, is_last: bool, state: &mut LogState) -> io::Result<Option<u64>> {
+    let mut data = Vec::new();
+    File::open(path)?.read_to_end(&mut data)?;
+    let mut pos = 0usize;
+    let mut max = None;
+    while pos < data.len() {
+        match decode_at(&data, pos) {
+            Some((rec, next)) => {
+                if let Record::Entry(e) = &rec {
+                    max = Some(e.log_id.index);
+                }
+                state.apply(rec);
+                pos = next;
+            }
+            None if is_last => {
+                tracing::warn!(path = %path.display(), offset = pos, "cutting torn record at the end of the write-ahead log");
+                let f = OpenOptions::new().write(true).open(path)?;
+                f.set_len(pos as u64)?;
+                f.sync_all()?;
+                break;
+            }
+            None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("write-ahead log segment {} is corrupt at offset {pos}", path.display()),
+                ));
+            }
+        }
+    }
+    Ok(max)
+}
+
+fn decode_at(data: &[u8], pos: usize) -> Option<(Record, usize)> {
+    let head = data.get(pos..pos + HEADER)?;
+    let len = u32::from_le_bytes(head[0..4].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(head[4..8].try_into().ok()?);
+    let payload = data.get(pos + HEADER..pos + HEADER + len)?;
+    if crc32fast::hash(payload) != crc {
+        return None;
+    }
+    let rec = postcard::from_bytes(payload).ok()?;
+    Some((rec, pos + HEADER + len))
+}
+
+struct Writer {
+    dir: PathBuf,
+    file: File,
+    seq: u64,
+    written: u64,
+    /// Highest entry index in each segment (None: no entries).
+    seg_max: BTreeMap<u64, Option<u64>>,
+    state: Arc<Mutex<LogState>>,
+    failed: Option<String>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        self.written = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            let result = self.write_batch(&batch);
+            for job in batch {
+                let r = result.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.clone()));
+                match job.done {
+                    Done::Flushed(cb) => cb.log_io_completed(r),
+                    Done::Notify(tx) => {
+                        let _ = tx.send(r);
+                    }
+                    Done::Nothing => {}
+                }
+            }
+            if result.is_ok() && self.written >= SEGMENT_BYTES {
+                if let Err(e) = self.rotate() {
+                    tracing::error!(error = %e, "write-ahead log rotation failed");
+                    self.failed = Some(e.to_string());
+                }
+            }
+        }
+    }
+
+    fn write_batch(&mut self, batch: &[Job]) -> Result<(), String> {
+        if let Some(f) = &self.failed {
+            return Err(format!("write-ahead log failed earlier: {f}"));
+        }
+        let res = (|| -> io::Result<()> {
+            let mut buf = Vec::with_capacity(batch.iter().map(|j| j.bytes.len()).sum());
+            for j in batch {
+                buf.extend_from_slice(&j.bytes);
+            }
+            self.file.write_all(&buf)?;
+            self.file.sync_data()?;
+            self.written += buf.len() as u64;
+            Ok(())
+        })();
+        match res {
+            Ok(()) => {
+                if let Some(m) = batch.iter().filter_map(|j| j.max_index).max() {
+                    let cur = self.seg_max.entry(self.seq).or_insert(None);
+                    *cur = Some(cur.map_or(m, |c| c.max(m)));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "write-ahead log write failed; refusing further writes");
+                self.failed = Some(e.to_string());
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Starts a new segment that begins with the current vote, commit and purge point, then
+    /// deletes older segments whose entries are all purged.
+    fn rotate(&mut self) -> io::Result<()> {
+        let next = self.seq + 1;
+        let mut file = create_segment(&self.dir, next)?;
+        let (vote, committed, purged) = {
+            let st = self.state.lock();
+            (st.vote, st.committed, st.purged)
+        };
+        let mut buf = Vec::new();
+        if let Some(v) = vote {
+            encode(&Record::Vote(v), &mut buf)?;
+        }
+        encode(&Record::Committed(committed), &mut buf)?;
+        if let Some(p) = purged {
+            encode(&Record::Purge(p), &mut buf)?;
+        }
+        file.write_all(&buf)?;
+        file.sync_data()?;
+        self.file = file;
+        self.seq = next;
+        self.written = buf.len() as u64;
+        self.seg_max.insert(next, None);
+        let purged_index = purged.map(|p| p.index);
+        let old: Vec<u64> = self
+            .seg_max
+            .iter()
+            .filter(|(s, max)| **s < next && max.is_none_or(|m| purged_index.is_some_and(|p| m <= p)))
+            .map(|(s, _)| *s)
+            .collect();
+        for s in old {
+            fs::remove_file(segment_path(&self.dir, s))?;
+            self.seg_max.remove(&s);
+        }
+        Ok(())
+    }
+}
