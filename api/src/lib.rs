@@ -2,14 +2,14 @@
 //!
 //! Code map: `server` binds the client URLs and mounts the services; one file per etcd
 //! service (`kv`, `lease`, `maintenance`, `cluster`, `watch`); `validate` holds etcd's request
-//! checks and the protobuf <-> model conversions; `errors` is the only place that writes etcd
+//! checks; `convert` the protobuf <-> model conversions; `errors` is the only place that writes etcd
 //! error strings; `header` builds response headers; `ids` derives member and cluster IDs.
 //! Protobuf types stop here: backends only see model types.
 
 pub mod errors;
+pub mod godur;
 pub mod header;
 pub mod ids;
-pub mod watch;
 pub mod cluster;
 pub mod convert;
 pub mod kv;

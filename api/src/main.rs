@@ -1,1 +1,151 @@
-fn main() {}
+//! The `cairn` binary: etcd's command line in front of a Cairn backend.
+
+mod config;
+mod config_file;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use cairn_api::{ids, lease, ServerConfig};
+use cairn_backend::Backend;
+use cairn_memory::MemoryBackend;
+use cairn_native::{NativeBackend, NativeConfig};
+use config::{split_urls, BackendKind, Flags, ParseExit};
+
+fn main() -> ExitCode {
+    let loaded = match config::parse(std::env::args_os().collect()) {
+        Ok(l) => l,
+        Err(ParseExit::Message { text, code }) => {
+            if code == 0 {
+                print!("{text}");
+            } else {
+                eprint!("{text}");
+            }
+            return ExitCode::from(code as u8);
+        }
+    };
+    let flags = loaded.flags;
+    if flags.version {
+        print_version(&flags);
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(flags.log_level());
+    for name in &loaded.not_implemented {
+        tracing::warn!("flag --{name} is accepted but not implemented yet");
+    }
+    warn_unknown_env();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(serve(flags)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_version(flags: &Flags) {
+    println!("etcd Version: {}", flags.cairn_version);
+    println!("Git SHA: cairn-{}", env!("CARGO_PKG_VERSION"));
+    println!("Go Version: none (Cairn is written in Rust)");
+    println!("Go OS/Arch: {}/{}", std::env::consts::OS, go_arch());
+}
+
+fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+fn init_tracing(level: &str) {
+    let level = match level {
+        "panic" | "fatal" => "error",
+        l => l,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},h2=warn,hyper=warn,tower=warn")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+}
+
+/// etcd warns about `ETCD_*` variables that name no flag.
+fn warn_unknown_env() {
+    let known: Vec<String> = <Flags as clap::CommandFactory>::command()
+        .get_arguments()
+        .map(|a| config::env_name(a.get_id().as_str()))
+        .collect();
+    for (k, v) in std::env::vars() {
+        if k.starts_with("ETCD_") && k != "ETCD_UNSUPPORTED_ARCH" && !known.contains(&k) {
+            tracing::warn!("unrecognized environment variable {k}={v}");
+        }
+    }
+}
+
+fn server_config(flags: &Flags) -> anyhow::Result<ServerConfig> {
+    let initial_cluster = flags.initial_cluster();
+    let (member_id, cluster_id) = ids::derive_ids(&flags.name, &initial_cluster, &flags.initial_cluster_token)
+        .map_err(anyhow::Error::msg)?;
+    Ok(ServerConfig {
+        name: flags.name.clone(),
+        listen_client_urls: split_urls(&flags.listen_client_urls),
+        advertise_client_urls: split_urls(&flags.advertise_client_urls),
+        peer_urls: split_urls(&flags.initial_advertise_peer_urls),
+        member_id,
+        cluster_id,
+        version: flags.cairn_version.clone(),
+        max_txn_ops: flags.max_txn_ops as usize,
+        max_request_bytes: flags.max_request_bytes as usize,
+        min_lease_ttl: lease::min_lease_ttl(flags.heartbeat_interval, flags.election_timeout),
+        progress_notify_interval: flags.experimental_watch_progress_notify_interval,
+        max_concurrent_streams: (flags.max_concurrent_streams != u32::MAX).then_some(flags.max_concurrent_streams),
+        grpc_keepalive_interval: flags.grpc_keepalive_interval,
+        grpc_keepalive_timeout: flags.grpc_keepalive_timeout,
+    })
+}
+
+async fn serve(flags: Flags) -> anyhow::Result<()> {
+    let cfg = server_config(&flags)?;
+    tracing::info!(
+        name = %cfg.name, data_dir = %flags.data_dir(), backend = ?flags.backend,
+        member_id = %format!("{:x}", cfg.member_id), cluster_id = %format!("{:x}", cfg.cluster_id),
+        "starting cairn"
+    );
+    let (backend, native): (Arc<dyn Backend>, Option<Arc<NativeBackend>>) = match flags.backend {
+        BackendKind::Memory => (MemoryBackend::new(), None),
+        BackendKind::Native => {
+            let native = NativeBackend::open(native_config(&flags, cfg.member_id))
+                .await
+                .context("opening the native backend")?;
+            (native.clone(), Some(native))
+        }
+    };
+    let result = cairn_api::run(cfg, backend, shutdown_signal()).await;
+    if let Some(native) = native {
+        native.shutdown().await.context("stopping the native backend")?;
+    }
+    tracing::info!("stopped serving");
+    result
+}
+
+fn native_config(flags: &Flags, member_id: u64) -> NativeConfig {
+    NativeConfig {
+        data_dir: flags.data_dir().into(),
+        snapshot_count: flags.snapshot_count,
+        heartbeat_interval_ms: flags.heartbeat_interval,
+        election_timeout_ms: flags.election_timeout,
+        quota_backend_bytes: flags.quota_backend_bytes,
+        member_id,
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("received interrupt signal, shutting down"),
+        _ = term.recv() => tracing::info!("received terminated signal, shutting down"),
+    }
+}

@@ -142,7 +142,7 @@ impl Server {
             client_urls: cfg.advertise_client_urls.clone(),
         };
         let cluster = ClusterService::new(header.clone(), me);
-        // TODO(watch): mount watch::WatchService once api/src/watch.rs exists.
+        // TODO(watch): mount watch::WatchService once api/src/watch.rs is committed.
         tonic::transport::Server::builder()
             .max_concurrent_streams(cfg.max_concurrent_streams)
             .http2_keepalive_interval(Some(cfg.grpc_keepalive_interval))
