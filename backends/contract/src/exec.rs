@@ -30,19 +30,44 @@ pub trait TxnView {
 /// Runs `req` through `view`. Returns the response and whether anything was written (then the
 /// caller commits at `view.base_revision() + 1`; otherwise it should discard the view).
 pub fn execute(view: &mut impl TxnView, req: &TxnRequest) -> Result<(TxnResponse, bool)> {
-    let mut st = ExecState { wrote: false };
+    // As etcd (`compareToPath`), every compare on the taken path, nested txns included, is
+    // evaluated against the state before the txn, before any op runs.
+    let mut path = Vec::new();
+    compare_path(view, req, &mut path)?;
+    let mut st = ExecState { wrote: false, path: path.into_iter() };
     let resp = st.txn(view, req)?;
     Ok((resp, st.wrote))
 }
 
+/// The compare outcome of `req` and of every nested txn on the branch it takes, in the order
+/// [`ExecState::txn`] visits them.
+fn compare_path(view: &mut impl TxnView, req: &TxnRequest, out: &mut Vec<bool>) -> Result<()> {
+    let mut succeeded = true;
+    for cmp in &req.compare {
+        if !compare(view, cmp)? {
+            succeeded = false;
+            break;
+        }
+    }
+    out.push(succeeded);
+    for op in if succeeded { &req.success } else { &req.failure } {
+        if let RequestOp::Txn(t) = op {
+            compare_path(view, t, out)?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs a standalone range on a view (used by backends that read through the same code).
 pub fn range(view: &mut impl TxnView, req: &RangeRequest) -> Result<RangeResponse> {
-    let mut st = ExecState { wrote: false };
+    let mut st = ExecState { wrote: false, path: Vec::new().into_iter() };
     st.range(view, req)
 }
 
 struct ExecState {
     wrote: bool,
+    /// Compare outcomes computed up front by [`compare_path`].
+    path: std::vec::IntoIter<bool>,
 }
 
 impl ExecState {
@@ -55,13 +80,7 @@ impl ExecState {
     }
 
     fn txn(&mut self, view: &mut impl TxnView, req: &TxnRequest) -> Result<TxnResponse> {
-        let mut succeeded = true;
-        for cmp in &req.compare {
-            if !compare(view, cmp)? {
-                succeeded = false;
-                break;
-            }
-        }
+        let succeeded = self.path.next().ok_or_else(|| BackendError::internal("txn compare path exhausted"))?;
         let ops = if succeeded { &req.success } else { &req.failure };
         let mut responses = Vec::with_capacity(ops.len());
         for op in ops {
@@ -78,10 +97,12 @@ impl ExecState {
     fn range(&mut self, view: &mut impl TxnView, req: &RangeRequest) -> Result<RangeResponse> {
         let current = self.read_rev(view);
         let limit = fetch_limit(req);
+        // etcd checks a txn's ranges against the revision before the txn (`checkRange`), so
+        // even a txn that has written cannot name its own new revision.
+        if req.revision > view.base_revision() {
+            return Err(BackendError::FutureRevision);
+        }
         let (kvs, count) = if req.revision <= 0 || req.revision >= current {
-            if req.revision > current {
-                return Err(BackendError::FutureRevision);
-            }
             view.range_latest(&req.range, limit, req.count_only)?
         } else {
             let compacted = view.compact_revision();
