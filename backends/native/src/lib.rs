@@ -284,6 +284,9 @@ impl Backend for NativeBackend {
     }
 }
 
+/// How long a feed stays quiet before it reports progress.
+const IDLE_PROGRESS: Duration = Duration::from_millis(500);
+
 /// One watcher's feed: history from the store up to the present, then live batches, never
 /// skipping or repeating a revision (see `Backend::watch`).
 async fn feed(
@@ -332,6 +335,13 @@ async fn feed(
         let item = tokio::select! {
             item = rx.recv() => item,
             _ = tx.closed() => return,
+            _ = tokio::time::sleep(IDLE_PROGRESS) => {
+                // Idle: tell the watcher how far it is synced, if nothing is in flight.
+                if store.current().0 == next - 1 && tx.send(Ok(FeedItem::Progress(next - 1))).await.is_err() {
+                    return;
+                }
+                continue;
+            }
         };
         match item {
             Ok(b) if b.revision < next => {}
