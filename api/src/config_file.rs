@@ -62,7 +62,7 @@ fn section(v: &Value, keys: &[(&str, &str)], out: &mut Vec<(String, String)>) ->
     let Value::Mapping(map) = v else { return Ok(()) };
     for (k, v) in map {
         let key = k.as_str().ok_or("non-string key")?;
-        let flag = keys.iter().find(|(name, _)| *name == key).map_or_else(|| format!("{key}"), |(_, f)| f.to_string());
+        let flag = keys.iter().find(|(name, _)| *name == key).map_or_else(|| key.to_string(), |(_, f)| f.to_string());
         if let Some(val) = scalar(v)? {
             out.push((flag, val));
         }
