@@ -1,0 +1,217 @@
+//! `cairn-bench`: load generator for etcd v3 servers.
+//!
+//! - `cairn-bench run --endpoints 127.0.0.1:2379 --workload put --clients 16 --duration 10s`
+//!   runs one workload against running servers and prints one line per client count.
+//! - `cairn-bench compare` starts a fresh real etcd and a fresh Cairn per workload, runs the
+//!   workload against each in turn (never both loaded at once) and prints a Cairn/etcd table.
+//!
+//! Only loopback targets are accepted; every loop is bounded in time and in operations.
+
+mod keys;
+mod report;
+mod servers;
+mod workloads;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use report::{CompareRow, Outcome};
+use servers::ServerProc;
+use workloads::{Params, Workload};
+
+#[derive(Parser)]
+#[command(name = "cairn-bench", about = "Benchmarks etcd v3 servers (Cairn, etcd) on this machine")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one workload against running servers.
+    Run(RunArgs),
+    /// Start fresh etcd and Cairn servers per workload and compare them side by side.
+    Compare(CompareArgs),
+    /// List the workloads.
+    Workloads,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Client counts, e.g. 1,16,256.
+    #[arg(long, default_value = "1,16,256", value_parser = keys::parse_list)]
+    clients: std::vec::Vec<usize>,
+    /// Measured time per run (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = keys::parse_duration)]
+    duration: Duration,
+    /// gRPC connections (default: min(clients, 16)).
+    #[arg(long)]
+    conns: Option<usize>,
+    /// Number of distinct keys for put, range and txn (preloaded for range and txn).
+    #[arg(long, default_value_t = 10_000)]
+    keyspace: u64,
+    /// Watchers in watch-1000.
+    #[arg(long, default_value_t = 1000)]
+    watchers: usize,
+    /// gRPC streams (one connection each) carrying the watch-1000 watchers.
+    #[arg(long, default_value_t = 4)]
+    watch_streams: usize,
+    /// Total puts per second in watch-1000.
+    #[arg(long, default_value_t = 100)]
+    watch_rate: u64,
+    /// How long watchers may lag behind after the writers stop before events count as undelivered.
+    #[arg(long, default_value = "30s", value_parser = keys::parse_duration)]
+    drain_timeout: Duration,
+    /// Upper bound on operations per client per run.
+    #[arg(long, default_value_t = 10_000_000)]
+    max_ops_per_client: u64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Comma-separated host:port on loopback.
+    #[arg(long, default_value = "127.0.0.1:2379", value_parser = keys::parse_endpoints)]
+    endpoints: std::vec::Vec<String>,
+    #[arg(long, value_parser = Workload::parse)]
+    workload: Workload,
+    /// The server's pid, to report its peak RSS (VmHWM).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    #[arg(long, default_value = "target/release/cairn")]
+    cairn: PathBuf,
+    #[arg(long, default_value = "/usr/bin/etcd")]
+    etcd: PathBuf,
+    /// Comma-separated workloads (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = Workload::parse)]
+    workloads: Option<std::vec::Vec<Workload>>,
+    /// Also print the table as markdown (for BENCHMARKS.md).
+    #[arg(long)]
+    markdown: bool,
+    /// Pause between runs, letting the previous server settle.
+    #[arg(long, default_value = "1s", value_parser = keys::parse_duration)]
+    pause: Duration,
+    #[command(flatten)]
+    common: Common,
+}
+
+fn params(c: &Common, endpoints: Vec<String>, clients: usize, server_pid: Option<u32>) -> Params {
+    Params {
+        endpoints,
+        clients,
+        conns: c.conns.unwrap_or_else(|| workloads::default_conns(clients)),
+        duration: c.duration,
+        keyspace: c.keyspace,
+        server_pid,
+        watchers: c.watchers,
+        watch_streams: c.watch_streams,
+        watch_rate: c.watch_rate,
+        drain_timeout: c.drain_timeout,
+        max_ops_per_client: c.max_ops_per_client,
+        seed: c.seed,
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Run(a) => run_cmd(a).await,
+            Cmd::Compare(a) => compare_cmd(a).await,
+            Cmd::Workloads => {
+                for w in Workload::ALL {
+                    println!("{:<16} {}", w.name(), w.describe());
+                }
+                Ok(true)
+            }
+        }
+    });
+    match result {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("cairn-bench: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn run_cmd(a: RunArgs) -> Result<bool> {
+    println!("{}", report::LINE_HEADER);
+    let mut ok = true;
+    for &clients in &a.common.clients {
+        let p = params(&a.common, a.endpoints.clone(), clients, a.server_pid);
+        match workloads::run(a.workload, &p).await {
+            Ok(o) => println!("{}", report::format_line(&o)),
+            Err(e) => {
+                ok = false;
+                println!("{:<15} {:>7} failed: {e:#}", a.workload.name(), clients);
+            }
+        }
+    }
+    Ok(ok)
+}
+
+async fn run_against(server: &mut Result<ServerProc, String>, w: Workload, c: &Common, clients: usize) -> Result<Outcome, String> {
+    let s = server.as_mut().map_err(|e| format!("not started: {}", e.lines().next().unwrap_or("")))?;
+    if !s.alive() {
+        return Err(format!("{} is no longer running; log tail:\n{}", s.label, s.log_tail(10)));
+    }
+    let p = params(c, vec![s.endpoint.clone()], clients, Some(s.pid));
+    let r = workloads::run(w, &p).await.map_err(|e| format!("{e:#}"));
+    match &r {
+        Ok(o) => eprintln!("  {:<6} {}", s.label, report::format_line(o)),
+        Err(e) => eprintln!("  {:<6} {} clients={clients} failed: {e}", s.label, w.name()),
+    }
+    r
+}
+
+async fn compare_cmd(a: CompareArgs) -> Result<bool> {
+    let list = a.workloads.clone().unwrap_or_else(|| Workload::ALL.to_vec());
+    let mut rows: Vec<CompareRow> = Vec::new();
+    eprintln!("  {:<6} {}", "", report::LINE_HEADER);
+    for w in list {
+        eprintln!("== {} ({})", w.name(), w.describe());
+        let mut etcd = ServerProc::start("etcd", &a.etcd).await.map_err(|e| format!("{e:#}"));
+        let mut cairn = ServerProc::start("cairn", &a.cairn).await.map_err(|e| format!("{e:#}"));
+        for (label, s) in [("etcd", &etcd), ("cairn", &cairn)] {
+            if let Err(e) = s {
+                eprintln!("  {label}: {e}");
+            }
+        }
+        for &clients in &a.common.clients {
+            let e = run_against(&mut etcd, w, &a.common, clients).await;
+            tokio::time::sleep(a.pause).await;
+            let c = run_against(&mut cairn, w, &a.common, clients).await;
+            tokio::time::sleep(a.pause).await;
+            rows.push(CompareRow { workload: w.name().to_string(), clients, etcd: e, cairn: c });
+        }
+        for s in [&mut etcd, &mut cairn].into_iter().flatten() {
+            s.stop().await;
+        }
+    }
+    println!();
+    print!("{}", report::compare_table(&rows));
+    let notes = report::compare_notes(&rows);
+    if !notes.is_empty() {
+        println!("\nnotes:\n{notes}");
+    }
+    if a.markdown {
+        println!("\n{}", report::compare_markdown(&rows));
+        if !notes.is_empty() {
+            println!("{notes}");
+        }
+    }
+    Ok(rows.iter().all(|r| r.etcd.is_ok() && r.cairn.is_ok()))
+}
