@@ -1,0 +1,93 @@
+//! Versioned schema migrations, applied at start-up by whichever process gets there first.
+//!
+//! Every migration runs in one transaction together with the row in `schema_version` that
+//! records it, under a transaction-level advisory lock, so several processes starting at once
+//! apply each migration exactly once and a crash half-way leaves the previous version intact.
+
+use sqlx::{Connection, PgConnection, Row};
+
+/// The advisory lock key that serialises migrations ("cairn" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0063_6169_726e;
+
+/// The migrations, in order; version `i + 1` is `MIGRATIONS[i]`. Never edit one that shipped:
+/// add a new one.
+pub(crate) const MIGRATIONS: &[&str] = &[
+    // 1: the MVCC store, the change log, leases and the revision counter.
+    r#"
+    -- One row: the current revision (the last one written), the compaction point, and how far
+    -- superseded versions have been physically removed. Every write transaction locks it first
+    -- (SELECT ... FOR UPDATE), which serialises revision allocation across processes.
+    CREATE TABLE meta (
+        id                smallint PRIMARY KEY CHECK (id = 1),
+        revision          bigint NOT NULL,
+        compact_revision  bigint NOT NULL,
+        compacted_through bigint NOT NULL
+    );
+    INSERT INTO meta (id, revision, compact_revision, compacted_through) VALUES (1, 1, 0, 0);
+
+    -- Every version of every key, tombstones included (deleted = true, zero fields). The rows
+    -- of one revision are its events, in txn order by sub; prev_revision points at the key's
+    -- previous live version (0: none) so the change feed can send prev_kv.
+    CREATE TABLE kv (
+        key             bytea   NOT NULL,
+        mod_revision    bigint  NOT NULL,
+        sub             integer NOT NULL,
+        create_revision bigint  NOT NULL,
+        version         bigint  NOT NULL,
+        lease           bigint  NOT NULL,
+        value           bytea   NOT NULL,
+        deleted         boolean NOT NULL,
+        prev_revision   bigint  NOT NULL,
+        PRIMARY KEY (key, mod_revision)
+    );
+    CREATE INDEX kv_by_revision ON kv (mod_revision, sub);
+
+    -- The live keys: the newest version of every key that is not deleted. bytea compares
+    -- bytewise, so key ranges are index range scans.
+    CREATE TABLE current (
+        key             bytea  PRIMARY KEY,
+        create_revision bigint NOT NULL,
+        mod_revision    bigint NOT NULL,
+        version         bigint NOT NULL,
+        lease           bigint NOT NULL,
+        value           bytea  NOT NULL
+    );
+    CREATE INDEX current_by_lease ON current (lease) WHERE lease <> 0;
+
+    -- Leases; expiry is decided by the database clock.
+    CREATE TABLE leases (
+        id         bigint PRIMARY KEY,
+        ttl        bigint NOT NULL,
+        expires_at timestamptz NOT NULL
+    );
+    CREATE INDEX leases_by_expiry ON leases (expires_at);
+    "#,
+];
+
+/// Brings the database to the newest schema. Fails when the database has a newer schema than
+/// this build knows.
+pub(crate) async fn migrate(conn: &mut PgConnection) -> anyhow::Result<i32> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+            version    integer PRIMARY KEY,
+            applied_at timestamptz NOT NULL DEFAULT now()
+        )",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let have: i32 = sqlx::query("SELECT COALESCE(max(version), 0) FROM schema_version").fetch_one(&mut *tx).await?.try_get(0)?;
+    let known = MIGRATIONS.len() as i32;
+    if have > known {
+        anyhow::bail!("the database has schema version {have}, newer than this build of Cairn knows ({known}); upgrade Cairn");
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(have as usize) {
+        let version = i as i32 + 1;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(*sql)).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO schema_version (version) VALUES ($1)").bind(version).execute(&mut *tx).await?;
+        tracing::info!(version, "postgres: applied schema migration");
+    }
+    tx.commit().await?;
+    Ok(known)
+}

@@ -1,0 +1,237 @@
+//! The queries shared by reads, the write path and the change feed, and error mapping.
+//!
+//! Key ranges become range predicates on bytea (`key >= $a AND key < $b`), never LIKE, so they
+//! are index range scans on the primary keys of `current` and `kv`.
+
+use std::sync::Arc;
+
+use cairn_backend::{BackendError, ChangeBatch, Event, EventKind, KeyRange, KeyValue, Revision};
+use futures::TryStreamExt;
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::Query;
+use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row};
+
+/// The shape of a key range's predicate.
+#[derive(Clone, Copy)]
+enum Shape {
+    Single,
+    From,
+    Between,
+    Empty,
+}
+
+fn shape(r: &KeyRange) -> Shape {
+    if r.is_single() {
+        return Shape::Single;
+    }
+    match r.upper() {
+        None => Shape::From,
+        Some(end) if r.key.as_slice() < end => Shape::Between,
+        Some(_) => Shape::Empty,
+    }
+}
+
+/// The predicate on `col` for `r`, with its parameters starting at `$first`; returns the SQL
+/// and the number of parameters it uses.
+fn predicate(r: &KeyRange, col: &str, first: usize) -> (String, usize) {
+    match shape(r) {
+        Shape::Single => (format!("{col} = ${first}"), 1),
+        Shape::From => (format!("{col} >= ${first}"), 1),
+        Shape::Between => (format!("{col} >= ${first} AND {col} < ${}", first + 1), 2),
+        Shape::Empty => ("false".to_string(), 0),
+    }
+}
+
+type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
+
+fn bind_range<'q>(q: PgQuery<'q>, r: &KeyRange) -> PgQuery<'q> {
+    match shape(r) {
+        Shape::Single | Shape::From => q.bind(r.key.clone()),
+        Shape::Between => q.bind(r.key.clone()).bind(r.range_end.clone()),
+        Shape::Empty => q,
+    }
+}
+
+pub(crate) const KV_COLS: &str = "key, create_revision, mod_revision, version, lease, value";
+
+pub(crate) fn decode_kv(row: &PgRow) -> Result<KeyValue, sqlx::Error> {
+    Ok(KeyValue {
+        key: row.try_get(0)?,
+        create_revision: row.try_get(1)?,
+        mod_revision: row.try_get(2)?,
+        version: row.try_get(3)?,
+        lease: row.try_get(4)?,
+        value: row.try_get(5)?,
+    })
+}
+
+/// The SQL of a range read: the live keys in `r` now (`at == None`, from `current`) or as of a
+/// past revision (from `kv`: each key's newest version at or below it, unless a tombstone), in
+/// key order, at most `LIMIT $n` (NULL: all). With `count`, the number of such keys instead.
+pub(crate) fn range_sql(r: &KeyRange, at: bool, count: bool) -> String {
+    let (pred, used) = predicate(r, "key", 1);
+    let next = used + 1;
+    match (at, count) {
+        (false, false) => format!("SELECT {KV_COLS} FROM current WHERE {pred} ORDER BY key LIMIT ${next}"),
+        (false, true) => format!("SELECT count(*) FROM current WHERE {pred}"),
+        (true, false) => format!(
+            "SELECT {KV_COLS} FROM (SELECT DISTINCT ON (key) {KV_COLS}, deleted FROM kv \
+             WHERE {pred} AND mod_revision <= ${next} ORDER BY key, mod_revision DESC) v \
+             WHERE NOT deleted ORDER BY key LIMIT ${}",
+            next + 1
+        ),
+        (true, true) => format!(
+            "SELECT count(*) FROM (SELECT DISTINCT ON (key) deleted FROM kv \
+             WHERE {pred} AND mod_revision <= ${next} ORDER BY key, mod_revision DESC) v WHERE NOT deleted"
+        ),
+    }
+}
+
+/// Live kvs in `r` now or at revision `at`, in key order, at most `limit`.
+pub(crate) async fn fetch_range(
+    conn: &mut PgConnection,
+    r: &KeyRange,
+    at: Option<Revision>,
+    limit: Option<usize>,
+) -> Result<Vec<KeyValue>, sqlx::Error> {
+    let sql = range_sql(r, at.is_some(), false);
+    let mut q = bind_range(sqlx::query(AssertSqlSafe(sql)), r);
+    if let Some(rev) = at {
+        q = q.bind(rev);
+    }
+    q = q.bind(limit.map(|l| l as i64));
+    let rows = q.fetch_all(&mut *conn).await?;
+    rows.iter().map(decode_kv).collect()
+}
+
+/// The number of live keys in `r` now or at revision `at`.
+pub(crate) async fn count_range(conn: &mut PgConnection, r: &KeyRange, at: Option<Revision>) -> Result<i64, sqlx::Error> {
+    let sql = range_sql(r, at.is_some(), true);
+    let mut q = bind_range(sqlx::query(AssertSqlSafe(sql)), r);
+    if let Some(rev) = at {
+        q = q.bind(rev);
+    }
+    q.fetch_one(&mut *conn).await?.try_get(0)
+}
+
+/// Live kvs in `r` (now or at `at`) as a range op needs them: at most `limit`, and the number
+/// of live keys in the range (a second query only when the limit cut the answer).
+pub(crate) async fn range_with_count(
+    conn: &mut PgConnection,
+    r: &KeyRange,
+    at: Option<Revision>,
+    limit: Option<usize>,
+    count_only: bool,
+) -> Result<(Vec<KeyValue>, i64), sqlx::Error> {
+    if count_only {
+        return Ok((Vec::new(), count_range(conn, r, at).await?));
+    }
+    let kvs = fetch_range(conn, r, at, limit).await?;
+    let count = match limit {
+        Some(l) if kvs.len() >= l => count_range(conn, r, at).await?,
+        _ => kvs.len() as i64,
+    };
+    Ok((kvs, count))
+}
+
+/// (revision, compact revision) as of the caller's snapshot.
+pub(crate) async fn read_meta(conn: &mut PgConnection, for_update: bool) -> Result<(Revision, Revision), sqlx::Error> {
+    let sql = if for_update {
+        "SELECT revision, compact_revision FROM meta WHERE id = 1 FOR UPDATE"
+    } else {
+        "SELECT revision, compact_revision FROM meta WHERE id = 1"
+    };
+    let row = sqlx::query(sql).fetch_one(&mut *conn).await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
+/// The events of revisions `from..=to`, one batch per revision in order, prev_kv filled in.
+/// The caller reads at a snapshot where `from` is at or above the compaction point.
+pub(crate) async fn read_events(conn: &mut PgConnection, from: Revision, to: Revision) -> Result<Vec<Arc<ChangeBatch>>, sqlx::Error> {
+    let mut rows = sqlx::query(
+        "SELECT k.mod_revision, k.key, k.deleted, k.create_revision, k.version, k.lease, k.value,
+                p.create_revision, p.mod_revision, p.version, p.lease, p.value
+         FROM kv k LEFT JOIN kv p ON p.key = k.key AND p.mod_revision = k.prev_revision
+         WHERE k.mod_revision >= $1 AND k.mod_revision <= $2
+         ORDER BY k.mod_revision, k.sub",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch(&mut *conn);
+    let mut out: Vec<ChangeBatch> = Vec::new();
+    while let Some(row) = rows.try_next().await? {
+        let revision: i64 = row.try_get(0)?;
+        let key: Vec<u8> = row.try_get(1)?;
+        let deleted: bool = row.try_get(2)?;
+        let prev_mod: Option<i64> = row.try_get(8)?;
+        let prev_kv = match prev_mod {
+            Some(mod_revision) => Some(KeyValue {
+                key: key.clone(),
+                create_revision: row.try_get(7)?,
+                mod_revision,
+                version: row.try_get(9)?,
+                lease: row.try_get(10)?,
+                value: row.try_get(11)?,
+            }),
+            None => None,
+        };
+        let event = if deleted {
+            Event { kind: EventKind::Delete, kv: KeyValue { key, mod_revision: revision, ..KeyValue::default() }, prev_kv }
+        } else {
+            Event {
+                kind: EventKind::Put,
+                kv: KeyValue {
+                    key,
+                    create_revision: row.try_get(3)?,
+                    mod_revision: revision,
+                    version: row.try_get(4)?,
+                    lease: row.try_get(5)?,
+                    value: row.try_get(6)?,
+                },
+                prev_kv,
+            }
+        };
+        match out.last_mut() {
+            Some(b) if b.revision == revision => b.events.push(event),
+            _ => out.push(ChangeBatch { revision, events: vec![event] }),
+        }
+    }
+    Ok(out.into_iter().map(Arc::new).collect())
+}
+
+/// SQLSTATE classes and codes that mean "try again": serialization failure, deadlock,
+/// connection exceptions, and the server shutting down or starting up.
+fn transient_code(code: &str) -> bool {
+    matches!(code, "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300") || code.starts_with("08")
+}
+
+/// Whether `e` means the statement did not run to completion for a reason that may pass
+/// (connection loss, serialization failure); such a transaction can be retried from the start.
+pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| transient_code(&c)),
+        _ => false,
+    }
+}
+
+/// The etcd-meaningful error for a database error.
+pub(crate) fn db_err(e: sqlx::Error) -> BackendError {
+    if let sqlx::Error::Database(d) = &e {
+        if let Some(code) = d.code() {
+            if code == "53100" {
+                return BackendError::NoSpace;
+            }
+            if transient_code(&code) {
+                return BackendError::Unavailable(format!("postgres: {e}"));
+            }
+        }
+        return BackendError::Internal(format!("postgres: {e}"));
+    }
+    match e {
+        sqlx::Error::PoolClosed => BackendError::Stopped,
+        e if is_transient(&e) => BackendError::Unavailable(format!("postgres: {e}")),
+        sqlx::Error::Protocol(_) => BackendError::Unavailable(format!("postgres: {e}")),
+        e => BackendError::Internal(format!("postgres: {e}")),
+    }
+}

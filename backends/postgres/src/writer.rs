@@ -1,0 +1,515 @@
+//! The write path: one writer per process runs queued writes in batches, each batch in one
+//! database transaction that first locks the `meta` row.
+//!
+//! Holding that row lock, the transaction is the only writer of the whole store (every process
+//! takes the same lock), so the revision it reads is the current one and the revisions it
+//! assigns are unique, gap-free and monotonic across processes. Each queued request runs
+//! through [`cairn_backend::exec::execute`] on a view that reads the database (through the
+//! same connection, so it sees the batch's earlier writes once flushed) with the batch's and
+//! the request's unflushed writes laid on top; a request that fails leaves no trace. All
+//! writes of the batch, the new revision and a `pg_notify` commit together: one commit (one
+//! WAL flush) for many client writes. A batch that fails before its COMMIT was sent is retried
+//! from scratch when the failure is transient; after that, its requests get `Unavailable`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_backend::exec::{self, TxnView};
+use cairn_backend::*;
+use sqlx::{PgConnection, Row};
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::sql::{self, db_err, is_transient};
+use crate::Inner;
+
+/// The notification channel every write transaction notifies on commit (payload: revision).
+pub(crate) const CHANNEL: &str = "cairn_feed";
+
+/// A queued write.
+pub(crate) enum WriteOp {
+    Txn(TxnRequest),
+    /// Revoke a lease: delete its keys at one revision and forget it.
+    Revoke(LeaseId),
+    /// Revoke every lease whose deadline has passed (by the database clock).
+    Expire,
+}
+
+pub(crate) enum WriteReply {
+    Txn(TxnResponse),
+    /// The revision after the revoke.
+    Revoke(Revision),
+    /// How many leases expired.
+    Expire(usize),
+}
+
+pub(crate) struct WriteItem {
+    pub op: WriteOp,
+    pub reply: oneshot::Sender<Result<WriteReply>>,
+}
+
+/// A batch's failure: the database error and whether COMMIT had been sent (then the outcome
+/// is unknown and the batch must not be retried).
+struct BatchError {
+    error: sqlx::Error,
+    commit_sent: bool,
+}
+
+impl From<sqlx::Error> for BatchError {
+    fn from(error: sqlx::Error) -> Self {
+        BatchError { error, commit_sent: false }
+    }
+}
+
+/// Retries of a batch that failed transiently before its commit.
+const BATCH_RETRIES: u32 = 5;
+
+/// The writer task: takes what is queued (up to `max_batch`), runs it as one batch on a
+/// blocking thread, replies, and goes on until shutdown.
+pub(crate) async fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriteItem>) {
+    let mut shutdown = inner.shutdown.subscribe();
+    loop {
+        let first = tokio::select! {
+            item = rx.recv() => match item { Some(i) => i, None => return },
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let mut items = vec![first];
+        while items.len() < inner.opts.max_batch.max(1) {
+            match rx.try_recv() {
+                Ok(i) => items.push(i),
+                Err(_) => break,
+            }
+        }
+        let (ops, replies): (Vec<WriteOp>, Vec<_>) = items.into_iter().map(|i| (i.op, i.reply)).unzip();
+        let rt = Handle::current();
+        let inner2 = inner.clone();
+        let outcome = tokio::task::spawn_blocking(move || run_with_retry(&inner2, &rt, &ops)).await;
+        let results: Vec<Result<WriteReply>> = match outcome {
+            Ok(Ok((results, wrote))) => {
+                if wrote {
+                    inner.wake.notify_one();
+                }
+                results
+            }
+            Ok(Err(e)) => {
+                let err = if e.commit_sent {
+                    tracing::warn!(error = %e.error, "postgres: commit outcome unknown");
+                    BackendError::Unavailable(format!("postgres: commit outcome unknown: {}", e.error))
+                } else {
+                    db_err(e.error)
+                };
+                replies.iter().map(|_| Err(err.clone())).collect()
+            }
+            Err(join) => replies.iter().map(|_| Err(BackendError::internal(format!("writer panicked: {join}")))).collect(),
+        };
+        for (reply, result) in replies.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+fn run_with_retry(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<WriteReply>>, bool), BatchError> {
+    let mut attempt = 0;
+    loop {
+        match run_batch(inner, rt, ops) {
+            Err(e) if !e.commit_sent && is_transient(&e.error) && attempt < BATCH_RETRIES => {
+                attempt += 1;
+                tracing::warn!(error = %e.error, attempt, "postgres: write batch failed transiently, retrying");
+                std::thread::sleep(Duration::from_millis(20 << attempt));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Runs one batch in one transaction. Returns each request's result and whether anything was
+/// committed at a new revision.
+fn run_batch(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<WriteReply>>, bool), BatchError> {
+    let mut tx = rt.block_on(inner.pool.begin())?;
+    let (base, compact) = rt.block_on(sql::read_meta(&mut tx, true))?;
+    let mut batch = Batch::new(rt, &mut tx, base, compact);
+    let mut results = Vec::with_capacity(ops.len());
+    for op in ops {
+        results.push(match op {
+            WriteOp::Txn(req) => batch.run_txn(req)?.map(WriteReply::Txn),
+            WriteOp::Revoke(id) => batch.revoke(*id)?.map(WriteReply::Revoke),
+            WriteOp::Expire => batch.expire()?.map(WriteReply::Expire),
+        });
+    }
+    batch.flush()?;
+    let rev = batch.rev;
+    drop(batch);
+    let wrote = rev > base;
+    if wrote {
+        rt.block_on(
+            sqlx::query("WITH u AS (UPDATE meta SET revision = $1 WHERE id = 1 RETURNING revision) SELECT pg_notify($2, revision::text) FROM u")
+                .bind(rev)
+                .bind(CHANNEL)
+                .execute(&mut *tx),
+        )?;
+    }
+    rt.block_on(tx.commit()).map_err(|error| {
+        // A database error answering COMMIT means it did not commit; anything else (the
+        // connection died) leaves the outcome unknown.
+        let commit_sent = !matches!(error, sqlx::Error::Database(_));
+        BatchError { error, commit_sent }
+    })?;
+    Ok((results, wrote))
+}
+
+/// Runs a txn that cannot write (no put or delete on any branch) at one snapshot, without the
+/// revision lock, on the calling blocking thread.
+pub(crate) fn run_read_txn(inner: &Inner, rt: &Handle, req: &TxnRequest) -> Result<TxnResponse> {
+    let mut tx = rt.block_on(inner.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")).map_err(db_err)?;
+    let (base, compact) = rt.block_on(sql::read_meta(&mut tx, false)).map_err(db_err)?;
+    let mut batch = Batch::new(rt, &mut tx, base, compact);
+    let result = batch.run_txn(req).map_err(|e| db_err(e.error))?;
+    drop(batch);
+    let _ = rt.block_on(tx.rollback());
+    result
+}
+
+/// One version row to insert into `kv`.
+struct KvRow {
+    key: Vec<u8>,
+    mod_revision: Revision,
+    sub: i32,
+    create_revision: Revision,
+    version: i64,
+    lease: LeaseId,
+    value: Vec<u8>,
+    deleted: bool,
+    prev_revision: Revision,
+}
+
+/// The state of one batch transaction.
+struct Batch<'a> {
+    rt: &'a Handle,
+    conn: &'a mut PgConnection,
+    /// The revision before the next request (the batch's writes so far included).
+    rev: Revision,
+    compact: Revision,
+    /// Revisions up to here are in the database (visible to this transaction's queries).
+    flushed_rev: Revision,
+    /// The batch's writes not yet flushed: the key's newest kv, or `None` for deleted.
+    pending: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    rows: Vec<KvRow>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(rt: &'a Handle, conn: &'a mut PgConnection, base: Revision, compact: Revision) -> Self {
+        Batch { rt, conn, rev: base, compact, flushed_rev: base, pending: BTreeMap::new(), rows: Vec::new() }
+    }
+
+    /// Writes the batch's unflushed changes to `kv` and `current`.
+    fn flush(&mut self) -> Result<(), sqlx::Error> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let rows = std::mem::take(&mut self.rows);
+        let pending = std::mem::take(&mut self.pending);
+        let mut cols = KvColumns::default();
+        for r in rows {
+            cols.push(r);
+        }
+        let (mut live, mut dead) = (KvColumns::default(), Vec::new());
+        for (key, kv) in pending {
+            match kv {
+                Some(kv) => live.push(KvRow {
+                    key,
+                    mod_revision: kv.mod_revision,
+                    sub: 0,
+                    create_revision: kv.create_revision,
+                    version: kv.version,
+                    lease: kv.lease,
+                    value: kv.value,
+                    deleted: false,
+                    prev_revision: 0,
+                }),
+                None => dead.push(key),
+            }
+        }
+        let conn = &mut *self.conn;
+        self.rt.block_on(async {
+            sqlx::query(
+                "INSERT INTO kv (key, mod_revision, sub, create_revision, version, lease, value, deleted, prev_revision)
+                 SELECT * FROM UNNEST($1::bytea[], $2::int8[], $3::int4[], $4::int8[], $5::int8[], $6::int8[], $7::bytea[], $8::bool[], $9::int8[])",
+            )
+            .bind(cols.key)
+            .bind(cols.mod_revision)
+            .bind(cols.sub)
+            .bind(cols.create_revision)
+            .bind(cols.version)
+            .bind(cols.lease)
+            .bind(cols.value)
+            .bind(cols.deleted)
+            .bind(cols.prev_revision)
+            .execute(&mut *conn)
+            .await?;
+            if !live.key.is_empty() {
+                sqlx::query(
+                    "INSERT INTO current (key, create_revision, mod_revision, version, lease, value)
+                     SELECT * FROM UNNEST($1::bytea[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::bytea[])
+                     ON CONFLICT (key) DO UPDATE SET create_revision = EXCLUDED.create_revision,
+                        mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version,
+                        lease = EXCLUDED.lease, value = EXCLUDED.value",
+                )
+                .bind(live.key)
+                .bind(live.create_revision)
+                .bind(live.mod_revision)
+                .bind(live.version)
+                .bind(live.lease)
+                .bind(live.value)
+                .execute(&mut *conn)
+                .await?;
+            }
+            if !dead.is_empty() {
+                sqlx::query("DELETE FROM current WHERE key = ANY($1::bytea[])").bind(dead).execute(&mut *conn).await?;
+            }
+            Ok::<_, sqlx::Error>(())
+        })?;
+        self.flushed_rev = self.rev;
+        Ok(())
+    }
+
+    /// Runs one txn request. The outer error aborts the batch (a database failure); the inner
+    /// one is the request's own outcome.
+    fn run_txn(&mut self, req: &TxnRequest) -> Result<Result<TxnResponse>, BatchError> {
+        let mut view = ReqView { batch: self, pending: BTreeMap::new(), events: Vec::new(), db_error: None };
+        let result = exec::execute(&mut view, req);
+        if let Some(e) = view.db_error.take() {
+            return Err(e.into());
+        }
+        Ok(match result {
+            Ok((resp, wrote)) => {
+                if wrote {
+                    view.commit();
+                }
+                Ok(resp)
+            }
+            Err(e) => Err(e),
+        })
+    }
+
+    /// Deletes every key attached to `id` at one revision (none if it has no keys); the lease
+    /// row is deleted in the same transaction, which is what makes revocation and expiry
+    /// happen once across processes.
+    fn revoke(&mut self, id: LeaseId) -> Result<Result<Revision>, BatchError> {
+        // The lease's keys may have been put earlier in this batch.
+        self.flush()?;
+        let conn = &mut *self.conn;
+        let keys = self.rt.block_on(async {
+            let gone = sqlx::query("DELETE FROM leases WHERE id = $1").bind(id).execute(&mut *conn).await?;
+            if gone.rows_affected() == 0 {
+                return Ok(None);
+            }
+            let rows = sqlx::query("SELECT key FROM current WHERE lease = $1 ORDER BY key").bind(id).fetch_all(&mut *conn).await?;
+            rows.iter().map(|r| r.try_get::<Vec<u8>, _>(0)).collect::<Result<Vec<_>, _>>().map(Some)
+        })?;
+        let Some(keys) = keys else { return Ok(Err(BackendError::LeaseNotFound)) };
+        if keys.is_empty() {
+            return Ok(Ok(self.rev));
+        }
+        let ops = keys
+            .into_iter()
+            .map(|key| RequestOp::DeleteRange(DeleteRangeRequest { range: KeyRange::single(key), prev_kv: false }))
+            .collect();
+        Ok(self.run_txn(&TxnRequest::unconditional(ops))?.map(|_| self.rev))
+    }
+
+    /// Revokes every lease whose deadline has passed, each at its own revision.
+    fn expire(&mut self) -> Result<Result<usize>, BatchError> {
+        let conn = &mut *self.conn;
+        let due: Vec<i64> = self.rt.block_on(async {
+            let rows = sqlx::query("SELECT id FROM leases WHERE expires_at <= now() ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED")
+                .fetch_all(&mut *conn)
+                .await?;
+            rows.iter().map(|r| r.try_get::<i64, _>(0)).collect::<Result<Vec<_>, sqlx::Error>>()
+        })?;
+        let mut n = 0;
+        for id in due {
+            if let Ok(rev) = self.revoke(id)? {
+                n += 1;
+                tracing::debug!(lease = id, revision = rev, "postgres: lease expired");
+            }
+        }
+        Ok(Ok(n))
+    }
+}
+
+#[derive(Default)]
+struct KvColumns {
+    key: Vec<Vec<u8>>,
+    mod_revision: Vec<i64>,
+    sub: Vec<i32>,
+    create_revision: Vec<i64>,
+    version: Vec<i64>,
+    lease: Vec<i64>,
+    value: Vec<Vec<u8>>,
+    deleted: Vec<bool>,
+    prev_revision: Vec<i64>,
+}
+
+impl KvColumns {
+    fn push(&mut self, r: KvRow) {
+        self.key.push(r.key);
+        self.mod_revision.push(r.mod_revision);
+        self.sub.push(r.sub);
+        self.create_revision.push(r.create_revision);
+        self.version.push(r.version);
+        self.lease.push(r.lease);
+        self.value.push(r.value);
+        self.deleted.push(r.deleted);
+        self.prev_revision.push(r.prev_revision);
+    }
+}
+
+/// One request's view: the database as of the batch so far, plus this request's writes.
+struct ReqView<'b, 'a> {
+    batch: &'b mut Batch<'a>,
+    pending: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    /// (deleted, kv, prev) in txn order.
+    events: Vec<(bool, KeyValue, Option<KeyValue>)>,
+    /// A database error seen through the view: the batch must be aborted.
+    db_error: Option<sqlx::Error>,
+}
+
+impl ReqView<'_, '_> {
+    fn db<T>(&mut self, r: Result<T, sqlx::Error>) -> Result<T> {
+        r.map_err(|e| {
+            let be = db_err_ref(&e);
+            self.db_error.get_or_insert(e);
+            be
+        })
+    }
+
+    /// Unflushed writes (the batch's, then this request's on top) to keys in `range`.
+    fn overlay(&self, range: &KeyRange) -> BTreeMap<Vec<u8>, Option<KeyValue>> {
+        let mut out = BTreeMap::new();
+        for map in [&self.batch.pending, &self.pending] {
+            for (k, v) in map.iter().filter(|(k, _)| range.contains(k)) {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+        out
+    }
+
+    /// Records this request's writes in the batch at the next revision.
+    fn commit(self) {
+        let rev = self.batch.rev + 1;
+        // One row per key and revision: a key written twice in one txn (which the frontend
+        // rejects, as etcd) keeps its last write.
+        let mut last: BTreeMap<&[u8], usize> = BTreeMap::new();
+        for (i, (_, kv, _)) in self.events.iter().enumerate() {
+            last.insert(kv.key.as_slice(), i);
+        }
+        let keep: std::collections::BTreeSet<usize> = last.into_values().collect();
+        for (i, (deleted, kv, prev)) in self.events.into_iter().enumerate() {
+            if !keep.contains(&i) {
+                continue;
+            }
+            let prev_revision = prev.as_ref().map_or(0, |p| p.mod_revision);
+            self.batch.rows.push(if deleted {
+                KvRow {
+                    key: kv.key,
+                    mod_revision: rev,
+                    sub: i as i32,
+                    create_revision: 0,
+                    version: 0,
+                    lease: 0,
+                    value: Vec::new(),
+                    deleted: true,
+                    prev_revision,
+                }
+            } else {
+                KvRow {
+                    key: kv.key,
+                    mod_revision: rev,
+                    sub: i as i32,
+                    create_revision: kv.create_revision,
+                    version: kv.version,
+                    lease: kv.lease,
+                    value: kv.value,
+                    deleted: false,
+                    prev_revision,
+                }
+            });
+        }
+        self.batch.pending.extend(self.pending);
+        self.batch.rev = rev;
+    }
+}
+
+fn db_err_ref(e: &sqlx::Error) -> BackendError {
+    if is_transient(e) {
+        BackendError::Unavailable(format!("postgres: {e}"))
+    } else {
+        BackendError::Internal(format!("postgres: {e}"))
+    }
+}
+
+impl TxnView for ReqView<'_, '_> {
+    fn base_revision(&self) -> Revision {
+        self.batch.rev
+    }
+
+    fn compact_revision(&self) -> Revision {
+        self.batch.compact
+    }
+
+    fn range_latest(&mut self, range: &KeyRange, limit: Option<usize>, count_only: bool) -> Result<(Vec<KeyValue>, i64)> {
+        let overlay = self.overlay(range);
+        let rt = self.batch.rt;
+        if overlay.is_empty() {
+            let r = rt.block_on(sql::range_with_count(self.batch.conn, range, None, limit, count_only));
+            return self.db(r);
+        }
+        let r = rt.block_on(sql::fetch_range(self.batch.conn, range, None, None));
+        let rows = self.db(r)?;
+        let mut live: BTreeMap<Vec<u8>, KeyValue> = rows.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+        for (k, v) in overlay {
+            match v {
+                Some(kv) => live.insert(k, kv),
+                None => live.remove(&k),
+            };
+        }
+        let count = live.len() as i64;
+        if count_only {
+            return Ok((Vec::new(), count));
+        }
+        Ok((live.into_values().take(limit.unwrap_or(usize::MAX)).collect(), count))
+    }
+
+    fn range_at(&mut self, range: &KeyRange, rev: Revision, limit: Option<usize>, count_only: bool) -> Result<(Vec<KeyValue>, i64)> {
+        if rev > self.batch.flushed_rev {
+            let r = self.batch.flush();
+            self.db(r)?;
+        }
+        let rt = self.batch.rt;
+        let r = rt.block_on(sql::range_with_count(self.batch.conn, range, Some(rev), limit, count_only));
+        self.db(r)
+    }
+
+    fn lease_exists(&mut self, id: LeaseId) -> Result<bool> {
+        let rt = self.batch.rt;
+        let r = rt.block_on(async {
+            let row = sqlx::query("SELECT EXISTS (SELECT 1 FROM leases WHERE id = $1)").bind(id).fetch_one(&mut *self.batch.conn).await?;
+            row.try_get::<bool, _>(0)
+        });
+        self.db(r)
+    }
+
+    fn put(&mut self, kv: KeyValue, prev: Option<KeyValue>) -> Result<()> {
+        self.pending.insert(kv.key.clone(), Some(kv.clone()));
+        self.events.push((false, kv, prev));
+        Ok(())
+    }
+
+    fn delete(&mut self, prev: KeyValue, rev: Revision) -> Result<()> {
+        self.pending.insert(prev.key.clone(), None);
+        let kv = KeyValue { key: prev.key.clone(), mod_revision: rev, ..KeyValue::default() };
+        self.events.push((true, kv, Some(prev)));
+        Ok(())
+    }
+}
