@@ -363,6 +363,10 @@ fn clap_exit(e: clap::Error) -> ParseExit {
     match e.kind() {
         ErrorKind::UnknownArgument => {
             let arg = e.get(ContextKind::InvalidArg).map(|v| v.to_string()).unwrap_or_default();
+            if !arg.starts_with('-') {
+                let text = format!("error verifying flags, '{arg}' is not a valid flag. See 'etcd --help'.\n");
+                return ParseExit::Message { text, code: 1 };
+            }
             let name = arg.trim_start_matches('-').split('=').next().unwrap_or_default().to_string();
             ParseExit::Message { text: format!("flag provided but not defined: -{name}\n"), code: 2 }
         }
@@ -512,6 +516,17 @@ mod tests {
                 assert_eq!(code, 2);
             }
             Ok(_) => panic!("accepted an unknown flag"),
+        }
+    }
+
+    #[test]
+    fn positional_argument_is_etcds_message() {
+        match parse_args(&["extra-arg"]) {
+            Err(ParseExit::Message { text, code }) => {
+                assert_eq!(text, "error verifying flags, 'extra-arg' is not a valid flag. See 'etcd --help'.\n");
+                assert_eq!(code, 1);
+            }
+            Ok(_) => panic!("accepted a positional argument"),
         }
     }
 

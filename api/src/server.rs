@@ -18,6 +18,7 @@ use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::authority_fix::AuthorityFix;
 use crate::cluster::{ClusterService, MemberInfo};
 use crate::header::HeaderSource;
 use crate::kv::{KvLimits, KvService};
@@ -112,7 +113,7 @@ impl Server {
                 let conn = conn?;
                 // Small unary RPCs must not wait for Nagle.
                 conn.set_nodelay(true)?;
-                Ok::<_, std::io::Error>(conn)
+                Ok::<_, std::io::Error>(AuthorityFix::new(conn))
             });
         log_ready(&self.cfg, &header);
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
