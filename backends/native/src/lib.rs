@@ -12,6 +12,7 @@
 mod leases;
 mod log_store;
 mod network;
+mod proposer;
 mod state_machine;
 mod store;
 pub mod types;
@@ -27,7 +28,6 @@ use cairn_backend::{
     Backend, BackendError, BackendStatus, CompactResponse, FeedItem, FeedStream, HashKv, LeaseGrant, LeaseId,
     LeaseInfo, RangeRequest, RangeResponse, Result, Revision, TxnRequest, TxnResponse,
 };
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, SnapshotPolicy};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
@@ -80,6 +80,7 @@ const MAX_SNAPSHOT_EVERY: u64 = 10_000;
 /// The native backend. Implements [`cairn_backend::Backend`].
 pub struct NativeBackend {
     raft: Raft,
+    proposer: proposer::Proposer,
     store: Arc<Store>,
     node_id: u64,
     quota: u64,
@@ -114,14 +115,17 @@ impl NativeBackend {
         raft.wait(Some(Duration::from_secs(30)))
             .current_leader(node_id, "single voter elects itself")
             .await?;
+        let (proposer, proposer_task) = proposer::Proposer::start(raft.clone());
         let backend = Arc::new(NativeBackend {
             raft,
+            proposer,
             store,
             node_id,
             quota: if cfg.quota_backend_bytes == 0 { DEFAULT_QUOTA } else { cfg.quota_backend_bytes },
             tasks: parking_lot::Mutex::new(Vec::new()),
         });
         let tasks = vec![
+            proposer_task,
             tokio::spawn(expire_leases(Arc::downgrade(&backend))),
             tokio::spawn(compactor(backend.store.clone())),
         ];
@@ -141,20 +145,7 @@ impl NativeBackend {
     }
 
     async fn propose(&self, cmd: Command) -> Result<CommandResult> {
-        match self.raft.client_write(cmd).await {
-            Ok(resp) => match resp.data {
-                CommandResult::Err(e) => Err(e),
-                other => Ok(other),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(BackendError::Unavailable("not leader".into()))
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(BackendError::internal(e)),
-            Err(RaftError::Fatal(e)) => {
-                tracing::error!(error = %e, "raft stopped");
-                Err(BackendError::Stopped)
-            }
-        }
+        self.proposer.propose(cmd).await
     }
 
     fn check_quota(&self) -> Result<()> {

@@ -37,6 +37,9 @@ pub enum Command {
     LeaseGrant { id: LeaseId, ttl: i64 },
     /// Revoke (or expire) a lease, deleting its keys.
     LeaseRevoke { id: LeaseId },
+    /// Several commands proposed together as one raft entry (group commit); each is applied
+    /// in order with its own revision and result.
+    Batch(Vec<Command>),
 }
 
 impl std::fmt::Display for Command {
@@ -46,6 +49,7 @@ impl std::fmt::Display for Command {
             Command::Compact { revision } => write!(f, "compact({revision})"),
             Command::LeaseGrant { id, ttl } => write!(f, "lease-grant({id:x}, {ttl})"),
             Command::LeaseRevoke { id } => write!(f, "lease-revoke({id:x})"),
+            Command::Batch(cmds) => write!(f, "batch({})", cmds.len()),
         }
     }
 }
@@ -59,6 +63,18 @@ pub enum CommandResult {
     Compact(CompactResponse),
     LeaseGrant(LeaseGrant),
     LeaseRevoke(Revision),
+    Batch(Vec<CommandResult>),
     /// The command was rejected by the state machine (deterministically) and changed nothing.
     Err(BackendError),
+}
+
+impl CommandResult {
+    /// Whether this result (or one in a batch) is a successful compaction.
+    pub fn compacted(&self) -> bool {
+        match self {
+            CommandResult::Compact(_) => true,
+            CommandResult::Batch(rs) => rs.iter().any(CommandResult::compacted),
+            _ => false,
+        }
+    }
 }

@@ -154,12 +154,8 @@ impl Store {
                     }
                     openraft::EntryPayload::Normal(cmd) => {
                         let (res, batch) = t.run(cmd, &mut rev, &mut compact, &mut lease_changes)?;
-                        if let CommandResult::Compact(_) = res {
-                            compacted = true;
-                        }
-                        if let Some(b) = batch {
-                            batches.push(Arc::new(b));
-                        }
+                        compacted |= res.compacted();
+                        batches.extend(batch.into_iter().map(Arc::new));
                         res
                     }
                 };
@@ -354,8 +350,18 @@ impl<'t> Tables<'t> {
         rev: &mut Revision,
         compact: &mut Revision,
         lease_changes: &mut Vec<LeaseChange>,
-    ) -> Result<(CommandResult, Option<ChangeBatch>)> {
+    ) -> Result<(CommandResult, Vec<ChangeBatch>)> {
         match cmd {
+            Command::Batch(cmds) => {
+                let mut results = Vec::with_capacity(cmds.len());
+                let mut batches = Vec::new();
+                for c in cmds {
+                    let (r, b) = self.run(c, rev, compact, lease_changes)?;
+                    results.push(r);
+                    batches.extend(b);
+                }
+                Ok((CommandResult::Batch(results), batches))
+            }
             Command::Txn(req) => {
                 let (outcome, events) = {
                     let mut view = View::new(&self.current, &self.history, &self.leases, *rev, *compact);
@@ -364,37 +370,37 @@ impl<'t> Tables<'t> {
                 };
                 match outcome {
                     Ok((resp, wrote)) => {
-                        let batch = if wrote { Some(self.write_events(*rev + 1, events)?) } else { None };
+                        let batch = if wrote { vec![self.write_events(*rev + 1, events)?] } else { Vec::new() };
                         if wrote {
                             *rev += 1;
                         }
                         Ok((CommandResult::Txn(resp), batch))
                     }
                     Err(e @ BackendError::Internal(_)) => Err(e),
-                    Err(e) => Ok((CommandResult::Err(e), None)),
+                    Err(e) => Ok((CommandResult::Err(e), Vec::new())),
                 }
             }
             Command::Compact { revision } => {
                 if revision <= *compact {
-                    return Ok((CommandResult::Err(BackendError::Compacted { compact_revision: *compact }), None));
+                    return Ok((CommandResult::Err(BackendError::Compacted { compact_revision: *compact }), Vec::new()));
                 }
                 if revision > *rev {
-                    return Ok((CommandResult::Err(BackendError::FutureRevision), None));
+                    return Ok((CommandResult::Err(BackendError::FutureRevision), Vec::new()));
                 }
                 *compact = revision;
-                Ok((CommandResult::Compact(CompactResponse { revision: *rev }), None))
+                Ok((CommandResult::Compact(CompactResponse { revision: *rev }), Vec::new()))
             }
             Command::LeaseGrant { id, ttl } => {
                 if self.leases.get(id).map_err(db_err)?.is_some() {
-                    return Ok((CommandResult::Err(BackendError::LeaseExists), None));
+                    return Ok((CommandResult::Err(BackendError::LeaseExists), Vec::new()));
                 }
                 self.leases.insert(id, ttl).map_err(db_err)?;
                 lease_changes.push(LeaseChange::Granted(id, ttl));
-                Ok((CommandResult::LeaseGrant(LeaseGrant { id, ttl, revision: *rev }), None))
+                Ok((CommandResult::LeaseGrant(LeaseGrant { id, ttl, revision: *rev }), Vec::new()))
             }
             Command::LeaseRevoke { id } => {
                 if self.leases.get(id).map_err(db_err)?.is_none() {
-                    return Ok((CommandResult::Err(BackendError::LeaseNotFound), None));
+                    return Ok((CommandResult::Err(BackendError::LeaseNotFound), Vec::new()));
                 }
                 let mut keys = Vec::new();
                 for item in self.lease_keys.range::<(i64, &[u8])>((id, &[][..])..).map_err(db_err)? {
@@ -416,10 +422,10 @@ impl<'t> Tables<'t> {
                     std::mem::take(&mut view.events)
                 };
                 let batch = if events.is_empty() {
-                    None
+                    Vec::new()
                 } else {
                     *rev += 1;
-                    Some(self.write_events(*rev, events)?)
+                    vec![self.write_events(*rev, events)?]
                 };
                 self.leases.remove(id).map_err(db_err)?;
                 lease_changes.push(LeaseChange::Revoked(id));
