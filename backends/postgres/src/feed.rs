@@ -23,7 +23,7 @@ use sqlx::postgres::PgListener;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::watch;
 
-use crate::sql::{self, db_err};
+use crate::sql::{self, db_err, is_transient};
 use crate::writer::CHANNEL;
 use crate::Inner;
 
@@ -31,6 +31,8 @@ use crate::Inner;
 const CHUNK: i64 = 512;
 /// How long a feed waits for a change before it reports progress.
 const IDLE: Duration = Duration::from_millis(100);
+/// Consecutive failed history reads (100 ms apart) before a feed gives up with an error.
+const CATCH_UP_RETRIES: u32 = 300;
 
 /// Reads revisions `from..=min(to, from + CHUNK - 1)` in one snapshot, where `to` is the
 /// current revision. Returns the batches, the snapshot's (revision, compact revision), and
@@ -136,6 +138,8 @@ struct Feed {
     /// Changes were delivered after the last `Progress`.
     unreported: bool,
     done: bool,
+    /// Consecutive failed history reads.
+    failures: u32,
 }
 
 pub(crate) async fn open(inner: Arc<Inner>, from: Revision) -> Result<FeedStream> {
@@ -150,7 +154,7 @@ pub(crate) async fn open(inner: Arc<Inner>, from: Revision) -> Result<FeedStream
     }
     let next = if from <= 0 { rev + 1 } else { from };
     let shutdown = inner.shutdown.subscribe();
-    let feed = Feed { inner, rx, shutdown, next, catching_up: true, pending: VecDeque::new(), unreported: false, done: false };
+    let feed = Feed { inner, rx, shutdown, next, catching_up: true, pending: VecDeque::new(), unreported: false, done: false, failures: 0 };
     Ok(Box::pin(futures::stream::unfold(feed, |mut feed| async move {
         let item = feed.next_item().await?;
         Some((item, feed))
@@ -178,13 +182,21 @@ impl Feed {
                     self.unreported = false;
                 }
             }
+            Err(e) if is_transient(&e) && self.failures < CATCH_UP_RETRIES => {
+                // Connection loss or a restarting server: the log is still there; try again.
+                self.failures += 1;
+                tracing::debug!(error = %e, attempt = self.failures, "postgres: feed read failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return;
+            }
             Err(e) => {
-                // A transient database error: the watcher gets etcd's error and may retry
-                // from the last revision it saw.
+                // The watcher gets etcd's error and may watch again from the last revision it saw.
                 self.pending.push_back(Err(db_err(e)));
                 self.done = true;
+                return;
             }
         }
+        self.failures = 0;
     }
 
     async fn next_item(&mut self) -> Option<Result<FeedItem>> {

@@ -58,6 +58,8 @@ pub struct PostgresOptions {
     pub lease_sweep_interval: Duration,
     /// Rows deleted per compaction statement.
     pub compaction_batch: i64,
+    /// The `application_name` of this process's connections (shows in `pg_stat_activity`).
+    pub application_name: String,
 }
 
 impl Default for PostgresOptions {
@@ -70,6 +72,7 @@ impl Default for PostgresOptions {
             feed_poll_interval: Duration::from_millis(500),
             lease_sweep_interval: Duration::from_millis(250),
             compaction_batch: 10_000,
+            application_name: "cairn".to_string(),
         }
     }
 }
@@ -111,7 +114,7 @@ impl PostgresBackend {
     /// task and the lease sweeper. Must be called inside a tokio runtime.
     pub async fn connect(url: &str, opts: PostgresOptions) -> anyhow::Result<Arc<PostgresBackend>> {
         let connect: PgConnectOptions = url.parse()?;
-        let connect = connect.application_name("cairn");
+        let connect = connect.application_name(&opts.application_name);
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections.max(2))
             .min_connections(opts.min_connections)
@@ -161,6 +164,19 @@ impl PostgresBackend {
     /// The connection pool (for tools and tests).
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    /// The plan PostgreSQL chooses for a range read of `range`, latest (`revision == None`)
+    /// or at a past revision, as `EXPLAIN` text: to check that ranges are index range scans.
+    pub async fn explain_range(&self, range: &KeyRange, revision: Option<Revision>, limit: Option<usize>) -> Result<String> {
+        let sql = format!("EXPLAIN {}", sql::range_sql(range, revision.is_some(), false));
+        let mut q = sql::bind_range(sqlx::query(sqlx::AssertSqlSafe(sql)), range);
+        if let Some(rev) = revision {
+            q = q.bind(rev);
+        }
+        let rows = q.bind(limit.map(|l| l as i64)).fetch_all(&self.inner.pool).await.map_err(db_err)?;
+        let lines: Vec<String> = rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>().map_err(db_err)?;
+        Ok(lines.join("\n"))
     }
 
     /// Runs `f` with a read-only REPEATABLE READ transaction, retrying transient failures.

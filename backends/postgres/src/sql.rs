@@ -44,7 +44,7 @@ fn predicate(r: &KeyRange, col: &str, first: usize) -> (String, usize) {
 
 type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
 
-fn bind_range<'q>(q: PgQuery<'q>, r: &KeyRange) -> PgQuery<'q> {
+pub(crate) fn bind_range<'q>(q: PgQuery<'q>, r: &KeyRange) -> PgQuery<'q> {
     match shape(r) {
         Shape::Single | Shape::From => q.bind(r.key.clone()),
         Shape::Between => q.bind(r.key.clone()).bind(r.range_end.clone()),
