@@ -6,9 +6,11 @@ use std::sync::Arc;
 use cairn_backend::{self as model, Backend};
 use cairn_proto::etcdserverpb as pb;
 use cairn_proto::etcdserverpb::kv_server::Kv;
+use cairn_proto::etcdserverpb::AlarmType;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use crate::alarms::Alarms;
 use crate::convert;
 use crate::errors::{backend_status, ApiError};
 use crate::header::HeaderSource;
@@ -29,11 +31,28 @@ pub struct KvService {
     backend: Arc<dyn Backend>,
     header: HeaderSource,
     limits: KvLimits,
+    alarms: Alarms,
 }
 
 impl KvService {
-    pub fn new(backend: Arc<dyn Backend>, header: HeaderSource, limits: KvLimits) -> Self {
-        Self { backend, header, limits }
+    pub fn new(backend: Arc<dyn Backend>, header: HeaderSource, limits: KvLimits, alarms: Alarms) -> Self {
+        Self { backend, header, limits, alarms }
+    }
+
+    /// While the NOSPACE alarm is on, writes that add data are refused (etcd's capped applier).
+    fn check_space(&self, adds_data: bool) -> Result<(), Status> {
+        if adds_data && self.alarms.no_space() {
+            return Err(ApiError::NoSpace.into());
+        }
+        Ok(())
+    }
+
+    /// A backend error, raising the NOSPACE alarm when the quota was hit.
+    fn write_error(&self, e: cairn_backend::BackendError) -> Status {
+        if e == cairn_backend::BackendError::NoSpace {
+            self.alarms.activate(self.header.member_id(), AlarmType::Nospace as i32);
+        }
+        backend_status(e)
     }
 
     /// etcd's "request is too large" check, applied to writes as they would enter raft.
@@ -46,9 +65,19 @@ impl KvService {
 
     /// Runs one write op as a txn and returns its single response.
     async fn write_one(&self, op: model::RequestOp) -> Result<model::ResponseOp, Status> {
-        let resp = self.backend.txn(model::TxnRequest::unconditional(vec![op])).await.map_err(backend_status)?;
+        let txn = model::TxnRequest::unconditional(vec![op]);
+        let resp = self.backend.txn(txn).await.map_err(|e| self.write_error(e))?;
         resp.responses.into_iter().next().ok_or_else(|| Status::internal("empty txn response"))
     }
+}
+
+/// Whether any branch of the txn (nested ones included) puts a key.
+fn has_puts(t: &model::TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).any(|op| match op {
+        model::RequestOp::Put(_) => true,
+        model::RequestOp::Txn(inner) => has_puts(inner),
+        _ => false,
+    })
 }
 
 #[tonic::async_trait]
@@ -65,6 +94,7 @@ impl Kv for KvService {
         let req = req.into_inner();
         validate::check_put(&req)?;
         self.check_size(req.encoded_len())?;
+        self.check_space(true)?;
         match self.write_one(model::RequestOp::Put(convert::put_req(req))).await? {
             model::ResponseOp::Put(r) => {
                 let header = self.header.header(r.revision);
@@ -98,7 +128,8 @@ impl Kv for KvService {
         if txn.has_writes() {
             self.check_size(size)?;
         }
-        let resp = self.backend.txn(txn).await.map_err(backend_status)?;
+        self.check_space(has_puts(&txn))?;
+        let resp = self.backend.txn(txn).await.map_err(|e| self.write_error(e))?;
         let header = self.header.header(resp.revision);
         Ok(Response::new(convert::txn_resp(resp, header)))
     }

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::alarms::Alarms;
 use crate::errors::{backend_status, ApiError};
 use crate::header::HeaderSource;
 
@@ -31,11 +32,12 @@ pub struct LeaseService {
     backend: Arc<dyn Backend>,
     header: HeaderSource,
     min_ttl: i64,
+    alarms: Alarms,
 }
 
 impl LeaseService {
-    pub fn new(backend: Arc<dyn Backend>, header: HeaderSource, min_ttl: i64) -> Self {
-        Self { backend, header, min_ttl }
+    pub fn new(backend: Arc<dyn Backend>, header: HeaderSource, min_ttl: i64, alarms: Alarms) -> Self {
+        Self { backend, header, min_ttl, alarms }
     }
 
     async fn current_header(&self) -> Result<pb::ResponseHeader, Status> {
@@ -71,6 +73,9 @@ impl Lease for LeaseService {
         let req = req.into_inner();
         if req.ttl > MAX_LEASE_TTL {
             return Err(ApiError::LeaseTtlTooLarge.into());
+        }
+        if self.alarms.no_space() {
+            return Err(ApiError::NoSpace.into());
         }
         let ttl = req.ttl.max(self.min_ttl);
         let grant = self.backend.lease_grant(req.id, ttl).await.map_err(backend_status)?;

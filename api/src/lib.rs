@@ -10,6 +10,7 @@ pub mod errors;
 pub mod godur;
 pub mod header;
 pub mod ids;
+pub mod alarms;
 pub mod authority_fix;
 pub mod cluster;
 pub mod convert;

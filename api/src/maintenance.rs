@@ -1,4 +1,4 @@
-//! The Maintenance service: Status, hashes, defragmentation and alarms. Snapshot,
+//! The Maintenance service: Status, hashes, defragmentation and alarms (see `alarms`). Snapshot,
 //! MoveLeader and Downgrade are not served yet.
 
 use std::pin::Pin;
@@ -10,6 +10,7 @@ use cairn_proto::etcdserverpb::maintenance_server::Maintenance;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::alarms::{self, Alarms};
 use crate::errors::{backend_status, ApiError};
 use crate::header::HeaderSource;
 
@@ -18,11 +19,12 @@ pub struct MaintenanceService {
     header: HeaderSource,
     /// The etcd version reported by Status (--cairn-version).
     version: String,
+    alarms: Alarms,
 }
 
 impl MaintenanceService {
-    pub fn new(backend: Arc<dyn Backend>, header: HeaderSource, version: String) -> Self {
-        Self { backend, header, version }
+    pub fn new(backend: Arc<dyn Backend>, header: HeaderSource, version: String, alarms: Alarms) -> Self {
+        Self { backend, header, version, alarms }
     }
 
     async fn current_header(&self) -> Result<pb::ResponseHeader, Status> {
@@ -35,9 +37,16 @@ type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Sta
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
-    /// No alarms are raised yet, so every action answers with an empty list.
-    async fn alarm(&self, _req: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
-        Ok(Response::new(pb::AlarmResponse { header: Some(self.current_header().await?), alarms: vec![] }))
+    async fn alarm(&self, req: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
+        let req = req.into_inner();
+        use pb::alarm_request::AlarmAction;
+        let alarms = match AlarmAction::try_from(req.action) {
+            Ok(AlarmAction::Get) => self.alarms.get(req.alarm),
+            Ok(AlarmAction::Activate) => vec![self.alarms.activate(req.member_id, req.alarm)],
+            Ok(AlarmAction::Deactivate) => self.alarms.deactivate(req.member_id, req.alarm).into_iter().collect(),
+            Err(_) => vec![],
+        };
+        Ok(Response::new(pb::AlarmResponse { header: Some(self.current_header().await?), alarms }))
     }
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
@@ -51,7 +60,7 @@ impl Maintenance for MaintenanceService {
             raft_index: st.raft_index,
             raft_term: st.raft_term,
             raft_applied_index: st.raft_applied_index,
-            errors: vec![],
+            errors: self.alarms.get(pb::AlarmType::None as i32).iter().map(alarms::describe).collect(),
             db_size_in_use: st.db_size_in_use,
             is_learner: false,
         }))

@@ -18,6 +18,7 @@ use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::alarms::Alarms;
 use crate::authority_fix::AuthorityFix;
 use crate::cluster::{ClusterService, MemberInfo};
 use crate::header::HeaderSource;
@@ -134,9 +135,10 @@ impl Server {
         let max_decode = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
         let backend = &self.backend;
         let limits = KvLimits { max_txn_ops: cfg.max_txn_ops, max_request_bytes: cfg.max_request_bytes };
-        let kv = KvService::new(backend.clone(), header.clone(), limits);
-        let lease = LeaseService::new(backend.clone(), header.clone(), cfg.min_lease_ttl);
-        let maintenance = MaintenanceService::new(backend.clone(), header.clone(), cfg.version.clone());
+        let alarms = Alarms::default();
+        let kv = KvService::new(backend.clone(), header.clone(), limits, alarms.clone());
+        let lease = LeaseService::new(backend.clone(), header.clone(), cfg.min_lease_ttl, alarms.clone());
+        let maintenance = MaintenanceService::new(backend.clone(), header.clone(), cfg.version.clone(), alarms);
         let me = MemberInfo {
             name: cfg.name.clone(),
             peer_urls: cfg.peer_urls.clone(),

@@ -258,3 +258,29 @@ async fn status_and_member_list() {
     assert_eq!((list.members[0].id, list.members[0].name.as_str()), (0x8e9e05c52164694d, "n1"));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn nospace_alarm_caps_writes_until_disarmed() {
+    let s = TestServer::start().await;
+    let mut m = MaintenanceClient::connect(s.url()).await.unwrap();
+    let mut c = kv(&s).await;
+    let mut l = LeaseClient::connect(s.url()).await.unwrap();
+    c.put(put_req("k", "v")).await.unwrap();
+    let nospace = AlarmRequest { action: 1, member_id: 0x8e9e05c52164694d, alarm: AlarmType::Nospace as i32 };
+    m.alarm(nospace).await.unwrap();
+    let list = m.alarm(AlarmRequest::default()).await.unwrap().into_inner();
+    assert_eq!(list.alarms, vec![AlarmMember { member_id: 0x8e9e05c52164694d, alarm: AlarmType::Nospace as i32 }]);
+    let st = m.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.errors, vec![format!("memberID:{} alarm:NOSPACE ", 0x8e9e05c52164694du64)]);
+
+    let full = "etcdserver: mvcc: database space exceeded";
+    assert_status(c.put(put_req("k2", "v")).await, Code::ResourceExhausted, full);
+    assert_status(l.lease_grant(LeaseGrantRequest { ttl: 10, id: 0 }).await, Code::ResourceExhausted, full);
+    let del = DeleteRangeRequest { key: "k".into(), ..Default::default() };
+    assert_eq!(c.delete_range(del).await.unwrap().into_inner().deleted, 1, "deletes still work");
+
+    let disarm = AlarmRequest { action: 2, ..nospace };
+    assert_eq!(m.alarm(disarm).await.unwrap().into_inner().alarms.len(), 1);
+    c.put(put_req("k2", "v")).await.unwrap();
+    s.stop().await;
+}
