@@ -94,7 +94,7 @@ struct CompareArgs {
     etcd: PathBuf,
     /// Comma-separated workloads (default: all).
     #[arg(long, value_delimiter = ',', value_parser = Workload::parse)]
-    workloads: Option<std::vec::Vec<Workload>>,
+    workloads: Option<Vec<Workload>>,
     /// Also print the table as markdown (for BENCHMARKS.md).
     #[arg(long)]
     markdown: bool,

@@ -466,19 +466,21 @@ struct LeaseOp {
 }
 
 impl LeaseOp {
-    async fn open(mut lease: LeaseClient<Channel>, grant_first: bool) -> Result<LeaseOp> {
+    /// Grants a first lease and opens the keep-alive stream with it: gRPC servers may send the
+    /// stream's headers only with the first response, so the stream opens with a request.
+    async fn open(mut lease: LeaseClient<Channel>, keep_first: bool) -> Result<LeaseOp> {
+        let g = lease.lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }).await?.into_inner();
+        if !g.error.is_empty() {
+            bail!("lease grant: {}", g.error);
+        }
         let (tx, rx_req) = mpsc::channel(4);
-        let rx = lease.lease_keep_alive(ReceiverStream::new(rx_req)).await?.into_inner();
-        let fixed = if grant_first {
-            let g = lease.lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }).await?.into_inner();
-            if !g.error.is_empty() {
-                bail!("lease grant: {}", g.error);
-            }
-            Some(g.id)
-        } else {
-            None
-        };
-        Ok(LeaseOp { lease, tx, rx, fixed })
+        tx.send(LeaseKeepAliveRequest { id: g.id }).await.map_err(|_| anyhow!("keep-alive channel closed"))?;
+        let mut rx = lease.lease_keep_alive(ReceiverStream::new(rx_req)).await?.into_inner();
+        let first = rx.message().await?.ok_or_else(|| anyhow!("keep-alive stream ended before its first answer"))?;
+        if first.id != g.id || first.ttl <= 0 {
+            bail!("first keep-alive answered id {} ttl {} for lease {}", first.id, first.ttl, g.id);
+        }
+        Ok(LeaseOp { lease, tx, rx, fixed: keep_first.then_some(g.id) })
     }
 }
 
