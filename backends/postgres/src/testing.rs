@@ -167,6 +167,15 @@ impl TestServer {
         self.owned.as_ref().map(|o| o.port)
     }
 
+    /// Restarts a server this process started (`pg_ctl restart -m fast`): every connection is
+    /// dropped, as in a real PostgreSQL restart. Blocks until it accepts connections again.
+    pub fn restart(&self) -> anyhow::Result<()> {
+        let Some(o) = &self.owned else { bail!("only a server this process started can be restarted") };
+        let data = o.dir.path().join("data").display().to_string();
+        let log = o.dir.path().join("log").display().to_string();
+        run(o.as_postgres, &o.bin.join("pg_ctl"), &["-D", &data, "-l", &log, "-m", "fast", "-w", "-t", "60", "restart"])
+    }
+
     /// The URL of database `name` on this server.
     pub fn url(&self, name: &str) -> String {
         match self.admin_url.rsplit_once('/') {
