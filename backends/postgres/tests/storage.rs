@@ -102,15 +102,15 @@ fn compaction_removes_superseded_versions_in_batches_and_gives_space_back() {
         let del = ops(&*b, vec![RequestOp::DeleteRange(DeleteRangeRequest { range: KeyRange::single(b"k7".to_vec()), prev_kv: false })]).await;
         let last = rev(&*b).await;
         assert_eq!(del.revision, last);
-        let rows_before = kv_rows(&*b).await;
+        let rows_before = kv_rows(&b).await;
         assert_eq!(rows_before, 8 * 300 + 2);
-        let bytes_before = kv_bytes(&*b).await;
+        let bytes_before = kv_bytes(&b).await;
         let before = get_all(&*b).await;
         b.compact(last, true).await.unwrap();
         // Kept: k1..k6 at their last version, k0's last version and the one before it (the
         // previous kv of an event at the compact revision... here k0's put is at last-1, so
         // only its last), k7's tombstone at the compact revision and its previous version.
-        let rows_after = kv_rows(&*b).await;
+        let rows_after = kv_rows(&b).await;
         assert_eq!(rows_after, 6 + 1 + 2, "only what reads and watches at the compact revision need");
         assert_eq!(get_all(&*b).await, before, "the live keys are unchanged");
         assert_eq!(get_all_at(&*b, last).await.unwrap(), before, "reads at the compact revision work");
@@ -122,7 +122,7 @@ fn compaction_removes_superseded_versions_in_batches_and_gives_space_back() {
         let mut bytes_after = i64::MAX;
         for _ in 0..40 {
             b.defragment().await.unwrap();
-            bytes_after = kv_bytes(&*b).await;
+            bytes_after = kv_bytes(&b).await;
             if bytes_after * 4 < bytes_before {
                 break;
             }
