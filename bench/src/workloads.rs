@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -162,12 +162,13 @@ pub async fn run(w: Workload, p: &Params) -> Result<Outcome> {
         }
         Workload::Txn => {
             preload_namespace(&channels, NS_KV, p.keyspace).await?;
-            let revs = Arc::new(mod_revisions(&channels[0], NS_KV, p.keyspace).await?);
+            let revs: Arc<Vec<AtomicI64>> =
+                Arc::new(mod_revisions(&channels[0], NS_KV, p.keyspace).await?.into_iter().map(AtomicI64::new).collect());
             let ops = build_ops(p.clients, |i| {
                 let kv = KvClient::new(channels[i % channels.len()].clone());
                 let seed = p.seed.wrapping_add(i as u64);
                 let keyspace = p.keyspace;
-                let cache = revs.as_ref().clone();
+                let cache = revs.clone();
                 async move {
                     Ok(TxnOp {
                         kv,
@@ -402,16 +403,17 @@ impl Op for RangeOp {
     }
 }
 
-/// Kubernetes' GuaranteedUpdate: the client holds the object with its mod_revision (here a
-/// per-client cache seeded from a read of the preloaded keys), and writes with
-/// `txn(if mod_revision(key) == cached then put else get)`. On a conflict the else-branch's get
-/// refreshes the cache, as the apiserver does before it retries.
+/// Kubernetes' GuaranteedUpdate: the apiserver holds the object with its mod_revision (in its
+/// watch cache; here a cache shared by all clients, seeded from a read of the preloaded keys),
+/// and writes with `txn(if mod_revision(key) == cached then put else get)`. On a conflict (two
+/// clients raced on one key) the else-branch's get refreshes the cache, as the apiserver does
+/// before it retries.
 struct TxnOp {
     kv: KvClient<Channel>,
     rng: SmallRng,
     keyspace: u64,
     value: Vec<u8>,
-    cache: Vec<i64>,
+    cache: Arc<Vec<AtomicI64>>,
     conflicts: u64,
     reads: u64,
 }
@@ -420,11 +422,13 @@ impl Op for TxnOp {
     async fn call(&mut self) -> Result<(), String> {
         let idx = self.rng.gen_range(0..self.keyspace) as usize;
         let key = keys::key(NS_KV, idx as u64);
-        if self.cache[idx] == 0 {
+        let mut cached = self.cache[idx].load(Ordering::Relaxed);
+        if cached == 0 {
             // Not known yet: read the key's mod_revision first.
             let r = self.kv.range(RangeRequest { key: key.clone(), ..Default::default() }).await.map_err(status_text)?;
             self.reads += 1;
-            self.cache[idx] = r.into_inner().kvs.first().map(|kv| kv.mod_revision).unwrap_or(0);
+            cached = r.into_inner().kvs.first().map(|kv| kv.mod_revision).unwrap_or(0);
+            self.cache[idx].fetch_max(cached, Ordering::Relaxed);
         }
         let txn = TxnRequest {
             compare: vec![Compare {
@@ -432,7 +436,7 @@ impl Op for TxnOp {
                 target: CompareTarget::Mod as i32,
                 key: key.clone(),
                 range_end: Vec::new(),
-                target_union: Some(TargetUnion::ModRevision(self.cache[idx])),
+                target_union: Some(TargetUnion::ModRevision(cached)),
             }],
             success: vec![RequestOp {
                 request: Some(Request::RequestPut(PutRequest { key: key.clone(), value: self.value.clone(), ..Default::default() })),
@@ -441,14 +445,14 @@ impl Op for TxnOp {
         };
         let r = self.kv.txn(txn).await.map_err(status_text)?.into_inner();
         if r.succeeded {
-            self.cache[idx] = r.header.map(|h| h.revision).unwrap_or(0);
+            self.cache[idx].fetch_max(r.header.map(|h| h.revision).unwrap_or(0), Ordering::Relaxed);
         } else {
             self.conflicts += 1;
             let rev = match r.responses.into_iter().next().and_then(|x| x.response) {
                 Some(OpResponse::ResponseRange(rr)) => rr.kvs.first().map(|kv| kv.mod_revision).unwrap_or(0),
                 _ => 0,
             };
-            self.cache[idx] = rev;
+            self.cache[idx].fetch_max(rev, Ordering::Relaxed);
         }
         Ok(())
     }
