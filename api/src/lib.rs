@@ -9,6 +9,7 @@
 pub mod errors;
 pub mod godur;
 pub mod header;
+pub mod http;
 pub mod ids;
 pub mod alarms;
 pub mod authority_fix;

@@ -17,11 +17,13 @@ use cairn_proto::etcdserverpb::{
 use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tower_layer::{Identity, Stack};
 
 use crate::alarms::Alarms;
 use crate::authority_fix::AuthorityFix;
 use crate::cluster::{ClusterService, MemberInfo};
 use crate::header::HeaderSource;
+use crate::http::{HttpEndpointsLayer, HttpState};
 use crate::kv::{KvLimits, KvService};
 use crate::lease::LeaseService;
 use crate::maintenance::MaintenanceService;
@@ -130,7 +132,7 @@ impl Server {
         result
     }
 
-    fn router(&self, header: &HeaderSource) -> tonic::transport::server::Router {
+    fn router(&self, header: &HeaderSource) -> tonic::transport::server::Router<Stack<HttpEndpointsLayer, Identity>> {
         let cfg = &self.cfg;
         let max_decode = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
         let backend = &self.backend;
@@ -138,7 +140,8 @@ impl Server {
         let alarms = Alarms::default();
         let kv = KvService::new(backend.clone(), header.clone(), limits, alarms.clone());
         let lease = LeaseService::new(backend.clone(), header.clone(), cfg.min_lease_ttl, alarms.clone());
-        let maintenance = MaintenanceService::new(backend.clone(), header.clone(), cfg.version.clone(), alarms);
+        let maintenance = MaintenanceService::new(backend.clone(), header.clone(), cfg.version.clone(), alarms.clone());
+        let http = HttpEndpointsLayer::new(HttpState { backend: backend.clone(), alarms, version: cfg.version.clone() });
         let me = MemberInfo {
             name: cfg.name.clone(),
             peer_urls: cfg.peer_urls.clone(),
@@ -151,6 +154,8 @@ impl Server {
             .http2_keepalive_interval(Some(cfg.grpc_keepalive_interval))
             .http2_keepalive_timeout(Some(cfg.grpc_keepalive_timeout))
             .trace_fn(|req| tracing::debug_span!("grpc", method = %req.uri().path()))
+            .accept_http1(true)
+            .layer(http)
             .add_service(KvServer::new(kv).max_decoding_message_size(max_decode))
             .add_service(LeaseServer::new(lease).max_decoding_message_size(max_decode))
             .add_service(MaintenanceServer::new(maintenance).max_decoding_message_size(max_decode))

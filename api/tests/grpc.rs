@@ -284,3 +284,31 @@ async fn nospace_alarm_caps_writes_until_disarmed() {
     c.put(put_req("k2", "v")).await.unwrap();
     s.stop().await;
 }
+
+/// HTTP/1.1 GET on the client port, as curl or a load balancer would send it.
+async fn http_get(s: &TestServer, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).await.unwrap();
+    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn http_health_and_version() {
+    let s = TestServer::start().await;
+    assert_eq!(http_get(&s, "/health").await, (200, r#"{"health":"true","reason":""}"#.into()));
+    assert_eq!(http_get(&s, "/version").await, (200, r#"{"etcdserver":"3.5.17","etcdcluster":"3.5.0"}"#.into()));
+    assert_eq!(http_get(&s, "/livez").await.0, 200);
+    assert_eq!(http_get(&s, "/nope").await, (404, "404 page not found\n".into()));
+    let mut m = MaintenanceClient::connect(s.url()).await.unwrap();
+    let nospace = AlarmRequest { action: 1, member_id: 1, alarm: AlarmType::Nospace as i32 };
+    m.alarm(nospace).await.unwrap();
+    assert_eq!(http_get(&s, "/health").await, (503, r#"{"health":"false","reason":"ALARM NOSPACE"}"#.into()));
+    assert_eq!(http_get(&s, "/health?exclude=NOSPACE").await.0, 200);
+    s.stop().await;
+}

@@ -1,0 +1,171 @@
+//! etcd's plain HTTP endpoints on the client port, next to gRPC: `/health`, `/livez`,
+//! `/readyz` and `/version`. A tower layer in front of the gRPC router answers them, passes
+//! gRPC requests on, and answers anything else with Go's 404.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use cairn_backend::{Backend, KeyRange, RangeRequest};
+use cairn_proto::etcdserverpb::AlarmType;
+use futures::future::BoxFuture;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use tonic::body::Body;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::alarms::Alarms;
+
+/// What the endpoints need to answer.
+pub struct HttpState {
+    pub backend: Arc<dyn Backend>,
+    pub alarms: Alarms,
+    /// The server version (--cairn-version).
+    pub version: String,
+}
+
+#[derive(Clone)]
+pub struct HttpEndpointsLayer {
+    state: Arc<HttpState>,
+}
+
+impl HttpEndpointsLayer {
+    pub fn new(state: HttpState) -> Self {
+        Self { state: Arc::new(state) }
+    }
+}
+
+impl<S> Layer<S> for HttpEndpointsLayer {
+    type Service = HttpEndpoints<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HttpEndpoints { inner, state: self.state.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct HttpEndpoints<S> {
+    inner: S,
+    state: Arc<HttpState>,
+}
+
+impl<S, B> Service<Request<B>> for HttpEndpoints<S>
+where
+    S: Service<Request<B>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let is_grpc = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if is_grpc {
+            return Box::pin(self.inner.call(req));
+        }
+        let path = req.uri().path().to_string();
+        let query = parse_query(req.uri().query().unwrap_or_default());
+        let state = self.state.clone();
+        match path.as_str() {
+            "/health" | "/livez" | "/readyz" | "/version" if req.method() == Method::GET => {
+                Box::pin(async move { Ok(state.answer(&path, &query).await) })
+            }
+            // Go's default answer for a path nothing serves.
+            _ => Box::pin(async { Ok(reply(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "404 page not found\n".into())) }),
+        }
+    }
+}
+
+fn parse_query(q: &str) -> HashMap<String, Vec<String>> {
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        out.entry(k.to_string()).or_default().push(v.to_string());
+    }
+    out
+}
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Body::new(Full::new(Bytes::from(body))))
+        .expect("static response parts")
+}
+
+impl HttpState {
+    async fn answer(&self, path: &str, query: &HashMap<String, Vec<String>>) -> Response<Body> {
+        match path {
+            "/version" => {
+                let cluster = cluster_version(&self.version);
+                let body = format!(r#"{{"etcdserver":"{}","etcdcluster":"{cluster}"}}"#, self.version);
+                reply(StatusCode::OK, "application/json", body)
+            }
+            "/health" => {
+                let (ok, reason) = self.health(query).await;
+                let body = format!(r#"{{"health":"{ok}","reason":"{reason}"}}"#);
+                let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                reply(status, "application/json", body)
+            }
+            _ => {
+                let (ok, reason) = self.health(query).await;
+                let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                let body = if ok { "ok\n".to_string() } else { format!("not ok: {reason}\n") };
+                reply(status, "text/plain; charset=utf-8", body)
+            }
+        }
+    }
+
+    /// etcd's health check: no active alarm (unless excluded with `?exclude=NAME`) and a read
+    /// of the key "health" succeeds (serializable with `?serializable=true`).
+    async fn health(&self, query: &HashMap<String, Vec<String>>) -> (bool, String) {
+        let excluded = query.get("exclude").cloned().unwrap_or_default();
+        for alarm in self.alarms.get(AlarmType::None as i32) {
+            let name = AlarmType::try_from(alarm.alarm).map_or("UNKNOWN", |t| t.as_str_name());
+            if !excluded.iter().any(|e| e == name) {
+                return (false, format!("ALARM {name}"));
+            }
+        }
+        let serializable = query.get("serializable").is_some_and(|v| v.iter().any(|s| s == "true"));
+        let req = RangeRequest { range: KeyRange::single(b"health".to_vec()), serializable, ..Default::default() };
+        match self.backend.range(req).await {
+            Ok(_) => (true, String::new()),
+            Err(e) => (false, format!("QGET ERROR:{e}")),
+        }
+    }
+}
+
+/// The cluster version etcd reports next to its own: major.minor.0.
+fn cluster_version(version: &str) -> String {
+    let mut parts = version.split('.');
+    match (parts.next(), parts.next()) {
+        (Some(major), Some(minor)) => format!("{major}.{minor}.0"),
+        _ => version.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_version_is_major_minor_zero() {
+        assert_eq!(cluster_version("3.5.17"), "3.5.0");
+    }
+
+    #[test]
+    fn query_lists() {
+        let q = parse_query("exclude=NOSPACE&exclude=CORRUPT&serializable=true");
+        assert_eq!(q["exclude"], vec!["NOSPACE", "CORRUPT"]);
+        assert_eq!(q["serializable"], vec!["true"]);
+    }
+}
