@@ -95,6 +95,7 @@ macro_rules! backend_suite {
             compaction_survives_reopen,
             leases_survive_reopen,
             history_survives_reopen,
+            docs_survive_reopen,
         );
     };
     ($harness:expr, no_persistence $(,)?) => {
@@ -170,6 +171,12 @@ macro_rules! backend_suite {
             from_future_revision,
             lease_revoke_events,
             slow_reader_loses_nothing,
+        );
+        $crate::__backend_cases!(docs:
+            absent_then_created,
+            version_conflict_changes_nothing,
+            concurrent_writers_one_wins,
+            outside_the_key_space,
         );
         $crate::__backend_cases!(lease:
             grant_ids,

@@ -118,4 +118,17 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Gives unused space back to the filesystem where the storage supports it.
     async fn defragment(&self) -> Result<()>;
+
+    /// Reads a named document: small metadata the frontend keeps beside the key space (the
+    /// auth store, alarms, cluster membership). `None` if it was never written.
+    ///
+    /// Contract: documents are outside the key space (no revision, no events, untouched by
+    /// compaction), durable like any acknowledged write, and a read reflects every `doc_put`
+    /// acknowledged before it, from any process.
+    async fn doc_get(&self, name: &str) -> Result<Option<Doc>>;
+
+    /// Replaces document `name` if its current version is `expected` (0: it does not exist yet)
+    /// and returns the new version (`expected + 1`); returns `None` and changes nothing when the
+    /// version differs (another writer got there first). Atomic across processes.
+    async fn doc_put(&self, name: &str, expected: u64, value: Vec<u8>) -> Result<Option<u64>>;
 }

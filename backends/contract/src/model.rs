@@ -355,3 +355,10 @@ pub struct HashKv {
     pub hash_revision: Revision,
     pub revision: Revision,
 }
+
+/// A named document and its version (see `Backend::doc_get`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Doc {
+    pub version: u64,
+    pub value: Vec<u8>,
+}

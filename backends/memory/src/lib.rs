@@ -27,6 +27,7 @@ const FEED_CAPACITY: usize = 1024;
 /// The state a feed shares with the backend.
 pub(crate) struct Shared {
     store: Mutex<Store>,
+    docs: Mutex<std::collections::HashMap<String, Doc>>,
     /// Every committed batch, sent while holding `store`, so in revision order.
     feed: broadcast::Sender<Arc<ChangeBatch>>,
 }
@@ -62,7 +63,7 @@ impl MemoryBackend {
     /// expired leases are still collected at the start of every write and lease call.
     pub fn new() -> Arc<Self> {
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
-        let backend = Arc::new(Self { shared: Arc::new(Shared { store: Mutex::new(Store::new()), feed }) });
+        let backend = Arc::new(Self { shared: Arc::new(Shared { store: Mutex::new(Store::new()), docs: Mutex::default(), feed }) });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(expiry_task(Arc::downgrade(&backend)));
         }
@@ -216,5 +217,19 @@ impl Backend for MemoryBackend {
 
     async fn defragment(&self) -> Result<()> {
         Ok(())
+    }
+
+    async fn doc_get(&self, name: &str) -> Result<Option<Doc>> {
+        Ok(self.shared.docs.lock().get(name).cloned())
+    }
+
+    async fn doc_put(&self, name: &str, expected: u64, value: Vec<u8>) -> Result<Option<u64>> {
+        let mut docs = self.shared.docs.lock();
+        let current = docs.get(name).map_or(0, |d| d.version);
+        if current != expected {
+            return Ok(None);
+        }
+        docs.insert(name.to_string(), Doc { version: expected + 1, value });
+        Ok(Some(expected + 1))
     }
 }

@@ -273,6 +273,18 @@ impl Backend for NativeBackend {
     async fn defragment(&self) -> Result<()> {
         Ok(())
     }
+
+    async fn doc_get(&self, name: &str) -> Result<Option<cairn_backend::Doc>> {
+        let (store, name) = (self.store.clone(), name.to_string());
+        blocking(move || store.doc(&name)).await
+    }
+
+    async fn doc_put(&self, name: &str, expected: u64, value: Vec<u8>) -> Result<Option<u64>> {
+        match self.propose(Command::DocPut { name: name.to_string(), expected, value }).await? {
+            CommandResult::DocPut(v) => Ok(v),
+            other => Err(unexpected(other)),
+        }
+    }
 }
 
 /// How long a feed stays quiet before it reports progress.

@@ -37,6 +37,8 @@ pub enum Command {
     LeaseGrant { id: LeaseId, ttl: i64 },
     /// Revoke (or expire) a lease, deleting its keys.
     LeaseRevoke { id: LeaseId },
+    /// Replace a document if its version is `expected`.
+    DocPut { name: String, expected: u64, value: Vec<u8> },
     /// Several commands proposed together as one raft entry (group commit); each is applied
     /// in order with its own revision and result.
     Batch(Vec<Command>),
@@ -50,6 +52,7 @@ impl std::fmt::Display for Command {
             Command::LeaseGrant { id, ttl } => write!(f, "lease-grant({id:x}, {ttl})"),
             Command::LeaseRevoke { id } => write!(f, "lease-revoke({id:x})"),
             Command::Batch(cmds) => write!(f, "batch({})", cmds.len()),
+            Command::DocPut { name, expected, .. } => write!(f, "doc-put({name}, {expected})"),
         }
     }
 }
@@ -64,6 +67,8 @@ pub enum CommandResult {
     LeaseGrant(LeaseGrant),
     LeaseRevoke(Revision),
     Batch(Vec<CommandResult>),
+    /// The new version, or `None` when the expected version did not match.
+    DocPut(Option<u64>),
     /// The command was rejected by the state machine (deterministically) and changed nothing.
     Err(BackendError),
 }

@@ -484,6 +484,32 @@ impl Backend for PostgresBackend {
         sqlx::raw_sql("VACUUM (FULL, ANALYZE) kv, current, leases").execute(&self.inner.pool).await.map_err(db_err)?;
         Ok(())
     }
+
+    async fn doc_get(&self, name: &str) -> Result<Option<Doc>> {
+        let row = sqlx::query("SELECT version, value FROM docs WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(db_err)?;
+        match row {
+            None => Ok(None),
+            Some(r) => {
+                let version: i64 = r.try_get(0).map_err(db_err)?;
+                Ok(Some(Doc { version: version as u64, value: r.try_get(1).map_err(db_err)? }))
+            }
+        }
+    }
+
+    async fn doc_put(&self, name: &str, expected: u64, value: Vec<u8>) -> Result<Option<u64>> {
+        // One statement either way, so the compare and the write are atomic across processes.
+        let q = if expected == 0 {
+            sqlx::query("INSERT INTO docs (name, version, value) VALUES ($1, $2::bigint + 1, $3) ON CONFLICT (name) DO NOTHING")
+        } else {
+            sqlx::query("UPDATE docs SET version = version + 1, value = $3 WHERE name = $1 AND version = $2")
+        };
+        let done = q.bind(name).bind(expected as i64).bind(value).execute(&self.inner.pool).await.map_err(db_err)?;
+        Ok((done.rows_affected() == 1).then_some(expected + 1))
+    }
 }
 
 #[cfg(test)]

@@ -62,6 +62,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX leases_by_expiry ON leases (expires_at);
     "#,
+    // 2: named documents beside the key space (auth store, alarms, membership), replaced by
+    // compare-and-set on their version.
+    r#"
+    CREATE TABLE docs (
+        name    text   PRIMARY KEY,
+        version bigint NOT NULL,
+        value   bytea  NOT NULL
+    );
+    "#,
 ];
 
 /// Brings the database to the newest schema. Fails when the database has a newer schema than

@@ -2,6 +2,7 @@
 //! opens its own store with `h.open()`.
 
 pub mod compaction;
+pub mod docs;
 pub mod lease;
 pub mod persistence;
 pub mod range;

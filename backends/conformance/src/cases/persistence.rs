@@ -75,3 +75,12 @@ pub async fn history_survives_reopen<H: Harness>(h: H) {
     let unwrap = |v: Vec<Arc<ChangeBatch>>| v.into_iter().map(|b| (*b).clone()).collect::<Vec<_>>();
     assert_eq!(unwrap(after), unwrap(before), "the change feed's history survives, prev_kv included");
 }
+
+pub async fn docs_survive_reopen<H: Harness>(h: H) {
+    let b = h.open().await;
+    b.doc_put("auth", 0, b"state".to_vec()).await.unwrap();
+    b.doc_put("auth", 1, b"state2".to_vec()).await.unwrap();
+    let b = reopen(&h, b).await;
+    assert_eq!(b.doc_get("auth").await.unwrap(), Some(Doc { version: 2, value: b"state2".to_vec() }), "a document survives");
+    assert_eq!(b.doc_put("auth", 2, b"state3".to_vec()).await.unwrap(), Some(3), "its version goes on");
+}

@@ -13,6 +13,8 @@ pub const EVENTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("eve
 pub const LEASES: TableDefinition<i64, i64> = TableDefinition::new("leases");
 /// Keys attached to each lease.
 pub const LEASE_KEYS: TableDefinition<(i64, &[u8]), ()> = TableDefinition::new("lease_keys");
+/// Documents: name -> version (u64 LE) then the value.
+pub const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("docs");
 /// Scalars: see the `M_*` names.
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 

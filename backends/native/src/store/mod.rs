@@ -68,6 +68,7 @@ impl Store {
             txn.open_table(EVENTS)?;
             txn.open_table(LEASES)?;
             txn.open_table(LEASE_KEYS)?;
+            txn.open_table(DOCS)?;
             let mut meta = txn.open_table(META)?;
             if meta.get(M_REVISION)?.is_none() {
                 meta.insert(M_REVISION, enc_i64(1).as_slice())?;
@@ -260,6 +261,15 @@ impl Store {
         Ok(out)
     }
 
+    pub fn doc(&self, name: &str) -> Result<Option<cairn_backend::Doc>> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let docs = r.open_table(DOCS).map_err(db_err)?;
+        Ok(docs.get(name).map_err(db_err)?.map(|v| cairn_backend::Doc {
+            version: doc_version(v.value()),
+            value: v.value()[8..].to_vec(),
+        }))
+    }
+
     /// Hash of every version in (compact, rev], in (key, revision) order.
     pub fn hash_kv(&self, rev: Revision) -> Result<HashKv> {
         let (cur, compact) = self.current();
@@ -316,6 +326,10 @@ enum LeaseChange {
     Revoked(LeaseId),
 }
 
+fn doc_version(rec: &[u8]) -> u64 {
+    u64::from_le_bytes(rec[..8].try_into().expect("document record has a version"))
+}
+
 fn read_i64(t: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> Result<i64> {
     Ok(t.get(name).map_err(db_err)?.map(|v| dec_i64(v.value())).unwrap_or(0))
 }
@@ -327,6 +341,7 @@ struct Tables<'t> {
     events: redb::Table<'t, (u64, u32), &'static [u8]>,
     leases: redb::Table<'t, i64, i64>,
     lease_keys: redb::Table<'t, (i64, &'static [u8]), ()>,
+    docs: redb::Table<'t, &'static str, &'static [u8]>,
     meta: redb::Table<'t, &'static str, &'static [u8]>,
 }
 
@@ -338,6 +353,7 @@ impl<'t> Tables<'t> {
             events: txn.open_table(EVENTS).map_err(db_err)?,
             leases: txn.open_table(LEASES).map_err(db_err)?,
             lease_keys: txn.open_table(LEASE_KEYS).map_err(db_err)?,
+            docs: txn.open_table(DOCS).map_err(db_err)?,
             meta: txn.open_table(META).map_err(db_err)?,
         })
     }
@@ -379,6 +395,16 @@ impl<'t> Tables<'t> {
                     Err(e @ BackendError::Internal(_)) => Err(e),
                     Err(e) => Ok((CommandResult::Err(e), Vec::new())),
                 }
+            }
+            Command::DocPut { name, expected, value } => {
+                let current = self.docs.get(name.as_str()).map_err(db_err)?.map_or(0, |v| doc_version(v.value()));
+                if current != expected {
+                    return Ok((CommandResult::DocPut(None), Vec::new()));
+                }
+                let mut rec = (expected + 1).to_le_bytes().to_vec();
+                rec.extend_from_slice(&value);
+                self.docs.insert(name.as_str(), rec.as_slice()).map_err(db_err)?;
+                Ok((CommandResult::DocPut(Some(expected + 1)), Vec::new()))
             }
             Command::Compact { revision } => {
                 if revision <= *compact {

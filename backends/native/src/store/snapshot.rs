@@ -19,6 +19,7 @@ struct Dump {
     leases: Vec<(i64, i64)>,
     lease_keys: Vec<(i64, Vec<u8>)>,
     meta: Vec<(String, Vec<u8>)>,
+    docs: Vec<(String, Vec<u8>)>,
 }
 
 impl Store {
@@ -52,6 +53,10 @@ impl Store {
             let (k, v) = item.map_err(db_err)?;
             d.meta.push((k.value().to_string(), v.value().to_vec()));
         }
+        for item in r.open_table(DOCS).map_err(db_err)?.iter().map_err(db_err)? {
+            let (k, v) = item.map_err(db_err)?;
+            d.docs.push((k.value().to_string(), v.value().to_vec()));
+        }
         postcard::to_allocvec(&d).map_err(db_err)
     }
 
@@ -75,6 +80,11 @@ impl Store {
             clear(&txn, LEASES)?;
             clear(&txn, LEASE_KEYS)?;
             clear(&txn, META)?;
+            clear(&txn, DOCS)?;
+            let mut t = txn.open_table(DOCS).map_err(db_err)?;
+            for (k, v) in &d.docs {
+                t.insert(k.as_str(), v.as_slice()).map_err(db_err)?;
+            }
             let mut t = txn.open_table(CURRENT).map_err(db_err)?;
             for (k, v) in &d.current {
                 t.insert(k.as_slice(), v.as_slice()).map_err(db_err)?;
