@@ -14,11 +14,13 @@ pub mod ids;
 pub mod alarms;
 pub mod authority_fix;
 pub mod cluster;
+pub mod conn;
 pub mod convert;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
 pub mod server;
+pub mod tls;
 pub mod urls;
 pub mod validate;
 

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use cairn_api::tls::ClientTls;
 use cairn_api::{ids, lease, ServerConfig};
 use cairn_backend::Backend;
 use cairn_memory::MemoryBackend;
@@ -105,7 +106,22 @@ fn server_config(flags: &Flags) -> anyhow::Result<ServerConfig> {
         max_concurrent_streams: (flags.max_concurrent_streams != u32::MAX).then_some(flags.max_concurrent_streams),
         grpc_keepalive_interval: flags.grpc_keepalive_interval,
         grpc_keepalive_timeout: flags.grpc_keepalive_timeout,
+        client_tls: client_tls(flags),
     })
+}
+
+fn client_tls(flags: &Flags) -> ClientTls {
+    ClientTls {
+        cert_file: flags.cert_file.clone(),
+        key_file: flags.key_file.clone(),
+        trusted_ca_file: flags.trusted_ca_file.clone(),
+        client_cert_auth: flags.client_cert_auth,
+        crl_file: flags.client_crl_file.clone(),
+        auto_tls: flags.auto_tls,
+        cipher_suites: split_urls(&flags.cipher_suites),
+        min_version: flags.tls_min_version.clone(),
+        max_version: flags.tls_max_version.clone(),
+    }
 }
 
 async fn serve(flags: Flags) -> anyhow::Result<()> {

@@ -14,18 +14,18 @@ use cairn_proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
     maintenance_server::MaintenanceServer,
 };
-use futures::StreamExt;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tower_layer::{Identity, Stack};
 
 use crate::alarms::Alarms;
-use crate::authority_fix::AuthorityFix;
 use crate::cluster::{ClusterService, MemberInfo};
+use crate::conn;
 use crate::header::HeaderSource;
 use crate::http::{HttpEndpointsLayer, HttpState};
 use crate::kv::{KvLimits, KvService};
 use crate::lease::LeaseService;
+use crate::tls::ClientTls;
 use crate::maintenance::MaintenanceService;
 use crate::urls;
 
@@ -54,6 +54,8 @@ pub struct ServerConfig {
     pub max_concurrent_streams: Option<u32>,
     pub grpc_keepalive_interval: Duration,
     pub grpc_keepalive_timeout: Duration,
+    /// TLS for https client URLs.
+    pub client_tls: ClientTls,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +76,7 @@ impl Default for ServerConfig {
             max_concurrent_streams: None,
             grpc_keepalive_interval: Duration::from_secs(2 * 3600),
             grpc_keepalive_timeout: Duration::from_secs(20),
+            client_tls: ClientTls::default(),
         }
     }
 }
@@ -82,27 +85,39 @@ impl Default for ServerConfig {
 pub struct Server {
     cfg: ServerConfig,
     backend: Arc<dyn Backend>,
-    listeners: Vec<TcpListener>,
+    /// Each listener with its TLS configuration (for https URLs).
+    listeners: Vec<(TcpListener, Option<Arc<rustls::ServerConfig>>)>,
 }
 
 impl Server {
     pub async fn bind(cfg: ServerConfig, backend: Arc<dyn Backend>) -> anyhow::Result<Self> {
+        let tls = Self::tls_config(&cfg)?;
         let mut listeners = Vec::new();
         for url in &cfg.listen_client_urls {
-            if urls::is_tls(url) {
-                tracing::warn!("TLS is not implemented yet: serving plaintext on {url}");
-            }
             let addr = urls::bind_addr(url).map_err(anyhow::Error::msg)?;
             let l = TcpListener::bind(addr).await.with_context(|| format!("listen tcp {addr}"))?;
-            listeners.push(l);
+            let url_tls = if urls::is_tls(url) { tls.clone() } else { None };
+            if url_tls.is_none() && cfg.client_tls.is_configured() {
+                tracing::warn!("scheme is HTTP while key and cert files are present; ignoring key and cert files for {url}");
+            }
+            listeners.push((l, url_tls));
         }
         anyhow::ensure!(!listeners.is_empty(), "no client URL to listen on");
         Ok(Self { cfg, backend, listeners })
     }
 
+    /// The TLS configuration when any client URL is https.
+    fn tls_config(cfg: &ServerConfig) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+        if !cfg.listen_client_urls.iter().any(|u| urls::is_tls(u)) {
+            return Ok(None);
+        }
+        let hosts: Vec<String> = cfg.listen_client_urls.iter().filter_map(|u| urls::host(u)).collect();
+        Ok(Some(cfg.client_tls.server_config(&hosts)?))
+    }
+
     /// The bound addresses, in the order of --listen-client-urls.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+        self.listeners.iter().filter_map(|(l, _)| l.local_addr().ok()).collect()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and gives open streams a short
@@ -111,13 +126,11 @@ impl Server {
         let header = HeaderSource::new(self.cfg.cluster_id, self.cfg.member_id);
         let refresher = header.start_refresh(self.backend.clone()).await;
         let router = self.router(&header);
-        let incoming = futures::stream::select_all(self.listeners.into_iter().map(TcpListenerStream::new))
-            .map(|conn| {
-                let conn = conn?;
-                // Small unary RPCs must not wait for Nagle.
-                conn.set_nodelay(true)?;
-                Ok::<_, std::io::Error>(AuthorityFix::new(conn))
-            });
+        let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
+        let acceptors: Vec<_> =
+            self.listeners.into_iter().map(|(l, tls)| conn::spawn_accept_loop(l, tls, conn_tx.clone())).collect();
+        drop(conn_tx);
+        let incoming = ReceiverStream::new(conn_rx);
         log_ready(&self.cfg, &header);
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
         let serving = router.serve_with_incoming_shutdown(incoming, async move {
@@ -129,6 +142,7 @@ impl Server {
             _ = async { let _ = stopped_rx.await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
         };
         refresher.abort();
+        acceptors.iter().for_each(|a| a.abort());
         result
     }
 

@@ -23,6 +23,15 @@ pub fn bind_addr(url: &str) -> Result<SocketAddr, String> {
     Ok(SocketAddr::new(ip, port))
 }
 
+/// The host part of a URL (without brackets or port), e.g. for certificate names.
+pub fn host(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let hostport = rest.split('/').next()?;
+    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| host.to_string())
+}
+
 /// Whether the URL asks for TLS.
 pub fn is_tls(url: &str) -> bool {
     url.starts_with("https://")
@@ -38,6 +47,13 @@ mod tests {
         assert_eq!(bind_addr("http://0.0.0.0:2379").unwrap(), "0.0.0.0:2379".parse().unwrap());
         assert_eq!(bind_addr("https://[::1]:23790").unwrap(), "[::1]:23790".parse().unwrap());
         assert_eq!(bind_addr("http://127.0.0.1:0/").unwrap(), "127.0.0.1:0".parse().unwrap());
+    }
+
+    #[test]
+    fn hosts() {
+        assert_eq!(host("https://localhost:2379").as_deref(), Some("localhost"));
+        assert_eq!(host("https://[::1]:2379/").as_deref(), Some("::1"));
+        assert_eq!(host("http://:2379"), None);
     }
 
     #[test]

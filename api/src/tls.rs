@@ -1,0 +1,174 @@
+//! TLS for the client URLs with etcd's flags: --cert-file/--key-file, --trusted-ca-file with
+//! --client-cert-auth (required, verified client certificates), --client-crl-file,
+//! --auto-tls (a self-signed certificate for the listen hosts), --cipher-suites (Go's names)
+//! and --tls-min-version/--tls-max-version. rustls with the ring provider.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use rustls::crypto::{ring, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig, SupportedProtocolVersion};
+
+/// etcd's client transport security flags.
+#[derive(Clone, Debug, Default)]
+pub struct ClientTls {
+    pub cert_file: String,
+    pub key_file: String,
+    pub trusted_ca_file: String,
+    pub client_cert_auth: bool,
+    pub crl_file: String,
+    pub auto_tls: bool,
+    /// Go cipher suite names; empty means the defaults.
+    pub cipher_suites: Vec<String>,
+    /// "TLS1.2" / "TLS1.3" or empty.
+    pub min_version: String,
+    pub max_version: String,
+}
+
+impl ClientTls {
+    pub fn is_configured(&self) -> bool {
+        self.auto_tls || (!self.cert_file.is_empty() && !self.key_file.is_empty())
+    }
+
+    /// The rustls configuration serving `hosts` (used for --auto-tls certificates).
+    pub fn server_config(&self, hosts: &[String]) -> anyhow::Result<Arc<ServerConfig>> {
+        let provider = Arc::new(self.provider()?);
+        let (certs, key) = if !self.cert_file.is_empty() && !self.key_file.is_empty() {
+            load_pair(Path::new(&self.cert_file), Path::new(&self.key_file))?
+        } else if self.auto_tls {
+            self_signed(hosts)?
+        } else {
+            bail!("TLS key/cert (--cert-file, --key-file) must be provided for https client URLs");
+        };
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&self.versions()?)
+            .context("TLS versions")?;
+        let builder = if self.client_cert_auth {
+            builder.with_client_cert_verifier(self.client_verifier(provider)?)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut cfg = builder.with_single_cert(certs, key).context("TLS certificate and key")?;
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    fn client_verifier(&self, provider: Arc<CryptoProvider>) -> anyhow::Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+        if self.trusted_ca_file.is_empty() {
+            bail!("--client-cert-auth needs --trusted-ca-file");
+        }
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&self.trusted_ca_file).context("reading --trusted-ca-file")? {
+            roots.add(cert.context("parsing --trusted-ca-file")?).context("adding a trusted CA")?;
+        }
+        let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+        if !self.crl_file.is_empty() {
+            let crls: Result<Vec<_>, _> = CertificateRevocationListDer::pem_file_iter(&self.crl_file)
+                .context("reading --client-crl-file")?
+                .collect();
+            verifier = verifier.with_crls(crls.context("parsing --client-crl-file")?);
+        }
+        Ok(verifier.build().context("client certificate verifier")?)
+    }
+
+    /// ring's provider, restricted to --cipher-suites when given (TLS 1.3 suites stay, as Go
+    /// applies the list to TLS 1.2 only).
+    fn provider(&self) -> anyhow::Result<CryptoProvider> {
+        let mut provider = ring::default_provider();
+        if self.cipher_suites.is_empty() {
+            return Ok(provider);
+        }
+        for name in &self.cipher_suites {
+            let known = provider.cipher_suites.iter().any(|s| s.suite().as_str() == Some(name.as_str()));
+            if !known {
+                bail!("unexpected TLS cipher suite {name:?}");
+            }
+        }
+        provider.cipher_suites.retain(|s| {
+            s.version() == &rustls::version::TLS13 || s.suite().as_str().is_some_and(|n| self.cipher_suites.iter().any(|c| c == n))
+        });
+        Ok(provider)
+    }
+
+    fn versions(&self) -> anyhow::Result<Vec<&'static SupportedProtocolVersion>> {
+        let rank = |v: &str| -> anyhow::Result<u8> {
+            Ok(match v {
+                "" => 0,
+                "TLS1.2" => 2,
+                "TLS1.3" => 3,
+                other => bail!("unsupported TLS version {other:?} (Cairn supports TLS1.2 and TLS1.3)"),
+            })
+        };
+        let min = rank(&self.min_version)?.max(2);
+        let max = match rank(&self.max_version)? {
+            0 => 3,
+            m => m,
+        };
+        let all = [(2, &rustls::version::TLS12), (3, &rustls::version::TLS13)];
+        let chosen: Vec<_> = all.iter().filter(|(r, _)| (min..=max).contains(r)).map(|(_, v)| *v).collect();
+        if chosen.is_empty() {
+            bail!("--tls-min-version is greater than --tls-max-version");
+        }
+        Ok(chosen)
+    }
+}
+
+fn load_pair(cert: &Path, key: &Path) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading --cert-file {}", cert.display()))?
+        .collect();
+    let certs = certs.with_context(|| format!("parsing --cert-file {}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading --key-file {}", key.display()))?;
+    Ok((certs, key))
+}
+
+/// A self-signed certificate for the listen hosts, as etcd's --auto-tls makes.
+fn self_signed(hosts: &[String]) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let mut names: Vec<String> = hosts.to_vec();
+    if names.is_empty() {
+        names.push("localhost".into());
+    }
+    let generated = rcgen::generate_simple_self_signed(names).context("generating a self-signed certificate")?;
+    let key = PrivateKeyDer::try_from(generated.signing_key.serialize_der()).map_err(anyhow::Error::msg)?;
+    Ok((vec![generated.cert.der().clone()], key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_tls_builds_a_config() {
+        let tls = ClientTls { auto_tls: true, ..Default::default() };
+        let cfg = tls.server_config(&["127.0.0.1".into(), "localhost".into()]).unwrap();
+        assert_eq!(cfg.alpn_protocols[0], b"h2");
+    }
+
+    #[test]
+    fn cipher_suites_by_go_name() {
+        let tls = ClientTls {
+            auto_tls: true,
+            cipher_suites: vec!["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256".into()],
+            ..Default::default()
+        };
+        let p = tls.provider().unwrap();
+        assert!(p.cipher_suites.iter().any(|s| s.suite().as_str() == Some("TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256")));
+        assert!(!p.cipher_suites.iter().any(|s| s.suite().as_str() == Some("TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384")));
+        let bad = ClientTls { cipher_suites: vec!["TLS_NOPE".into()], ..tls };
+        assert!(bad.provider().is_err());
+    }
+
+    #[test]
+    fn versions() {
+        let only13 = ClientTls { min_version: "TLS1.3".into(), ..Default::default() };
+        assert_eq!(only13.versions().unwrap().len(), 1);
+        let bad = ClientTls { min_version: "TLS1.3".into(), max_version: "TLS1.2".into(), ..Default::default() };
+        assert!(bad.versions().is_err());
+        let https_without_cert = ClientTls::default();
+        assert!(https_without_cert.server_config(&[]).is_err());
+    }
+}
