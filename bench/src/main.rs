@@ -181,7 +181,7 @@ async fn compare_cmd(a: CompareArgs) -> Result<bool> {
     let list = a.workloads.clone().unwrap_or_else(|| Workload::ALL.to_vec());
     let mut rows: Vec<CompareRow> = Vec::new();
     eprintln!("  {:<6} {}", "", report::LINE_HEADER);
-    for w in list {
+    for &w in &list {
         eprintln!("== {} ({})", w.name(), w.describe());
         let mut etcd = ServerProc::start("etcd", &a.etcd).await.map_err(|e| format!("{e:#}"));
         let mut cairn = ServerProc::start("cairn", &a.cairn).await.map_err(|e| format!("{e:#}"));
@@ -209,8 +209,12 @@ async fn compare_cmd(a: CompareArgs) -> Result<bool> {
     }
     if a.markdown {
         println!("\n{}", report::compare_markdown(&rows));
+        println!("Workloads:");
+        for w in &list {
+            println!("- `{}`: {}", w.name(), w.describe());
+        }
         if !notes.is_empty() {
-            println!("{notes}");
+            println!("\nNotes per run:\n{notes}");
         }
     }
     Ok(rows.iter().all(|r| r.etcd.is_ok() && r.cairn.is_ok()))

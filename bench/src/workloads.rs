@@ -89,8 +89,14 @@ impl Workload {
             Workload::RangeL => "linearizable single-key get over a preloaded keyspace",
             Workload::RangeS => "serializable single-key get over a preloaded keyspace",
             Workload::Txn => "Kubernetes GuaranteedUpdate: txn if mod_revision == cached then put else get",
-            Workload::Watch1 => "1 watcher on a prefix, N writers; ops/s = events/s delivered, p50/p99 = delivery lag",
-            Workload::Watch1000 => "1000 watchers on one prefix over a few streams, 100 puts/s; events/s and lag",
+            Workload::Watch1 => {
+                "1 watcher on a prefix, N closed-loop writers; ops/s = events/s delivered, p50/p99 = lag from the \
+                 put's response to the event's arrival (0 when the event came first)"
+            }
+            Workload::Watch1000 => {
+                "1000 watchers on one prefix over 4 streams, N writers sharing 100 puts/s; ops/s = events/s \
+                 delivered, p50/p99 = delivery lag"
+            }
             Workload::Lease => "lease grant (TTL 60 s) then one keep-alive of it; latency of the pair",
             Workload::LeaseKeepAlive => "one lease per client, keep-alive round trips on its stream",
             Workload::List => "list 500 of a 10k-key prefix among 100k keys (limit=500, linearizable)",
@@ -185,19 +191,13 @@ pub async fn run(w: Workload, p: &Params) -> Result<Outcome> {
             closed_loop(ops, p).await
         }
         Workload::Lease | Workload::LeaseKeepAlive => {
-            let grant_only_first = w == Workload::LeaseKeepAlive;
+            let keep_first = w == Workload::LeaseKeepAlive;
             let ops = build_ops(p.clients, |i| {
                 let lease = LeaseClient::new(channels[i % channels.len()].clone());
-                async move { LeaseOp::open(lease, grant_only_first).await }
+                async move { LeaseOp::open(lease, keep_first).await }
             })
             .await?;
-            let mut out = closed_loop(ops, p).await;
-            if grant_only_first {
-                out.note = "one grant per client before the run; ops are keep-alive round trips".into();
-            } else {
-                out.note = "op = grant (TTL 60 s) + one keep-alive of the new lease".into();
-            }
-            out
+            closed_loop(ops, p).await
         }
         Workload::List | Workload::Count => {
             preload_list_data(&channels).await?;
@@ -734,11 +734,11 @@ async fn watch_run(p: &Params, channels: &[Channel], watchers: usize, streams: u
             let mut next = offset.map(|o| start + o);
             while Instant::now() < deadline && st.ops + st.errors < max_ops {
                 if let (Some(at), Some(per)) = (next.as_mut(), period) {
-                    tokio::time::sleep_until((*at).into()).await;
-                    *at += per;
-                    if Instant::now() >= deadline {
+                    if *at >= deadline {
                         break;
                     }
+                    tokio::time::sleep_until((*at).into()).await;
+                    *at += per;
                 }
                 let key = keys::key(NS_WATCH, rng.gen_range(0..keyspace));
                 let t = Instant::now();
@@ -797,7 +797,7 @@ async fn watch_run(p: &Params, channels: &[Channel], watchers: usize, streams: u
     }
     let undelivered = expected.saturating_sub(events);
     let note = format!(
-        "ops/s=events/s p50/p99=delivery lag; watchers={watchers} streams={streams} puts={} puts/s={:.0} put_p50_ms={} put_p99_ms={} undelivered={undelivered}",
+        "watchers={watchers} streams={streams} puts={} puts/s={:.0} put_p50_ms={} put_p99_ms={} undelivered={undelivered}",
         puts.ops,
         puts.ops as f64 / write_secs,
         report::fmt_ms(report::quantile_ms(&puts.hist, 0.5)),
