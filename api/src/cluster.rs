@@ -61,10 +61,7 @@ impl Cluster for ClusterService {
         Err(ApiError::unimplemented("Cluster.MemberUpdate").into())
     }
 
-    async fn member_list(
-        &self,
-        _: Request<pb::MemberListRequest>,
-    ) -> Result<Response<pb::MemberListResponse>, Status> {
+    async fn member_list(&self, _: Request<pb::MemberListRequest>) -> Result<Response<pb::MemberListResponse>, Status> {
         Ok(Response::new(pb::MemberListResponse { header: self.header(), members: self.members() }))
     }
 

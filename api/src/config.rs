@@ -280,35 +280,87 @@ pub struct Flags {
 
 /// Flags that are parsed but have no effect yet; setting one logs a warning.
 const NOT_IMPLEMENTED: &[&str] = &[
-    "wal_dir", "initial_election_tick_advance", "listen_peer_urls", "listen_client_http_urls",
-    "max_snapshots", "max_wals", "backend_batch_interval", "backend_batch_limit",
-    "backend_bbolt_freelist_type", "grpc_keepalive_min_time", "socket_reuse_port",
-    "socket_reuse_address", "unsafe_no_fsync", "discovery", "discovery_fallback",
-    "discovery_proxy", "discovery_srv", "discovery_srv_name", "strict_reconfig_check", "pre_vote",
-    "auto_compaction_retention", "auto_compaction_mode", "enable_v2", "v2_deprecation",
+    "wal_dir",
+    "initial_election_tick_advance",
+    "listen_peer_urls",
+    "listen_client_http_urls",
+    "max_snapshots",
+    "max_wals",
+    "backend_batch_interval",
+    "backend_batch_limit",
+    "backend_bbolt_freelist_type",
+    "grpc_keepalive_min_time",
+    "socket_reuse_port",
+    "socket_reuse_address",
+    "unsafe_no_fsync",
+    "discovery",
+    "discovery_fallback",
+    "discovery_proxy",
+    "discovery_srv",
+    "discovery_srv_name",
+    "strict_reconfig_check",
+    "pre_vote",
+    "auto_compaction_retention",
+    "auto_compaction_mode",
+    "enable_v2",
+    "v2_deprecation",
     "client_crl_file",
-    "client_cert_allowed_hostname", "peer_cert_file",
-    "peer_key_file", "peer_client_cert_auth", "peer_trusted_ca_file", "peer_cert_allowed_cn",
-    "peer_cert_allowed_hostname", "peer_auto_tls", "self_signed_cert_validity", "peer_crl_file",
-    "cors", "host_whitelist", "auth_token",
-    "bcrypt_cost", "auth_token_ttl", "enable_pprof", "metrics", "listen_metrics_urls", "logger",
-    "log_outputs", "log_package_levels", "enable_log_rotation", "log_rotation_config_json",
-    "proxy", "proxy_failure_wait", "proxy_refresh_interval", "proxy_dial_timeout",
-    "proxy_write_timeout", "proxy_read_timeout", "experimental_initial_corrupt_check",
-    "experimental_corrupt_check_time", "experimental_compact_hash_check_enabled",
-    "experimental_compact_hash_check_time", "experimental_enable_v2v3",
-    "experimental_backend_bbolt_freelist_type", "experimental_enable_lease_checkpoint",
-    "experimental_enable_lease_checkpoint_persist", "experimental_compaction_batch_limit",
-    "experimental_compaction_sleep_interval", "experimental_peer_skip_client_san_verification",
-    "experimental_warning_apply_duration", "experimental_warning_unary_request_duration",
+    "client_cert_allowed_hostname",
+    "peer_cert_file",
+    "peer_key_file",
+    "peer_client_cert_auth",
+    "peer_trusted_ca_file",
+    "peer_cert_allowed_cn",
+    "peer_cert_allowed_hostname",
+    "peer_auto_tls",
+    "self_signed_cert_validity",
+    "peer_crl_file",
+    "cors",
+    "host_whitelist",
+    "auth_token",
+    "bcrypt_cost",
+    "auth_token_ttl",
+    "enable_pprof",
+    "metrics",
+    "listen_metrics_urls",
+    "logger",
+    "log_outputs",
+    "log_package_levels",
+    "enable_log_rotation",
+    "log_rotation_config_json",
+    "proxy",
+    "proxy_failure_wait",
+    "proxy_refresh_interval",
+    "proxy_dial_timeout",
+    "proxy_write_timeout",
+    "proxy_read_timeout",
+    "experimental_initial_corrupt_check",
+    "experimental_corrupt_check_time",
+    "experimental_compact_hash_check_enabled",
+    "experimental_compact_hash_check_time",
+    "experimental_enable_v2v3",
+    "experimental_backend_bbolt_freelist_type",
+    "experimental_enable_lease_checkpoint",
+    "experimental_enable_lease_checkpoint_persist",
+    "experimental_compaction_batch_limit",
+    "experimental_compaction_sleep_interval",
+    "experimental_peer_skip_client_san_verification",
+    "experimental_warning_apply_duration",
+    "experimental_warning_unary_request_duration",
     "experimental_txn_mode_write_with_shared_buffer",
-    "experimental_bootstrap_defrag_threshold_megabytes", "experimental_downgrade_check_time",
-    "experimental_memory_mlock", "experimental_snapshot_catchup_entries",
-    "experimental_max_learners", "experimental_stop_grpc_service_on_defrag",
-    "experimental_wait_cluster_ready_timeout", "experimental_enable_distributed_tracing",
-    "experimental_distributed_tracing_address", "experimental_distributed_tracing_service_name",
+    "experimental_bootstrap_defrag_threshold_megabytes",
+    "experimental_downgrade_check_time",
+    "experimental_memory_mlock",
+    "experimental_snapshot_catchup_entries",
+    "experimental_max_learners",
+    "experimental_stop_grpc_service_on_defrag",
+    "experimental_wait_cluster_ready_timeout",
+    "experimental_enable_distributed_tracing",
+    "experimental_distributed_tracing_address",
+    "experimental_distributed_tracing_service_name",
     "experimental_distributed_tracing_instance_id",
-    "experimental_distributed_tracing_sampling_rate", "force_new_cluster",
+    "experimental_distributed_tracing_sampling_rate",
+    "force_new_cluster",
 ];
 
 /// The parsed configuration and the flags that were set but are not acted on yet.
@@ -415,7 +467,8 @@ fn not_implemented(m: &ArgMatches) -> Vec<String> {
 fn from_file(path: &str) -> Result<Loaded, ParseExit> {
     let fail = |text: String| ParseExit::Message { text: format!("{text}\n"), code: 1 };
     let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read config file {path:?}: {e}")))?;
-    let args = crate::config_file::to_args(&text).map_err(|e| fail(format!("error parsing config file {path:?}: {e}")))?;
+    let args =
+        crate::config_file::to_args(&text).map_err(|e| fail(format!("error parsing config file {path:?}: {e}")))?;
     let cmd = command(false);
     let known: Vec<&str> = cmd.get_arguments().filter_map(|a| a.get_long()).collect();
     let (args, unknown): (Vec<_>, Vec<_>) = args.into_iter().partition(|(k, _)| known.contains(&k.as_str()));
@@ -492,7 +545,8 @@ mod tests {
 
     #[test]
     fn go_style_booleans_and_single_dash() {
-        let l = parse_args(&["--strict-reconfig-check=false", "--enable-v2", "-name=x", "-snapshot-count", "5"]).unwrap();
+        let l =
+            parse_args(&["--strict-reconfig-check=false", "--enable-v2", "-name=x", "-snapshot-count", "5"]).unwrap();
         assert!(!l.flags.strict_reconfig_check);
         assert!(l.flags.enable_v2);
         assert_eq!(l.flags.name, "x");
@@ -503,7 +557,9 @@ mod tests {
 
     #[test]
     fn durations_use_go_syntax() {
-        let f = parse_args(&["--experimental-watch-progress-notify-interval", "5s", "--grpc-keepalive-timeout=1m30s"]).unwrap().flags;
+        let f = parse_args(&["--experimental-watch-progress-notify-interval", "5s", "--grpc-keepalive-timeout=1m30s"])
+            .unwrap()
+            .flags;
         assert_eq!(f.experimental_watch_progress_notify_interval, Duration::from_secs(5));
         assert_eq!(f.grpc_keepalive_timeout, Duration::from_secs(90));
     }

@@ -27,11 +27,17 @@ const PEER_TLS: &[(&str, &str)] = &[
 
 /// Durations in etcd's YAML decode from numbers as nanoseconds.
 const DURATION_KEYS: &[&str] = &[
-    "backend-batch-interval", "grpc-keepalive-min-time", "grpc-keepalive-interval",
-    "grpc-keepalive-timeout", "experimental-corrupt-check-time",
-    "experimental-compact-hash-check-time", "experimental-compaction-sleep-interval",
-    "experimental-watch-progress-notify-interval", "experimental-warning-apply-duration",
-    "experimental-warning-unary-request-duration", "experimental-downgrade-check-time",
+    "backend-batch-interval",
+    "grpc-keepalive-min-time",
+    "grpc-keepalive-interval",
+    "grpc-keepalive-timeout",
+    "experimental-corrupt-check-time",
+    "experimental-compact-hash-check-time",
+    "experimental-compaction-sleep-interval",
+    "experimental-watch-progress-notify-interval",
+    "experimental-warning-apply-duration",
+    "experimental-warning-unary-request-duration",
+    "experimental-downgrade-check-time",
     "experimental-wait-cluster-ready-timeout",
 ];
 
@@ -49,7 +55,8 @@ pub fn to_args(text: &str) -> Result<Vec<(String, String)>, String> {
             "peer-transport-security" => section(&v, PEER_TLS, &mut out)?,
             _ => {
                 if let Some(val) = scalar(&v)? {
-                    let val = if DURATION_KEYS.contains(&key.as_str()) && v.is_number() { format!("{val}ns") } else { val };
+                    let val =
+                        if DURATION_KEYS.contains(&key.as_str()) && v.is_number() { format!("{val}ns") } else { val };
                     out.push((key, val));
                 }
             }
@@ -91,7 +98,8 @@ mod tests {
 
     #[test]
     fn sample_file_converts() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/etcd.conf.yml.sample")).unwrap();
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/etcd.conf.yml.sample")).unwrap();
         let args = to_args(&text).unwrap();
         let get = |k: &str| args.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
         assert_eq!(get("name"), Some("default"));

@@ -124,12 +124,7 @@ fn bare_header(revision: model::Revision) -> Option<pb::ResponseHeader> {
 }
 
 pub fn range_resp(r: model::RangeResponse, header: pb::ResponseHeader) -> pb::RangeResponse {
-    pb::RangeResponse {
-        header: Some(header),
-        kvs: r.kvs.into_iter().map(kv).collect(),
-        more: r.more,
-        count: r.count,
-    }
+    pb::RangeResponse { header: Some(header), kvs: r.kvs.into_iter().map(kv).collect(), more: r.more, count: r.count }
 }
 
 pub fn put_resp(r: model::PutResponse, header: pb::ResponseHeader) -> pb::PutResponse {

@@ -70,8 +70,8 @@ impl ApiError {
     pub fn code(&self) -> Code {
         use ApiError::*;
         match self {
-            KeyNotProvided | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps
-            | DuplicateKey | InvalidSortOption | RequestTooLarge => Code::InvalidArgument,
+            KeyNotProvided | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
+            | InvalidSortOption | RequestTooLarge => Code::InvalidArgument,
             Compacted | FutureRevision | LeaseTtlTooLarge => Code::OutOfRange,
             NoSpace | TooManyRequests => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,

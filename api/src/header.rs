@@ -43,12 +43,7 @@ impl HeaderSource {
 
     /// A header for a response served at `revision`.
     pub fn header(&self, revision: Revision) -> ResponseHeader {
-        ResponseHeader {
-            cluster_id: self.cluster_id,
-            member_id: self.member_id,
-            revision,
-            raft_term: self.raft_term(),
-        }
+        ResponseHeader { cluster_id: self.cluster_id, member_id: self.member_id, revision, raft_term: self.raft_term() }
     }
 
     /// Reads the term once now, then keeps refreshing it every [`TERM_REFRESH_INTERVAL`]

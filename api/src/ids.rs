@@ -82,8 +82,7 @@ mod tests {
     /// Checked against etcd 3.4.23 started with these flags (`etcdctl member list -w json`).
     #[test]
     fn matches_real_etcd_on_custom_urls() {
-        let (member, cluster) =
-            derive_ids("test", "test=http://127.0.0.1:23800", "etcd-cluster").unwrap();
+        let (member, cluster) = derive_ids("test", "test=http://127.0.0.1:23800", "etcd-cluster").unwrap();
         assert_eq!(member, 3319814642761637952);
         assert_eq!(cluster, 324952591200643719);
     }

@@ -134,10 +134,7 @@ impl Kv for KvService {
         Ok(Response::new(convert::txn_resp(resp, header)))
     }
 
-    async fn compact(
-        &self,
-        req: Request<pb::CompactionRequest>,
-    ) -> Result<Response<pb::CompactionResponse>, Status> {
+    async fn compact(&self, req: Request<pb::CompactionRequest>) -> Result<Response<pb::CompactionResponse>, Status> {
         let req = req.into_inner();
         let resp = self.backend.compact(req.revision, req.physical).await.map_err(backend_status)?;
         Ok(Response::new(pb::CompactionResponse { header: Some(self.header.header(resp.revision)) }))

@@ -69,8 +69,9 @@ fn init_tracing(level: &str) {
         "panic" | "fatal" => "error",
         l => l,
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},h2=warn,hyper=warn,tower=warn,openraft=warn")));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},h2=warn,hyper=warn,tower=warn,openraft=warn"))
+    });
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
 }
 
@@ -89,8 +90,8 @@ fn warn_unknown_env() {
 
 fn server_config(flags: &Flags) -> anyhow::Result<ServerConfig> {
     let initial_cluster = flags.initial_cluster();
-    let (member_id, cluster_id) = ids::derive_ids(&flags.name, &initial_cluster, &flags.initial_cluster_token)
-        .map_err(anyhow::Error::msg)?;
+    let (member_id, cluster_id) =
+        ids::derive_ids(&flags.name, &initial_cluster, &flags.initial_cluster_token).map_err(anyhow::Error::msg)?;
     Ok(ServerConfig {
         name: flags.name.clone(),
         listen_client_urls: split_urls(&flags.listen_client_urls),

@@ -103,10 +103,7 @@ impl Maintenance for MaintenanceService {
         Err(ApiError::unimplemented("Maintenance.MoveLeader").into())
     }
 
-    async fn downgrade(
-        &self,
-        _req: Request<pb::DowngradeRequest>,
-    ) -> Result<Response<pb::DowngradeResponse>, Status> {
+    async fn downgrade(&self, _req: Request<pb::DowngradeRequest>) -> Result<Response<pb::DowngradeResponse>, Status> {
         Err(ApiError::unimplemented("Maintenance.Downgrade").into())
     }
 }

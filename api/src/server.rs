@@ -25,8 +25,8 @@ use crate::header::HeaderSource;
 use crate::http::{HttpEndpointsLayer, HttpState};
 use crate::kv::{KvLimits, KvService};
 use crate::lease::LeaseService;
-use crate::tls::ClientTls;
 use crate::maintenance::MaintenanceService;
+use crate::tls::ClientTls;
 use crate::urls;
 
 /// gRPC framing on top of --max-request-bytes, as etcd allows for its receive limit.
@@ -98,7 +98,9 @@ impl Server {
             let l = TcpListener::bind(addr).await.with_context(|| format!("listen tcp {addr}"))?;
             let url_tls = if urls::is_tls(url) { tls.clone() } else { None };
             if url_tls.is_none() && cfg.client_tls.is_configured() {
-                tracing::warn!("scheme is HTTP while key and cert files are present; ignoring key and cert files for {url}");
+                tracing::warn!(
+                    "scheme is HTTP while key and cert files are present; ignoring key and cert files for {url}"
+                );
             }
             listeners.push((l, url_tls));
         }
@@ -155,7 +157,8 @@ impl Server {
         let kv = KvService::new(backend.clone(), header.clone(), limits, alarms.clone());
         let lease = LeaseService::new(backend.clone(), header.clone(), cfg.min_lease_ttl, alarms.clone());
         let maintenance = MaintenanceService::new(backend.clone(), header.clone(), cfg.version.clone(), alarms.clone());
-        let http = HttpEndpointsLayer::new(HttpState { backend: backend.clone(), alarms, version: cfg.version.clone() });
+        let http =
+            HttpEndpointsLayer::new(HttpState { backend: backend.clone(), alarms, version: cfg.version.clone() });
         let me = MemberInfo {
             name: cfg.name.clone(),
             peer_urls: cfg.peer_urls.clone(),

@@ -10,9 +10,8 @@ pub fn bind_addr(url: &str) -> Result<SocketAddr, String> {
         .or_else(|| url.strip_prefix("https://"))
         .ok_or_else(|| format!("unsupported URL scheme in {url:?} (Cairn serves http:// and https:// only)"))?;
     let hostport = rest.split('/').next().unwrap_or_default();
-    let (host, port) = hostport
-        .rsplit_once(':')
-        .ok_or_else(|| format!("URL address does not have the form \"host:port\": {url}"))?;
+    let (host, port) =
+        hostport.rsplit_once(':').ok_or_else(|| format!("URL address does not have the form \"host:port\": {url}"))?;
     let port: u16 = port.parse().map_err(|_| format!("invalid port in URL {url}"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let ip = match host {
@@ -58,7 +57,10 @@ mod tests {
 
     #[test]
     fn rejects_host_names_and_other_schemes() {
-        assert_eq!(bind_addr("http://example.com:2379").unwrap_err(), "expected IP in URL for binding (http://example.com:2379)");
+        assert_eq!(
+            bind_addr("http://example.com:2379").unwrap_err(),
+            "expected IP in URL for binding (http://example.com:2379)"
+        );
         assert!(bind_addr("unix://sock").is_err());
         assert!(bind_addr("http://127.0.0.1").is_err());
     }

@@ -6,8 +6,7 @@
 use std::collections::HashSet;
 
 use cairn_proto::etcdserverpb::{
-    range_request, request_op::Request, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
-    TxnRequest,
+    range_request, request_op::Request, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
 
 use crate::errors::ApiError;
@@ -105,9 +104,7 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<DelInterv
     let mut dels: Vec<DelInterval> = ops
         .iter()
         .filter_map(|op| match &op.request {
-            Some(Request::RequestDeleteRange(d)) => {
-                Some(DelInterval { key: d.key.clone(), end: d.range_end.clone() })
-            }
+            Some(Request::RequestDeleteRange(d)) => Some(DelInterval { key: d.key.clone(), end: d.range_end.clone() }),
             _ => None,
         })
         .collect();

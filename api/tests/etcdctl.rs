@@ -56,7 +56,8 @@ async fn put_get_del() {
     assert_eq!(ctl(&s, &["get", "foo", "--prefix"], None).await, "foo\nbar\nfoo2\nbar2\n");
     assert_eq!(ctl(&s, &["get", "foo", "--prefix", "--keys-only"], None).await, "foo\n\nfoo2\n\n");
     assert_eq!(ctl(&s, &["get", "foo", "--prefix", "--limit", "1"], None).await, "foo\nbar\n");
-    let sorted = ctl(&s, &["get", "", "--prefix", "--sort-by", "MODIFY", "--order", "DESCEND", "--keys-only"], None).await;
+    let sorted =
+        ctl(&s, &["get", "", "--prefix", "--sort-by", "MODIFY", "--order", "DESCEND", "--keys-only"], None).await;
     assert_eq!(sorted, "zoo\n\nfoo2\n\nfoo\n\n");
     assert_eq!(ctl(&s, &["put", "foo", "new"], None).await, "OK\n");
     assert_eq!(ctl(&s, &["get", "foo", "--rev", "2"], None).await, "foo\nbar\n");

@@ -165,7 +165,8 @@ async fn validation_errors() {
     assert_status(c.put(r).await, Code::NotFound, "etcdserver: requested lease not found");
     let r = RangeRequest { sort_order: 9, ..get_req("k") };
     assert_status(c.range(r).await, Code::InvalidArgument, "etcdserver: invalid sort option");
-    let ops: Vec<_> = (0..129).map(|i| RequestOp { request: Some(Op::RequestPut(put_req(&format!("k{i}"), ""))) }).collect();
+    let ops: Vec<_> =
+        (0..129).map(|i| RequestOp { request: Some(Op::RequestPut(put_req(&format!("k{i}"), ""))) }).collect();
     let t = TxnRequest { success: ops, ..Default::default() };
     assert_status(c.txn(t).await, Code::InvalidArgument, "etcdserver: too many operations in txn request");
     let dup = RequestOp { request: Some(Op::RequestPut(put_req("d", ""))) };

@@ -17,7 +17,9 @@ fn write_pki(dir: &Path) {
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    for (name, sans) in [("server", vec!["127.0.0.1".to_string(), "localhost".into()]), ("client", vec!["client".into()])] {
+    for (name, sans) in
+        [("server", vec!["127.0.0.1".to_string(), "localhost".into()]), ("client", vec!["client".into()])]
+    {
         let key = KeyPair::generate().unwrap();
         let cert = CertificateParams::new(sans).unwrap().signed_by(&key, &ca).unwrap();
         std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
@@ -57,7 +59,11 @@ async fn client_cert_auth_with_files() {
     };
     let s = TestServer::start_with(https_config(tls)).await;
     let ep = format!("https://127.0.0.1:{}", s.addr.port());
-    let full = vec![format!("--cacert={}", p("ca.pem")), format!("--cert={}", p("client.pem")), format!("--key={}", p("client-key.pem"))];
+    let full = vec![
+        format!("--cacert={}", p("ca.pem")),
+        format!("--cert={}", p("client.pem")),
+        format!("--key={}", p("client-key.pem")),
+    ];
     assert_eq!(etcdctl(&ep, &full, &["put", "k", "v"]).await, (true, "OK\n".into()));
     assert_eq!(etcdctl(&ep, &full, &["get", "k", "--print-value-only"]).await, (true, "v\n".into()));
     let (ok, _) = etcdctl(&ep, &full, &["endpoint", "status"]).await;
