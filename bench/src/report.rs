@@ -39,6 +39,9 @@ pub struct Outcome {
     pub errors: u64,
     /// The server's VmHWM in kB, when its pid was known.
     pub peak_rss_kb: Option<u64>,
+    /// CPU time (user + system) the server used during the measured window, when its pid was
+    /// known: a figure that other load on the machine disturbs less than ops/s.
+    pub server_cpu: Option<Duration>,
     /// Workload-specific extras, `key=value` separated by spaces.
     pub note: String,
     /// The first error seen, for diagnosis.
@@ -59,6 +62,21 @@ impl Outcome {
     }
     pub fn p99_ms(&self) -> Option<f64> {
         quantile_ms(&self.hist, 0.99)
+    }
+    /// Server CPU microseconds per operation.
+    pub fn cpu_us_per_op(&self) -> Option<f64> {
+        match self.server_cpu {
+            Some(c) if self.ops > 0 => Some(c.as_secs_f64() * 1e6 / self.ops as f64),
+            _ => None,
+        }
+    }
+}
+
+pub fn fmt_cpu(v: Option<f64>) -> String {
+    match v {
+        None => "-".to_string(),
+        Some(v) if v < 10.0 => format!("{v:.1}"),
+        Some(v) => format!("{v:.0}"),
     }
 }
 
@@ -110,6 +128,9 @@ pub fn format_line(o: &Outcome) -> String {
         o.errors,
         fmt_rss(o.peak_rss_kb),
     );
+    if o.server_cpu.is_some() {
+        line.push_str(&format!("  srv_cpu_us/op={}", fmt_cpu(o.cpu_us_per_op())));
+    }
     if !o.note.is_empty() {
         line.push_str("  ");
         line.push_str(&o.note);
@@ -148,7 +169,7 @@ impl CompareRow {
     }
 }
 
-const COMPARE_COLUMNS: [&str; 13] = [
+const COMPARE_COLUMNS: [&str; 15] = [
     "workload",
     "clients",
     "etcd ops/s",
@@ -162,10 +183,12 @@ const COMPARE_COLUMNS: [&str; 13] = [
     "cairn err",
     "etcd RSS MB",
     "cairn RSS MB",
+    "etcd CPU µs/op",
+    "cairn CPU µs/op",
 ];
 
 fn compare_cells(r: &CompareRow) -> Vec<String> {
-    fn side(o: &Result<Outcome, String>) -> [String; 5] {
+    fn side(o: &Result<Outcome, String>) -> [String; 6] {
         match o {
             Ok(o) => [
                 fmt_rate(o.ops_per_sec()),
@@ -173,20 +196,21 @@ fn compare_cells(r: &CompareRow) -> Vec<String> {
                 fmt_ms(o.p99_ms()),
                 o.errors.to_string(),
                 fmt_rss(o.peak_rss_kb),
+                fmt_cpu(o.cpu_us_per_op()),
             ],
-            Err(_) => ["failed".into(), "-".into(), "-".into(), "-".into(), "-".into()],
+            Err(_) => ["failed".into(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into()],
         }
     }
-    let [eo, e50, e99, eerr, erss] = side(&r.etcd);
-    let [co, c50, c99, cerr, crss] = side(&r.cairn);
+    let [eo, e50, e99, eerr, erss, ecpu] = side(&r.etcd);
+    let [co, c50, c99, cerr, crss, ccpu] = side(&r.cairn);
     let ratio = r.ratio().map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
-    vec![r.workload.clone(), r.clients.to_string(), eo, co, ratio, e50, e99, c50, c99, eerr, cerr, erss, crss]
+    vec![r.workload.clone(), r.clients.to_string(), eo, co, ratio, e50, e99, c50, c99, eerr, cerr, erss, crss, ecpu, ccpu]
 }
 
 /// A plain-text table with aligned columns.
 pub fn compare_table(rows: &[CompareRow]) -> String {
     let cells: Vec<Vec<String>> = rows.iter().map(compare_cells).collect();
-    let mut widths: Vec<usize> = COMPARE_COLUMNS.iter().map(|c| c.len()).collect();
+    let mut widths: Vec<usize> = COMPARE_COLUMNS.iter().map(|c| c.chars().count()).collect();
     for row in &cells {
         for (w, c) in widths.iter_mut().zip(row) {
             *w = (*w).max(c.chars().count());
@@ -263,6 +287,7 @@ mod tests {
             hist,
             errors: 2,
             peak_rss_kb: Some(138 * 1024),
+            server_cpu: None,
             note: String::new(),
             first_error: None,
         }
@@ -304,6 +329,10 @@ mod tests {
         let fields: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(fields, ["put", "16", "16", "8,726", "1.70", "5.35", "2", "138"]);
         assert_eq!(LINE_HEADER.split_whitespace().count(), 9);
+        let mut o = o;
+        o.server_cpu = Some(Duration::from_secs(2));
+        assert_eq!(o.cpu_us_per_op(), Some(2e6 / 87_260.0));
+        assert!(format_line(&o).contains("srv_cpu_us/op=23"));
     }
 
     #[test]

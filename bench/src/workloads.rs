@@ -222,6 +222,24 @@ pub async fn run(w: Workload, p: &Params) -> Result<Outcome> {
     Ok(out)
 }
 
+/// The CPU time (user + system, all threads) a process has used so far, from /proc/PID/stat
+/// (clock ticks of 10 ms: Linux's USER_HZ is 100).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    parse_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?).map(|t| Duration::from_millis(t * 10))
+}
+
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    // Fields after the command name (which may contain spaces) start at field 3 (state);
+    // utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn cpu_since(pid: Option<u32>, before: Option<Duration>) -> Option<Duration> {
+    Some(cpu_time(pid?)?.saturating_sub(before?))
+}
+
 /// The server's peak resident set (VmHWM) in kB.
 pub fn peak_rss_kb(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -306,6 +324,7 @@ impl ClientStats {
 
 /// Runs every op in its own task until the deadline or the per-client op bound.
 async fn closed_loop<O: Op>(ops: Vec<O>, p: &Params) -> Outcome {
+    let cpu0 = p.server_pid.and_then(cpu_time);
     let start = Instant::now();
     let deadline = start + p.duration;
     let max_ops = p.max_ops_per_client;
@@ -347,6 +366,7 @@ async fn closed_loop<O: Op>(ops: Vec<O>, p: &Params) -> Outcome {
         }
     }
     let elapsed = start.elapsed();
+    let server_cpu = cpu_since(p.server_pid, cpu0);
     Outcome {
         workload: String::new(),
         clients: 0,
@@ -356,6 +376,7 @@ async fn closed_loop<O: Op>(ops: Vec<O>, p: &Params) -> Outcome {
         hist: total.hist,
         errors: total.errors,
         peak_rss_kb: None,
+        server_cpu,
         note: extras.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
         first_error: total.first_error,
     }
@@ -681,6 +702,7 @@ async fn watch_run(p: &Params, channels: &[Channel], watchers: usize, streams: u
         opened.push(open_watch_stream(ch, n).await?);
     }
 
+    let cpu0 = p.server_pid.and_then(cpu_time);
     let start = Instant::now();
     let received = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -775,6 +797,7 @@ async fn watch_run(p: &Params, channels: &[Channel], watchers: usize, streams: u
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = stop_tx.send(true);
+    let server_cpu = cpu_since(p.server_pid, cpu0);
 
     let mut lag = report::new_histogram();
     let mut events = 0u64;
@@ -812,6 +835,7 @@ async fn watch_run(p: &Params, channels: &[Channel], watchers: usize, streams: u
         hist: lag,
         errors,
         peak_rss_kb: None,
+        server_cpu,
         note,
         first_error,
     })
@@ -836,6 +860,13 @@ mod tests {
         assert_eq!(parse_vm_hwm("Name: x\n"), None);
         // Our own process has one.
         assert!(peak_rss_kb(std::process::id()).unwrap() > 0);
+    }
+
+    #[test]
+    fn cpu_ticks_parse() {
+        let stat = "1234 (etcd (x) y) S 1 2 3 4 5 6 7 8 9 10 250 30 0 0 20 0 12 0 99";
+        assert_eq!(parse_cpu_ticks(stat), Some(280));
+        assert!(cpu_time(std::process::id()).is_some());
     }
 
     #[test]
