@@ -65,9 +65,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub fn parse_list(s: &str) -> Result<Vec<usize>, String> {
     s.split(',')
         .filter(|p| !p.trim().is_empty())
-        .map(|p| p.trim().parse::<usize>().map_err(|_| format!("bad number {p:?} in {s:?}")))
+        .map(|p| {
+            p.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("bad number {p:?} in {s:?}"))
+        })
         .collect::<Result<Vec<_>, _>>()
-        .and_then(|v| if v.is_empty() || v.contains(&0) { Err(format!("need positive numbers: {s:?}")) } else { Ok(v) })
+        .and_then(|v| {
+            if v.is_empty() || v.contains(&0) {
+                Err(format!("need positive numbers: {s:?}"))
+            } else {
+                Ok(v)
+            }
+        })
 }
 
 /// Parses one endpoint (`127.0.0.1:2379`, `http://localhost:2379`, `[::1]:2379`) and refuses any
@@ -77,18 +87,27 @@ pub fn parse_endpoint(s: &str) -> Result<String, String> {
     if rest.starts_with("https://") || rest.contains('/') {
         return Err(format!("endpoint {s:?}: only plain host:port on loopback"));
     }
-    let (host, port) = rest.rsplit_once(':').ok_or_else(|| format!("endpoint {s:?} needs host:port"))?;
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| format!("endpoint {s:?} needs host:port"))?;
     let _: u16 = port.parse().map_err(|_| format!("endpoint {s:?}: bad port"))?;
     let host_clean = host.trim_start_matches('[').trim_end_matches(']');
-    let loopback = host_clean == "localhost" || host_clean.parse::<IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false);
+    let loopback =
+        host_clean == "localhost" || host_clean.parse::<IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false);
     if !loopback {
-        return Err(format!("endpoint {s:?}: only loopback targets (127.0.0.0/8, localhost, ::1) are allowed"));
+        return Err(format!(
+            "endpoint {s:?}: only loopback targets (127.0.0.0/8, localhost, ::1) are allowed"
+        ));
     }
     Ok(format!("http://{host}:{port}"))
 }
 
 pub fn parse_endpoints(s: &str) -> Result<Vec<String>, String> {
-    let v: Vec<String> = s.split(',').filter(|p| !p.trim().is_empty()).map(parse_endpoint).collect::<Result<_, _>>()?;
+    let v: Vec<String> = s
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(parse_endpoint)
+        .collect::<Result<_, _>>()?;
     if v.is_empty() {
         return Err("no endpoints".into());
     }
@@ -143,7 +162,10 @@ mod tests {
     #[test]
     fn only_loopback_endpoints() {
         assert_eq!(parse_endpoint("127.0.0.1:2379").unwrap(), "http://127.0.0.1:2379");
-        assert_eq!(parse_endpoint("http://localhost:2379").unwrap(), "http://localhost:2379");
+        assert_eq!(
+            parse_endpoint("http://localhost:2379").unwrap(),
+            "http://localhost:2379"
+        );
         assert_eq!(parse_endpoint("127.1.2.3:1").unwrap(), "http://127.1.2.3:1");
         assert_eq!(parse_endpoint("[::1]:2379").unwrap(), "http://[::1]:2379");
         assert!(parse_endpoint("10.0.0.1:2379").is_err());

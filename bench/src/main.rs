@@ -23,7 +23,10 @@ use servers::ServerProc;
 use workloads::{Params, Workload};
 
 #[derive(Parser)]
-#[command(name = "cairn-bench", about = "Benchmarks etcd v3 servers (Cairn, etcd) on this machine")]
+#[command(
+    name = "cairn-bench",
+    about = "Benchmarks etcd v3 servers (Cairn, etcd) on this machine"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -124,7 +127,10 @@ fn params(c: &Common, endpoints: Vec<String>, clients: usize, server_pid: Option
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let result = rt.block_on(async move {
         match cli.cmd {
             Cmd::Run(a) => run_cmd(a).await,
@@ -163,10 +169,21 @@ async fn run_cmd(a: RunArgs) -> Result<bool> {
     Ok(ok)
 }
 
-async fn run_against(server: &mut Result<ServerProc, String>, w: Workload, c: &Common, clients: usize) -> Result<Outcome, String> {
-    let s = server.as_mut().map_err(|e| format!("not started: {}", e.lines().next().unwrap_or("")))?;
+async fn run_against(
+    server: &mut Result<ServerProc, String>,
+    w: Workload,
+    c: &Common,
+    clients: usize,
+) -> Result<Outcome, String> {
+    let s = server
+        .as_mut()
+        .map_err(|e| format!("not started: {}", e.lines().next().unwrap_or("")))?;
     if !s.alive() {
-        return Err(format!("{} is no longer running; log tail:\n{}", s.label, s.log_tail(10)));
+        return Err(format!(
+            "{} is no longer running; log tail:\n{}",
+            s.label,
+            s.log_tail(10)
+        ));
     }
     let p = params(c, vec![s.endpoint.clone()], clients, Some(s.pid));
     let r = workloads::run(w, &p).await.map_err(|e| format!("{e:#}"));
@@ -195,7 +212,12 @@ async fn compare_cmd(a: CompareArgs) -> Result<bool> {
             tokio::time::sleep(a.pause).await;
             let c = run_against(&mut cairn, w, &a.common, clients).await;
             tokio::time::sleep(a.pause).await;
-            rows.push(CompareRow { workload: w.name().to_string(), clients, etcd: e, cairn: c });
+            rows.push(CompareRow {
+                workload: w.name().to_string(),
+                clients,
+                etcd: e,
+                cairn: c,
+            });
         }
         for s in [&mut etcd, &mut cairn].into_iter().flatten() {
             s.stop().await;

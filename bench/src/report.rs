@@ -102,7 +102,11 @@ pub fn fmt_rate(v: f64) -> String {
     if head > 0 {
         groups.push(&s[..head]);
     }
-    groups.extend(s.as_bytes()[head..].chunks(3).map(|c| std::str::from_utf8(c).expect("ascii digits")));
+    groups.extend(
+        s.as_bytes()[head..]
+            .chunks(3)
+            .map(|c| std::str::from_utf8(c).expect("ascii digits")),
+    );
     groups.join(",")
 }
 
@@ -113,7 +117,8 @@ pub fn fmt_rss(kb: Option<u64>) -> String {
     }
 }
 
-pub const LINE_HEADER: &str = "workload        clients conns        ops/s   p50_ms   p99_ms   errors  peak_rss_mb  notes";
+pub const LINE_HEADER: &str =
+    "workload        clients conns        ops/s   p50_ms   p99_ms   errors  peak_rss_mb  notes";
 
 /// One line for `run`: workload, clients, conns, ops/s, p50, p99, errors, peak RSS (MB), notes.
 pub fn format_line(o: &Outcome) -> String {
@@ -198,13 +203,36 @@ fn compare_cells(r: &CompareRow) -> Vec<String> {
                 fmt_rss(o.peak_rss_kb),
                 fmt_cpu(o.cpu_us_per_op()),
             ],
-            Err(_) => ["failed".into(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into()],
+            Err(_) => [
+                "failed".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ],
         }
     }
     let [eo, e50, e99, eerr, erss, ecpu] = side(&r.etcd);
     let [co, c50, c99, cerr, crss, ccpu] = side(&r.cairn);
     let ratio = r.ratio().map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
-    vec![r.workload.clone(), r.clients.to_string(), eo, co, ratio, e50, e99, c50, c99, eerr, cerr, erss, crss, ecpu, ccpu]
+    vec![
+        r.workload.clone(),
+        r.clients.to_string(),
+        eo,
+        co,
+        ratio,
+        e50,
+        e99,
+        c50,
+        c99,
+        eerr,
+        cerr,
+        erss,
+        crss,
+        ecpu,
+        ccpu,
+    ]
 }
 
 /// A plain-text table with aligned columns.
@@ -344,7 +372,12 @@ mod tests {
                 etcd: Ok(outcome(80_000, 10, &[1000])),
                 cairn: Ok(outcome(120_000, 10, &[500])),
             },
-            CompareRow { workload: "txn".into(), clients: 1, etcd: Ok(outcome(10, 1, &[1])), cairn: Err("no start".into()) },
+            CompareRow {
+                workload: "txn".into(),
+                clients: 1,
+                etcd: Ok(outcome(10, 1, &[1])),
+                cairn: Err("no start".into()),
+            },
         ];
         let t = compare_table(&rows);
         let lines: Vec<&str> = t.lines().collect();
@@ -354,7 +387,10 @@ mod tests {
         let md = compare_markdown(&rows);
         assert_eq!(md.lines().count(), 4);
         assert!(md.lines().all(|l| l.starts_with('|') && l.ends_with('|')));
-        assert_eq!(md.lines().nth(2).unwrap().matches('|').count(), COMPARE_COLUMNS.len() + 1);
+        assert_eq!(
+            md.lines().nth(2).unwrap().matches('|').count(),
+            COMPARE_COLUMNS.len() + 1
+        );
         assert!(compare_notes(&rows).contains("failed: no start"));
     }
 }

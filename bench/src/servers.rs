@@ -59,12 +59,19 @@ impl ServerProc {
         if !bin.exists() {
             bail!("{label}: binary {} not found", bin.display());
         }
-        let dir = tempfile::Builder::new().prefix(&format!("cairn-bench-{label}-")).tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("cairn-bench-{label}-"))
+            .tempdir()?;
         let (client_port, peer_port) = free_ports()?;
         let log = dir.path().join("server.log");
         let out = File::create(&log)?;
         let err = out.try_clone()?;
-        let args = etcd_args(&format!("bench-{label}"), &dir.path().join("data"), client_port, peer_port);
+        let args = etcd_args(
+            &format!("bench-{label}"),
+            &dir.path().join("data"),
+            client_port,
+            peer_port,
+        );
         let child = Command::new(bin)
             .args(&args)
             .stdin(Stdio::null())
@@ -112,7 +119,12 @@ impl ServerProc {
             .timeout(Duration::from_secs(2))
             .connect()
             .await?;
-        KvClient::new(ch).range(RangeRequest { key: b"cairn-bench-ready".to_vec(), ..Default::default() }).await?;
+        KvClient::new(ch)
+            .range(RangeRequest {
+                key: b"cairn-bench-ready".to_vec(),
+                ..Default::default()
+            })
+            .await?;
         Ok(())
     }
 
@@ -139,7 +151,10 @@ impl ServerProc {
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            eprintln!("{}: still running {STOP_GRACE:?} after SIGTERM; sending SIGKILL", self.label);
+            eprintln!(
+                "{}: still running {STOP_GRACE:?} after SIGTERM; sending SIGKILL",
+                self.label
+            );
             let _ = child.kill();
         }
         let _ = child.wait();

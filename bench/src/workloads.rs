@@ -105,10 +105,12 @@ impl Workload {
     }
 
     pub fn parse(s: &str) -> Result<Workload, String> {
-        Workload::ALL
-            .into_iter()
-            .find(|w| w.name() == s)
-            .ok_or_else(|| format!("unknown workload {s:?}; known: {}", Workload::ALL.map(|w| w.name()).join(", ")))
+        Workload::ALL.into_iter().find(|w| w.name() == s).ok_or_else(|| {
+            format!(
+                "unknown workload {s:?}; known: {}",
+                Workload::ALL.map(|w| w.name()).join(", ")
+            )
+        })
     }
 }
 
@@ -149,7 +151,14 @@ pub async fn run(w: Workload, p: &Params) -> Result<Outcome> {
                 let kv = KvClient::new(channels[i % channels.len()].clone());
                 let seed = p.seed.wrapping_add(i as u64);
                 let keyspace = p.keyspace;
-                async move { Ok(PutOp { kv, rng: SmallRng::seed_from_u64(seed), keyspace, value: keys::value(seed) }) }
+                async move {
+                    Ok(PutOp {
+                        kv,
+                        rng: SmallRng::seed_from_u64(seed),
+                        keyspace,
+                        value: keys::value(seed),
+                    })
+                }
             })
             .await?;
             closed_loop(ops, p).await
@@ -161,15 +170,27 @@ pub async fn run(w: Workload, p: &Params) -> Result<Outcome> {
                 let kv = KvClient::new(channels[i % channels.len()].clone());
                 let seed = p.seed.wrapping_add(i as u64);
                 let keyspace = p.keyspace;
-                async move { Ok(RangeOp { kv, rng: SmallRng::seed_from_u64(seed), keyspace, serializable }) }
+                async move {
+                    Ok(RangeOp {
+                        kv,
+                        rng: SmallRng::seed_from_u64(seed),
+                        keyspace,
+                        serializable,
+                    })
+                }
             })
             .await?;
             closed_loop(ops, p).await
         }
         Workload::Txn => {
             preload_namespace(&channels, NS_KV, p.keyspace).await?;
-            let revs: Arc<Vec<AtomicI64>> =
-                Arc::new(mod_revisions(&channels[0], NS_KV, p.keyspace).await?.into_iter().map(AtomicI64::new).collect());
+            let revs: Arc<Vec<AtomicI64>> = Arc::new(
+                mod_revisions(&channels[0], NS_KV, p.keyspace)
+                    .await?
+                    .into_iter()
+                    .map(AtomicI64::new)
+                    .collect(),
+            );
             let ops = build_ops(p.clients, |i| {
                 let kv = KvClient::new(channels[i % channels.len()].clone());
                 let seed = p.seed.wrapping_add(i as u64);
@@ -211,8 +232,14 @@ pub async fn run(w: Workload, p: &Params) -> Result<Outcome> {
         }
         Workload::Watch1 => watch_run(p, &channels, 1, 1, None).await?,
         Workload::Watch1000 => {
-            watch_run(p, &channels, p.watchers.max(1), p.watch_streams.clamp(1, p.watchers.max(1)), Some(p.watch_rate.max(1)))
-                .await?
+            watch_run(
+                p,
+                &channels,
+                p.watchers.max(1),
+                p.watch_streams.clamp(1, p.watchers.max(1)),
+                Some(p.watch_rate.max(1)),
+            )
+            .await?
         }
     };
     out.workload = w.name().to_string();
@@ -247,7 +274,10 @@ pub fn peak_rss_kb(pid: u32) -> Option<u64> {
 }
 
 fn parse_vm_hwm(status: &str) -> Option<u64> {
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 pub async fn connect(endpoints: &[String], n: usize) -> Result<Vec<Channel>> {
@@ -304,7 +334,12 @@ struct ClientStats {
 
 impl ClientStats {
     fn new() -> Self {
-        ClientStats { hist: report::new_histogram(), ops: 0, errors: 0, first_error: None }
+        ClientStats {
+            hist: report::new_histogram(),
+            ops: 0,
+            errors: 0,
+            first_error: None,
+        }
     }
     fn error(&mut self, e: String) {
         self.errors += 1;
@@ -377,7 +412,11 @@ async fn closed_loop<O: Op>(ops: Vec<O>, p: &Params) -> Outcome {
         errors: total.errors,
         peak_rss_kb: None,
         server_cpu,
-        note: extras.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
+        note: extras
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
         first_error: total.first_error,
     }
 }
@@ -396,7 +435,14 @@ struct PutOp {
 impl Op for PutOp {
     async fn call(&mut self) -> Result<(), String> {
         let key = keys::key(NS_KV, self.rng.gen_range(0..self.keyspace));
-        self.kv.put(PutRequest { key, value: self.value.clone(), ..Default::default() }).await.map_err(status_text)?;
+        self.kv
+            .put(PutRequest {
+                key,
+                value: self.value.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(status_text)?;
         Ok(())
     }
 }
@@ -413,7 +459,11 @@ impl Op for RangeOp {
         let key = keys::key(NS_KV, self.rng.gen_range(0..self.keyspace));
         let r = self
             .kv
-            .range(RangeRequest { key, serializable: self.serializable, ..Default::default() })
+            .range(RangeRequest {
+                key,
+                serializable: self.serializable,
+                ..Default::default()
+            })
             .await
             .map_err(status_text)?
             .into_inner();
@@ -446,7 +496,14 @@ impl Op for TxnOp {
         let mut cached = self.cache[idx].load(Ordering::Relaxed);
         if cached == 0 {
             // Not known yet: read the key's mod_revision first.
-            let r = self.kv.range(RangeRequest { key: key.clone(), ..Default::default() }).await.map_err(status_text)?;
+            let r = self
+                .kv
+                .range(RangeRequest {
+                    key: key.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_text)?;
             self.reads += 1;
             cached = r.into_inner().kvs.first().map(|kv| kv.mod_revision).unwrap_or(0);
             self.cache[idx].fetch_max(cached, Ordering::Relaxed);
@@ -460,9 +517,18 @@ impl Op for TxnOp {
                 target_union: Some(TargetUnion::ModRevision(cached)),
             }],
             success: vec![RequestOp {
-                request: Some(Request::RequestPut(PutRequest { key: key.clone(), value: self.value.clone(), ..Default::default() })),
+                request: Some(Request::RequestPut(PutRequest {
+                    key: key.clone(),
+                    value: self.value.clone(),
+                    ..Default::default()
+                })),
             }],
-            failure: vec![RequestOp { request: Some(Request::RequestRange(RangeRequest { key, ..Default::default() })) }],
+            failure: vec![RequestOp {
+                request: Some(Request::RequestRange(RangeRequest {
+                    key,
+                    ..Default::default()
+                })),
+            }],
         };
         let r = self.kv.txn(txn).await.map_err(status_text)?.into_inner();
         if r.succeeded {
@@ -494,18 +560,36 @@ impl LeaseOp {
     /// Grants a first lease and opens the keep-alive stream with it: gRPC servers may send the
     /// stream's headers only with the first response, so the stream opens with a request.
     async fn open(mut lease: LeaseClient<Channel>, keep_first: bool) -> Result<LeaseOp> {
-        let g = lease.lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }).await?.into_inner();
+        let g = lease
+            .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+            .await?
+            .into_inner();
         if !g.error.is_empty() {
             bail!("lease grant: {}", g.error);
         }
         let (tx, rx_req) = mpsc::channel(4);
-        tx.send(LeaseKeepAliveRequest { id: g.id }).await.map_err(|_| anyhow!("keep-alive channel closed"))?;
+        tx.send(LeaseKeepAliveRequest { id: g.id })
+            .await
+            .map_err(|_| anyhow!("keep-alive channel closed"))?;
         let mut rx = lease.lease_keep_alive(ReceiverStream::new(rx_req)).await?.into_inner();
-        let first = rx.message().await?.ok_or_else(|| anyhow!("keep-alive stream ended before its first answer"))?;
+        let first = rx
+            .message()
+            .await?
+            .ok_or_else(|| anyhow!("keep-alive stream ended before its first answer"))?;
         if first.id != g.id || first.ttl <= 0 {
-            bail!("first keep-alive answered id {} ttl {} for lease {}", first.id, first.ttl, g.id);
+            bail!(
+                "first keep-alive answered id {} ttl {} for lease {}",
+                first.id,
+                first.ttl,
+                g.id
+            );
         }
-        Ok(LeaseOp { lease, tx, rx, fixed: keep_first.then_some(g.id) })
+        Ok(LeaseOp {
+            lease,
+            tx,
+            rx,
+            fixed: keep_first.then_some(g.id),
+        })
     }
 }
 
@@ -514,14 +598,22 @@ impl Op for LeaseOp {
         let id = match self.fixed {
             Some(id) => id,
             None => {
-                let g = self.lease.lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }).await.map_err(status_text)?.into_inner();
+                let g = self
+                    .lease
+                    .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+                    .await
+                    .map_err(status_text)?
+                    .into_inner();
                 if !g.error.is_empty() {
                     return Err(format!("lease grant: {}", g.error));
                 }
                 g.id
             }
         };
-        self.tx.send(LeaseKeepAliveRequest { id }).await.map_err(|_| "keep-alive stream closed".to_string())?;
+        self.tx
+            .send(LeaseKeepAliveRequest { id })
+            .await
+            .map_err(|_| "keep-alive stream closed".to_string())?;
         match self.rx.message().await {
             Ok(Some(r)) if r.id == id && r.ttl > 0 => Ok(()),
             Ok(Some(r)) => Err(format!("keep-alive answered id {} ttl {} for lease {id}", r.id, r.ttl)),
@@ -541,23 +633,40 @@ impl Op for ListOp {
         if self.count {
             let r = self
                 .kv
-                .range(RangeRequest { key: vec![0], range_end: vec![0], count_only: true, ..Default::default() })
+                .range(RangeRequest {
+                    key: vec![0],
+                    range_end: vec![0],
+                    count_only: true,
+                    ..Default::default()
+                })
                 .await
                 .map_err(status_text)?
                 .into_inner();
             if (r.count as u64) < LIST_TOTAL_KEYS {
-                return Err(format!("count_only returned {}, expected at least {LIST_TOTAL_KEYS}", r.count));
+                return Err(format!(
+                    "count_only returned {}, expected at least {LIST_TOTAL_KEYS}",
+                    r.count
+                ));
             }
         } else {
             let (key, range_end) = keys::namespace_range(NS_LIST);
             let r = self
                 .kv
-                .range(RangeRequest { key, range_end, limit: LIST_LIMIT, ..Default::default() })
+                .range(RangeRequest {
+                    key,
+                    range_end,
+                    limit: LIST_LIMIT,
+                    ..Default::default()
+                })
                 .await
                 .map_err(status_text)?
                 .into_inner();
             if r.kvs.len() as i64 != LIST_LIMIT || !r.more {
-                return Err(format!("list returned {} keys (more={}), expected {LIST_LIMIT}", r.kvs.len(), r.more));
+                return Err(format!(
+                    "list returned {} keys (more={}), expected {LIST_LIMIT}",
+                    r.kvs.len(),
+                    r.more
+                ));
             }
         }
         Ok(())
@@ -570,7 +679,12 @@ impl Op for ListOp {
 async fn count_namespace(ch: &Channel, ns: u8) -> Result<u64> {
     let (key, range_end) = keys::namespace_range(ns);
     let r = KvClient::new(ch.clone())
-        .range(RangeRequest { key, range_end, count_only: true, ..Default::default() })
+        .range(RangeRequest {
+            key,
+            range_end,
+            count_only: true,
+            ..Default::default()
+        })
         .await?
         .into_inner();
     Ok(r.count as u64)
@@ -604,7 +718,12 @@ async fn preload_namespace(channels: &[Channel], ns: u8, n: u64) -> Result<()> {
                         })),
                     })
                     .collect();
-                kv.txn(TxnRequest { compare: vec![], success, failure: vec![] }).await?;
+                kv.txn(TxnRequest {
+                    compare: vec![],
+                    success,
+                    failure: vec![],
+                })
+                .await?;
                 Ok(())
             });
             next = end;
@@ -634,12 +753,20 @@ async fn mod_revisions(ch: &Channel, ns: u8, n: u64) -> Result<Vec<i64>> {
     let (key, range_end) = keys::namespace_range(ns);
     let r = KvClient::new(ch.clone())
         .max_decoding_message_size(256 << 20)
-        .range(RangeRequest { key, range_end, keys_only: true, ..Default::default() })
+        .range(RangeRequest {
+            key,
+            range_end,
+            keys_only: true,
+            ..Default::default()
+        })
         .await?
         .into_inner();
     let mut out = vec![0i64; n as usize];
     for kv in r.kvs {
-        if let Some(idx) = std::str::from_utf8(&kv.key[1..]).ok().and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(idx) = std::str::from_utf8(&kv.key[1..])
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             if idx < n {
                 out[idx as usize] = kv.mod_revision;
             }
@@ -674,7 +801,10 @@ async fn open_watch_stream(ch: Channel, watchers: usize) -> Result<WatchStream> 
         .await
         .map_err(|_| anyhow!("watch request channel closed"))?;
     }
-    let mut rx = WatchClient::new(ch).watch(ReceiverStream::new(rx_req)).await?.into_inner();
+    let mut rx = WatchClient::new(ch)
+        .watch(ReceiverStream::new(rx_req))
+        .await?
+        .into_inner();
     let mut created = 0;
     while created < watchers {
         let m = tokio::time::timeout(Duration::from_secs(30), rx.message())
@@ -694,7 +824,13 @@ async fn open_watch_stream(ch: Channel, watchers: usize) -> Result<WatchStream> 
 /// Watchers on the watch namespace over `streams` streams (one connection each), writers putting
 /// into it closed-loop (`rate == None`) or paced at `rate` puts/s in total. Reports events/s
 /// delivered and the lag from each put's response to each event's arrival.
-async fn watch_run(p: &Params, channels: &[Channel], watchers: usize, streams: usize, rate: Option<u64>) -> Result<Outcome> {
+async fn watch_run(
+    p: &Params,
+    channels: &[Channel],
+    watchers: usize,
+    streams: usize,
+    rate: Option<u64>,
+) -> Result<Outcome> {
     let watch_channels = connect(&p.endpoints, streams).await?;
     let mut opened = Vec::with_capacity(streams);
     for (s, ch) in watch_channels.into_iter().enumerate() {
@@ -764,7 +900,16 @@ async fn watch_run(p: &Params, channels: &[Channel], watchers: usize, streams: u
                 }
                 let key = keys::key(NS_WATCH, rng.gen_range(0..keyspace));
                 let t = Instant::now();
-                match tokio::time::timeout(OP_TIMEOUT, kv.put(PutRequest { key, value: value.clone(), ..Default::default() })).await {
+                match tokio::time::timeout(
+                    OP_TIMEOUT,
+                    kv.put(PutRequest {
+                        key,
+                        value: value.clone(),
+                        ..Default::default()
+                    }),
+                )
+                .await
+                {
                     Ok(Ok(r)) => {
                         report::record(&mut st.hist, t.elapsed());
                         st.ops += 1;
