@@ -23,5 +23,6 @@ pub mod server;
 pub mod tls;
 pub mod urls;
 pub mod validate;
+pub mod watch;
 
 pub use server::{run, Server, ServerConfig};
