@@ -21,7 +21,7 @@ fn dur(s: &str) -> Result<Duration, String> {
 
 /// etcd's flags. Booleans follow Go's flag package: `--flag` or `--flag=false`.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "etcd", about = "Cairn: an etcd v3 server", disable_version_flag = true)]
+#[command(name = "etcd", about = "Cairn: an etcd v3 server", disable_version_flag = true, args_override_self = true)]
 pub struct Flags {
     /// Path to the server configuration file (YAML); flags and environment are then ignored.
     #[arg(long)]
@@ -317,9 +317,6 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "peer_crl_file",
     "cors",
     "host_whitelist",
-    "auth_token",
-    "bcrypt_cost",
-    "auth_token_ttl",
     "enable_pprof",
     "metrics",
     "listen_metrics_urls",
@@ -553,6 +550,15 @@ mod tests {
         assert_eq!(l.flags.snapshot_count, 5);
         assert!(l.not_implemented.contains(&"enable-v2".to_string()));
         assert!(l.not_implemented.contains(&"strict-reconfig-check".to_string()));
+    }
+
+    #[test]
+    fn repeated_flags_take_the_last_value_as_in_go() {
+        let f = parse_args(&["--client-cert-auth", "--snapshot-count", "1", "--client-cert-auth", "--snapshot-count=2"])
+            .unwrap()
+            .flags;
+        assert!(f.client_cert_auth);
+        assert_eq!(f.snapshot_count, 2);
     }
 
     #[test]

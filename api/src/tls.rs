@@ -57,7 +57,10 @@ impl ClientTls {
         Ok(Arc::new(cfg))
     }
 
-    fn client_verifier(&self, provider: Arc<CryptoProvider>) -> anyhow::Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    fn client_verifier(
+        &self,
+        provider: Arc<CryptoProvider>,
+    ) -> anyhow::Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
         if self.trusted_ca_file.is_empty() {
             bail!("--client-cert-auth needs --trusted-ca-file");
         }
@@ -67,10 +70,7 @@ impl ClientTls {
         }
         let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
         if !self.crl_file.is_empty() {
-            let crls: Result<Vec<_>, _> = CertificateRevocationListDer::pem_file_iter(&self.crl_file)
-                .context("reading --client-crl-file")?
-                .collect();
-            verifier = verifier.with_crls(crls.context("parsing --client-crl-file")?);
+            verifier = verifier.with_crls(load_crls(Path::new(&self.crl_file))?);
         }
         Ok(verifier.build().context("client certificate verifier")?)
     }
@@ -89,7 +89,8 @@ impl ClientTls {
             }
         }
         provider.cipher_suites.retain(|s| {
-            s.version() == &rustls::version::TLS13 || s.suite().as_str().is_some_and(|n| self.cipher_suites.iter().any(|c| c == n))
+            s.version() == &rustls::version::TLS13
+                || s.suite().as_str().is_some_and(|n| self.cipher_suites.iter().any(|c| c == n))
         });
         Ok(provider)
     }
@@ -124,6 +125,16 @@ fn load_pair(cert: &Path, key: &Path) -> anyhow::Result<(Vec<CertificateDer<'sta
     let certs = certs.with_context(|| format!("parsing --cert-file {}", cert.display()))?;
     let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading --key-file {}", key.display()))?;
     Ok((certs, key))
+}
+
+/// CRLs in PEM or DER, as Go's x509.ParseCRL accepts both.
+fn load_crls(path: &Path) -> anyhow::Result<Vec<CertificateRevocationListDer<'static>>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading --client-crl-file {}", path.display()))?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Ok(vec![CertificateRevocationListDer::from(bytes)]);
+    }
+    let crls: Result<Vec<_>, _> = CertificateRevocationListDer::pem_slice_iter(&bytes).collect();
+    crls.with_context(|| format!("parsing --client-crl-file {}", path.display()))
 }
 
 /// A self-signed certificate for the listen hosts, as etcd's --auto-tls makes.
