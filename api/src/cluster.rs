@@ -4,6 +4,7 @@ use cairn_proto::etcdserverpb as pb;
 use cairn_proto::etcdserverpb::cluster_server::Cluster;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Guard;
 use crate::errors::ApiError;
 use crate::header::HeaderSource;
 
@@ -18,11 +19,26 @@ pub struct MemberInfo {
 pub struct ClusterService {
     header: HeaderSource,
     me: MemberInfo,
+    auth: Option<Guard>,
 }
 
 impl ClusterService {
     pub fn new(header: HeaderSource, me: MemberInfo) -> Self {
-        Self { header, me }
+        Self { header, me, auth: None }
+    }
+
+    /// Checks membership changes against the auth store behind `auth`.
+    pub fn with_auth(mut self, auth: Guard) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// etcd's `checkMembershipOperationPermission`: membership changes need the root role.
+    fn check_member_op<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match &self.auth {
+            Some(auth) => auth.check_admin(&auth.caller(req)?),
+            None => Ok(()),
+        }
     }
 
     /// etcd's cluster service leaves the header revision at 0.
@@ -43,21 +59,24 @@ impl ClusterService {
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn member_add(&self, _: Request<pb::MemberAddRequest>) -> Result<Response<pb::MemberAddResponse>, Status> {
+    async fn member_add(&self, req: Request<pb::MemberAddRequest>) -> Result<Response<pb::MemberAddResponse>, Status> {
+        self.check_member_op(&req)?;
         Err(ApiError::unimplemented("Cluster.MemberAdd").into())
     }
 
     async fn member_remove(
         &self,
-        _: Request<pb::MemberRemoveRequest>,
+        req: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
+        self.check_member_op(&req)?;
         Err(ApiError::unimplemented("Cluster.MemberRemove").into())
     }
 
     async fn member_update(
         &self,
-        _: Request<pb::MemberUpdateRequest>,
+        req: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
+        self.check_member_op(&req)?;
         Err(ApiError::unimplemented("Cluster.MemberUpdate").into())
     }
 
@@ -67,8 +86,9 @@ impl Cluster for ClusterService {
 
     async fn member_promote(
         &self,
-        _: Request<pb::MemberPromoteRequest>,
+        req: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
+        self.check_member_op(&req)?;
         Err(ApiError::unimplemented("Cluster.MemberPromote").into())
     }
 }

@@ -83,12 +83,31 @@ impl Conn {
     }
 }
 
-impl Connected for Conn {
-    type ConnectInfo = TcpConnectInfo;
+/// What the services can learn about a request's connection (from the request extensions).
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub tcp: TcpConnectInfo,
+    /// The subject common name of the client certificate, when the TLS handshake verified one.
+    pub common_name: Option<String>,
+}
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.tcp().connect_info()
+impl Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        let common_name = match self {
+            Conn::Plain(_) => None,
+            Conn::Tls(s) => s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| common_name(c)),
+        };
+        ConnInfo { tcp: self.tcp().connect_info(), common_name }
     }
+}
+
+/// The first CN of a certificate's subject.
+fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some(cn)
 }
 
 impl AsyncRead for Conn {

@@ -56,6 +56,43 @@ pub enum ApiError {
     Stopped,
     #[error("etcdserver: not capable")]
     NotCapable,
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    #[error("etcdserver: user name already exists")]
+    UserAlreadyExist,
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    #[error("etcdserver: role name already exists")]
+    RoleAlreadyExist,
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    #[error("etcdserver: permission not given")]
+    PermissionNotGiven,
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
+    #[error("etcdserver: revision of auth store is old")]
+    AuthOldRevision,
+    /// etcd has no gRPC status for this one and answers with the auth store's own text.
+    #[error("auth: authentication failed, password was given for no password user")]
+    NoPasswordUser,
     /// An RPC Cairn does not serve yet; the text names it.
     #[error("{0}")]
     Unimplemented(String),
@@ -71,7 +108,13 @@ impl ApiError {
         use ApiError::*;
         match self {
             KeyNotProvided | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
-            | InvalidSortOption | RequestTooLarge => Code::InvalidArgument,
+            | InvalidSortOption | RequestTooLarge | UserEmpty | RoleEmpty | AuthFailed | PermissionNotGiven
+            | InvalidAuthMgmt | AuthOldRevision => Code::InvalidArgument,
+            RootUserNotExist | RootRoleNotExist | UserAlreadyExist | UserNotFound | RoleAlreadyExist
+            | RoleNotFound | RoleNotGranted | PermissionNotGranted | AuthNotEnabled => Code::FailedPrecondition,
+            PermissionDenied => Code::PermissionDenied,
+            InvalidAuthToken => Code::Unauthenticated,
+            NoPasswordUser => Code::Unknown,
             Compacted | FutureRevision | LeaseTtlTooLarge => Code::OutOfRange,
             NoSpace | TooManyRequests => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
@@ -203,6 +246,34 @@ mod tests {
             (MemberNotFound, Code::NotFound, "etcdserver: member not found"),
             (NotLeader, Code::FailedPrecondition, "etcdserver: not leader"),
             (NotCapable, Code::Unavailable, "etcdserver: not capable"),
+        ];
+        for (e, code, msg) in rows {
+            check(e, code, msg);
+        }
+    }
+
+    #[test]
+    fn auth_rows() {
+        use ApiError::*;
+        let rows = [
+            (RootUserNotExist, Code::FailedPrecondition, "etcdserver: root user does not exist"),
+            (RootRoleNotExist, Code::FailedPrecondition, "etcdserver: root user does not have root role"),
+            (UserAlreadyExist, Code::FailedPrecondition, "etcdserver: user name already exists"),
+            (UserEmpty, Code::InvalidArgument, "etcdserver: user name is empty"),
+            (UserNotFound, Code::FailedPrecondition, "etcdserver: user name not found"),
+            (RoleAlreadyExist, Code::FailedPrecondition, "etcdserver: role name already exists"),
+            (RoleNotFound, Code::FailedPrecondition, "etcdserver: role name not found"),
+            (RoleEmpty, Code::InvalidArgument, "etcdserver: role name is empty"),
+            (AuthFailed, Code::InvalidArgument, "etcdserver: authentication failed, invalid user ID or password"),
+            (PermissionNotGiven, Code::InvalidArgument, "etcdserver: permission not given"),
+            (PermissionDenied, Code::PermissionDenied, "etcdserver: permission denied"),
+            (RoleNotGranted, Code::FailedPrecondition, "etcdserver: role is not granted to the user"),
+            (PermissionNotGranted, Code::FailedPrecondition, "etcdserver: permission is not granted to the role"),
+            (AuthNotEnabled, Code::FailedPrecondition, "etcdserver: authentication is not enabled"),
+            (InvalidAuthToken, Code::Unauthenticated, "etcdserver: invalid auth token"),
+            (InvalidAuthMgmt, Code::InvalidArgument, "etcdserver: invalid auth management"),
+            (AuthOldRevision, Code::InvalidArgument, "etcdserver: revision of auth store is old"),
+            (NoPasswordUser, Code::Unknown, "auth: authentication failed, password was given for no password user"),
         ];
         for (e, code, msg) in rows {
             check(e, code, msg);

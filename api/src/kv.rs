@@ -11,6 +11,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::alarms::Alarms;
+use crate::auth::Guard;
 use crate::convert;
 use crate::errors::{backend_status, ApiError};
 use crate::header::HeaderSource;
@@ -32,11 +33,19 @@ pub struct KvService {
     header: HeaderSource,
     limits: KvLimits,
     alarms: Alarms,
+    auth: Guard,
 }
 
 impl KvService {
     pub fn new(backend: Arc<dyn Backend>, header: HeaderSource, limits: KvLimits, alarms: Alarms) -> Self {
-        Self { backend, header, limits, alarms }
+        let auth = Guard::disabled(backend.clone());
+        Self { backend, header, limits, alarms, auth }
+    }
+
+    /// Checks every request against the auth store behind `auth`.
+    pub fn with_auth(mut self, auth: Guard) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// While the NOSPACE alarm is on, writes that add data are refused (etcd's capped applier).
@@ -83,17 +92,21 @@ fn has_puts(t: &model::TxnRequest) -> bool {
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, req: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+        let who = self.auth.caller(&req);
         let req = req.into_inner();
         validate::check_range(&req)?;
+        self.auth.check_range(&who?, &req.key, &req.range_end)?;
         let resp = self.backend.range(convert::range_req(req)).await.map_err(backend_status)?;
         let header = self.header.header(resp.revision);
         Ok(Response::new(convert::range_resp(resp, header)))
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let who = self.auth.caller(&req);
         let req = req.into_inner();
         validate::check_put(&req)?;
         self.check_size(req.encoded_len())?;
+        self.auth.check_put(&who?, &req).await?;
         self.check_space(true)?;
         match self.write_one(model::RequestOp::Put(convert::put_req(req))).await? {
             model::ResponseOp::Put(r) => {
@@ -108,9 +121,11 @@ impl Kv for KvService {
         &self,
         req: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let who = self.auth.caller(&req);
         let req = req.into_inner();
         validate::check_delete(&req)?;
         self.check_size(req.encoded_len())?;
+        self.auth.check_delete(&who?, &req)?;
         match self.write_one(model::RequestOp::DeleteRange(convert::delete_req(req))).await? {
             model::ResponseOp::DeleteRange(r) => {
                 let header = self.header.header(r.revision);
@@ -121,8 +136,10 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let who = self.auth.caller(&req);
         let req = req.into_inner();
         validate::check_txn(&req, self.limits.max_txn_ops)?;
+        self.auth.check_txn(&who?, &req).await?;
         let size = req.encoded_len();
         let txn = convert::txn_req(req);
         if txn.has_writes() {
@@ -135,6 +152,8 @@ impl Kv for KvService {
     }
 
     async fn compact(&self, req: Request<pb::CompactionRequest>) -> Result<Response<pb::CompactionResponse>, Status> {
+        // etcd 3.5 checks no permission for compaction, only that a given token is valid.
+        self.auth.caller(&req)?;
         let req = req.into_inner();
         let resp = self.backend.compact(req.revision, req.physical).await.map_err(backend_status)?;
         Ok(Response::new(pb::CompactionResponse { header: Some(self.header.header(resp.revision)) }))

@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::alarms::Alarms;
+use crate::auth::{Caller, Guard};
 use crate::errors::{backend_status, ApiError};
 use crate::header::HeaderSource;
 
@@ -33,11 +34,19 @@ pub struct LeaseService {
     header: HeaderSource,
     min_ttl: i64,
     alarms: Alarms,
+    auth: Guard,
 }
 
 impl LeaseService {
     pub fn new(backend: Arc<dyn Backend>, header: HeaderSource, min_ttl: i64, alarms: Alarms) -> Self {
-        Self { backend, header, min_ttl, alarms }
+        let auth = Guard::disabled(backend.clone());
+        Self { backend, header, min_ttl, alarms, auth }
+    }
+
+    /// Checks every request against the auth store behind `auth`.
+    pub fn with_auth(mut self, auth: Guard) -> Self {
+        self.auth = auth;
+        self
     }
 
     async fn current_header(&self) -> Result<pb::ResponseHeader, Status> {
@@ -52,7 +61,10 @@ async fn keep_alive_once(
     backend: &dyn Backend,
     header: &HeaderSource,
     id: i64,
+    auth: &Guard,
+    who: &Caller,
 ) -> Result<pb::LeaseKeepAliveResponse, Status> {
+    auth.check_lease_renew(who, id).await?;
     let (rev, _) = backend.current_revision().await.map_err(backend_status)?;
     let ttl = match backend.lease_keep_alive(id).await {
         Ok(ttl) => ttl,
@@ -70,6 +82,7 @@ impl Lease for LeaseService {
         &self,
         req: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        self.auth.caller(&req)?;
         let req = req.into_inner();
         if req.ttl > MAX_LEASE_TTL {
             return Err(ApiError::LeaseTtlTooLarge.into());
@@ -91,7 +104,10 @@ impl Lease for LeaseService {
         &self,
         req: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
-        let rev = self.backend.lease_revoke(req.into_inner().id).await.map_err(backend_status)?;
+        let who = self.auth.caller(&req)?;
+        let id = req.into_inner().id;
+        self.auth.check_lease_revoke(&who, id).await?;
+        let rev = self.backend.lease_revoke(id).await.map_err(backend_status)?;
         Ok(Response::new(pb::LeaseRevokeResponse { header: Some(self.header.header(rev)) }))
     }
 
@@ -101,13 +117,15 @@ impl Lease for LeaseService {
         &self,
         req: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let who = self.auth.caller(&req)?;
+        let auth = self.auth.clone();
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let backend = self.backend.clone();
         let header = self.header.clone();
         tokio::spawn(async move {
             while let Some(Ok(msg)) = inbound.next().await {
-                let resp = keep_alive_once(backend.as_ref(), &header, msg.id).await;
+                let resp = keep_alive_once(backend.as_ref(), &header, msg.id, &auth, &who).await;
                 let failed = resp.is_err();
                 if tx.send(resp).await.is_err() || failed {
                     break;
@@ -121,7 +139,9 @@ impl Lease for LeaseService {
         &self,
         req: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        let who = self.auth.caller(&req)?;
         let req = req.into_inner();
+        self.auth.check_lease_time_to_live(&who, req.id, req.keys).await?;
         match self.backend.lease_time_to_live(req.id, req.keys).await {
             Ok(info) => Ok(Response::new(pb::LeaseTimeToLiveResponse {
                 header: Some(self.header.header(info.revision)),
@@ -143,9 +163,11 @@ impl Lease for LeaseService {
 
     async fn lease_leases(
         &self,
-        _req: Request<pb::LeaseLeasesRequest>,
+        req: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
+        let who = self.auth.caller(&req)?;
         let ids = self.backend.lease_leases().await.map_err(backend_status)?;
+        self.auth.check_lease_leases(&who, &ids).await?;
         Ok(Response::new(pb::LeaseLeasesResponse {
             header: Some(self.current_header().await?),
             leases: ids.into_iter().map(|id| pb::LeaseStatus { id }).collect(),

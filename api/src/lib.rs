@@ -3,7 +3,7 @@
 //! Code map: `server` binds the client URLs and mounts the services; one file per etcd
 //! service (`kv`, `lease`, `maintenance`, `cluster`, `watch`); `validate` holds etcd's request
 //! checks; `convert` the protobuf <-> model conversions; `errors` is the only place that writes etcd
-//! error strings; `header` builds response headers; `ids` derives member and cluster IDs.
+//! error strings; `auth` holds users, roles, tokens and the permission checks (`auth::Guard`); `header` builds response headers; `ids` derives member and cluster IDs.
 //! Protobuf types stop here: backends only see model types.
 
 pub mod errors;
@@ -12,6 +12,7 @@ pub mod header;
 pub mod http;
 pub mod ids;
 pub mod alarms;
+pub mod auth;
 pub mod authority_fix;
 pub mod cluster;
 pub mod conn;

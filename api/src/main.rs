@@ -108,6 +108,12 @@ fn server_config(flags: &Flags) -> anyhow::Result<ServerConfig> {
         grpc_keepalive_interval: flags.grpc_keepalive_interval,
         grpc_keepalive_timeout: flags.grpc_keepalive_timeout,
         client_tls: client_tls(flags),
+        auth: cairn_api::auth::AuthConfig {
+            token: flags.auth_token.clone(),
+            token_ttl: std::time::Duration::from_secs(flags.auth_token_ttl),
+            bcrypt_cost: flags.bcrypt_cost.min(u32::MAX as u64) as u32,
+            client_cert_auth: flags.client_cert_auth,
+        },
     })
 }
 

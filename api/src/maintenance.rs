@@ -10,6 +10,7 @@ use cairn_proto::etcdserverpb::maintenance_server::Maintenance;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Guard;
 use crate::alarms::{self, Alarms};
 use crate::errors::{backend_status, ApiError};
 use crate::header::HeaderSource;
@@ -20,11 +21,19 @@ pub struct MaintenanceService {
     /// The etcd version reported by Status (--cairn-version).
     version: String,
     alarms: Alarms,
+    auth: Guard,
 }
 
 impl MaintenanceService {
     pub fn new(backend: Arc<dyn Backend>, header: HeaderSource, version: String, alarms: Alarms) -> Self {
-        Self { backend, header, version, alarms }
+        let auth = Guard::disabled(backend.clone());
+        Self { backend, header, version, alarms, auth }
+    }
+
+    /// Checks every request against the auth store behind `auth`.
+    pub fn with_auth(mut self, auth: Guard) -> Self {
+        self.auth = auth;
+        self
     }
 
     async fn current_header(&self) -> Result<pb::ResponseHeader, Status> {
@@ -38,6 +47,12 @@ type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Sta
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
+        let who = self.auth.caller(&req)?;
+        if req.get_ref().action == pb::alarm_request::AlarmAction::Get as i32 {
+            self.auth.require_user(&who)?;
+        } else {
+            self.auth.check_admin(&who)?;
+        }
         let req = req.into_inner();
         use pb::alarm_request::AlarmAction;
         let alarms = match AlarmAction::try_from(req.action) {
@@ -49,7 +64,8 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(pb::AlarmResponse { header: Some(self.current_header().await?), alarms }))
     }
 
-    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        self.auth.require_user(&self.auth.caller(&req)?)?;
         let st = self.backend.status().await.map_err(backend_status)?;
         self.header.set_raft_term(st.raft_term);
         Ok(Response::new(pb::StatusResponse {
@@ -68,20 +84,23 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(
         &self,
-        _req: Request<pb::DefragmentRequest>,
+        req: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
+        self.auth.check_admin(&self.auth.caller(&req)?)?;
         self.backend.defragment().await.map_err(backend_status)?;
         Ok(Response::new(pb::DefragmentResponse { header: Some(self.current_header().await?) }))
     }
 
     /// etcd hashes the whole backend file; Cairn has no such file, so this is HashKV's hash
     /// at the current revision.
-    async fn hash(&self, _req: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
+    async fn hash(&self, req: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
+        self.auth.check_admin(&self.auth.caller(&req)?)?;
         let h = self.backend.hash_kv(0).await.map_err(backend_status)?;
         Ok(Response::new(pb::HashResponse { header: Some(self.header.header(h.revision)), hash: h.hash }))
     }
 
     async fn hash_kv(&self, req: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
+        self.auth.check_admin(&self.auth.caller(&req)?)?;
         let h = self.backend.hash_kv(req.into_inner().revision).await.map_err(backend_status)?;
         Ok(Response::new(pb::HashKvResponse {
             header: Some(self.header.header(h.revision)),
@@ -92,18 +111,21 @@ impl Maintenance for MaintenanceService {
 
     type SnapshotStream = SnapshotStream;
 
-    async fn snapshot(&self, _req: Request<pb::SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
+    async fn snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
+        self.auth.check_admin(&self.auth.caller(&req)?)?;
         Err(ApiError::unimplemented("Maintenance.Snapshot").into())
     }
 
     async fn move_leader(
         &self,
-        _req: Request<pb::MoveLeaderRequest>,
+        req: Request<pb::MoveLeaderRequest>,
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        self.auth.check_admin(&self.auth.caller(&req)?)?;
         Err(ApiError::unimplemented("Maintenance.MoveLeader").into())
     }
 
-    async fn downgrade(&self, _req: Request<pb::DowngradeRequest>) -> Result<Response<pb::DowngradeResponse>, Status> {
+    async fn downgrade(&self, req: Request<pb::DowngradeRequest>) -> Result<Response<pb::DowngradeResponse>, Status> {
+        self.auth.check_admin(&self.auth.caller(&req)?)?;
         Err(ApiError::unimplemented("Maintenance.Downgrade").into())
     }
 }

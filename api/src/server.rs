@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use cairn_backend::Backend;
 use cairn_proto::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
     maintenance_server::MaintenanceServer,
 };
 use tokio::net::TcpListener;
@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tower_layer::{Identity, Stack};
 
 use crate::alarms::Alarms;
+use crate::auth::{AuthConfig, AuthService, AuthStore, Guard};
 use crate::cluster::{ClusterService, MemberInfo};
 use crate::conn;
 use crate::header::HeaderSource;
@@ -56,6 +57,8 @@ pub struct ServerConfig {
     pub grpc_keepalive_timeout: Duration,
     /// TLS for https client URLs.
     pub client_tls: ClientTls,
+    /// --auth-token, --auth-token-ttl, --bcrypt-cost.
+    pub auth: AuthConfig,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +80,7 @@ impl Default for ServerConfig {
             grpc_keepalive_interval: Duration::from_secs(2 * 3600),
             grpc_keepalive_timeout: Duration::from_secs(20),
             client_tls: ClientTls::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -87,6 +91,7 @@ pub struct Server {
     backend: Arc<dyn Backend>,
     /// Each listener with its TLS configuration (for https URLs).
     listeners: Vec<(TcpListener, Option<Arc<rustls::ServerConfig>>)>,
+    auth: Arc<AuthStore>,
 }
 
 impl Server {
@@ -105,7 +110,9 @@ impl Server {
             listeners.push((l, url_tls));
         }
         anyhow::ensure!(!listeners.is_empty(), "no client URL to listen on");
-        Ok(Self { cfg, backend, listeners })
+        let auth_cfg = AuthConfig { client_cert_auth: cfg.client_tls.client_cert_auth, ..cfg.auth.clone() };
+        let auth = AuthStore::open(backend.clone(), &auth_cfg).await?;
+        Ok(Self { cfg, backend, listeners, auth })
     }
 
     /// The TLS configuration when any client URL is https.
@@ -127,6 +134,7 @@ impl Server {
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let header = HeaderSource::new(self.cfg.cluster_id, self.cfg.member_id);
         let refresher = header.start_refresh(self.backend.clone()).await;
+        let auth_reloader = self.auth.spawn_reload();
         let router = self.router(&header);
         let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
         let acceptors: Vec<_> =
@@ -144,6 +152,7 @@ impl Server {
             _ = async { let _ = stopped_rx.await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
         };
         refresher.abort();
+        auth_reloader.abort();
         acceptors.iter().for_each(|a| a.abort());
         result
     }
@@ -154,9 +163,13 @@ impl Server {
         let backend = &self.backend;
         let limits = KvLimits { max_txn_ops: cfg.max_txn_ops, max_request_bytes: cfg.max_request_bytes };
         let alarms = Alarms::default();
-        let kv = KvService::new(backend.clone(), header.clone(), limits, alarms.clone());
-        let lease = LeaseService::new(backend.clone(), header.clone(), cfg.min_lease_ttl, alarms.clone());
-        let maintenance = MaintenanceService::new(backend.clone(), header.clone(), cfg.version.clone(), alarms.clone());
+        let guard = Guard::new(self.auth.clone(), backend.clone());
+        let kv = KvService::new(backend.clone(), header.clone(), limits, alarms.clone()).with_auth(guard.clone());
+        let lease =
+            LeaseService::new(backend.clone(), header.clone(), cfg.min_lease_ttl, alarms.clone()).with_auth(guard.clone());
+        let maintenance = MaintenanceService::new(backend.clone(), header.clone(), cfg.version.clone(), alarms.clone())
+            .with_auth(guard.clone());
+        let auth = AuthService::new(guard.clone(), backend.clone(), header.clone());
         let http =
             HttpEndpointsLayer::new(HttpState { backend: backend.clone(), alarms, version: cfg.version.clone() });
         let me = MemberInfo {
@@ -164,7 +177,7 @@ impl Server {
             peer_urls: cfg.peer_urls.clone(),
             client_urls: cfg.advertise_client_urls.clone(),
         };
-        let cluster = ClusterService::new(header.clone(), me);
+        let cluster = ClusterService::new(header.clone(), me).with_auth(guard.clone());
         // TODO(watch): mount watch::WatchService once api/src/watch.rs is committed.
         tonic::transport::Server::builder()
             .max_concurrent_streams(cfg.max_concurrent_streams)
@@ -177,6 +190,7 @@ impl Server {
             .add_service(LeaseServer::new(lease).max_decoding_message_size(max_decode))
             .add_service(MaintenanceServer::new(maintenance).max_decoding_message_size(max_decode))
             .add_service(ClusterServer::new(cluster).max_decoding_message_size(max_decode))
+            .add_service(AuthServer::new(auth).max_decoding_message_size(max_decode))
     }
 }
 

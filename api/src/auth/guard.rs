@@ -1,0 +1,230 @@
+//! [`Guard`]: the one place the services ask "who is calling, and may they do this?", with
+//! etcd's checks for each kind of request (etcd's `apply_auth.go`, `v3_server.go` and the auth
+//! wrappers of the maintenance and cluster servers).
+//!
+//! The caller is named by a token in the gRPC metadata (`token`, or `authorization` as etcd
+//! 3.5 also accepts), or, with `--client-cert-auth` and no token, by the common name of the
+//! verified client certificate.
+
+use std::sync::Arc;
+
+use cairn_backend::Backend;
+use cairn_proto::etcdserverpb as pb;
+use tonic::{Request, Status};
+
+use super::perms::Access;
+use super::store::AuthStore;
+use super::tokens::TokenInfo;
+use crate::conn::ConnInfo;
+use crate::errors::{backend_status, ApiError};
+
+/// Who sent a request: `None` when it carried no credentials.
+#[derive(Clone, Debug, Default)]
+pub struct Caller(pub Option<TokenInfo>);
+
+impl Caller {
+    pub fn username(&self) -> Option<&str> {
+        self.0.as_ref().map(|i| i.username.as_str())
+    }
+}
+
+#[derive(Clone)]
+pub struct Guard {
+    store: Arc<AuthStore>,
+    backend: Arc<dyn Backend>,
+}
+
+impl Guard {
+    pub fn new(store: Arc<AuthStore>, backend: Arc<dyn Backend>) -> Self {
+        Self { store, backend }
+    }
+
+    /// A guard for a server without an auth store (auth stays disabled, every request passes).
+    pub fn disabled(backend: Arc<dyn Backend>) -> Self {
+        let store = AuthStore::new(backend.clone(), &super::AuthConfig::default()).expect("default auth config");
+        Self { store, backend }
+    }
+
+    pub fn store(&self) -> &Arc<AuthStore> {
+        &self.store
+    }
+
+    /// etcd's `AuthInfoFromCtx`: a token that does not check out is an error even when auth is
+    /// disabled (etcd forgets simple tokens when auth is disabled).
+    pub fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let md = req.metadata();
+        let token = md.get("token").or_else(|| md.get("authorization"));
+        if let Some(token) = token {
+            let token = token.to_str().map_err(|_| ApiError::InvalidAuthToken)?;
+            return Ok(Caller(Some(self.store.token_info(token)?)));
+        }
+        if self.store.client_cert_auth {
+            let cn = req.extensions().get::<ConnInfo>().and_then(|c| c.common_name.clone());
+            // The JSON gateway proxies with the server's own certificate; its CN is no user.
+            if let Some(cn) = cn.filter(|_| md.get("grpcgateway-accept").is_none()) {
+                return Ok(Caller(Some(TokenInfo { username: cn, revision: self.store.revision() })));
+            }
+        }
+        Ok(Caller(None))
+    }
+
+    fn op(&self, who: &Caller, key: &[u8], range_end: &[u8], access: Access) -> Result<(), ApiError> {
+        self.store.check_op(who.0.as_ref(), key, range_end, access)
+    }
+
+    /// Root role required (when auth is enabled).
+    pub fn check_admin(&self, who: &Caller) -> Result<(), Status> {
+        Ok(self.store.check_admin(who.0.as_ref())?)
+    }
+
+    /// etcd's `requireAuthInfo`: any authenticated user (when auth is enabled).
+    pub fn require_user(&self, who: &Caller) -> Result<(), Status> {
+        if self.store.is_enabled() && who.0.is_none() {
+            return Err(ApiError::UserEmpty.into());
+        }
+        Ok(())
+    }
+
+    pub fn check_range(&self, who: &Caller, key: &[u8], range_end: &[u8]) -> Result<(), Status> {
+        Ok(self.op(who, key, range_end, Access::Read)?)
+    }
+
+    pub async fn check_put(&self, who: &Caller, r: &pb::PutRequest) -> Result<(), Status> {
+        let mut leases = Vec::new();
+        self.put_checks(who, r, &mut leases)?;
+        self.check_lease_writes(who, &leases).await
+    }
+
+    pub fn check_delete(&self, who: &Caller, r: &pb::DeleteRangeRequest) -> Result<(), Status> {
+        self.op(who, &r.key, &r.range_end, Access::Write)?;
+        if r.prev_kv {
+            self.op(who, &r.key, &r.range_end, Access::Read)?;
+        }
+        Ok(())
+    }
+
+    /// Every compare and every op of a txn, nested txns included.
+    pub async fn check_txn(&self, who: &Caller, r: &pb::TxnRequest) -> Result<(), Status> {
+        if !self.store.is_enabled() {
+            return Ok(());
+        }
+        let mut leases = Vec::new();
+        self.txn_checks(who, r, &mut leases)?;
+        self.check_lease_writes(who, &leases).await
+    }
+
+    fn put_checks(&self, who: &Caller, r: &pb::PutRequest, leases: &mut Vec<i64>) -> Result<(), ApiError> {
+        self.op(who, &r.key, b"", Access::Write)?;
+        if r.lease != 0 {
+            leases.push(r.lease);
+        }
+        if r.prev_kv {
+            self.op(who, &r.key, b"", Access::Read)?;
+        }
+        Ok(())
+    }
+
+    fn txn_checks(&self, who: &Caller, r: &pb::TxnRequest, leases: &mut Vec<i64>) -> Result<(), ApiError> {
+        for c in &r.compare {
+            self.op(who, &c.key, &c.range_end, Access::Read)?;
+        }
+        for op in r.success.iter().chain(&r.failure) {
+            use pb::request_op::Request as Op;
+            match &op.request {
+                Some(Op::RequestRange(g)) => self.op(who, &g.key, &g.range_end, Access::Read)?,
+                Some(Op::RequestPut(p)) => self.put_checks(who, p, leases)?,
+                Some(Op::RequestDeleteRange(d)) => {
+                    if d.prev_kv {
+                        self.op(who, &d.key, &d.range_end, Access::Read)?;
+                    }
+                    self.op(who, &d.key, &d.range_end, Access::Write)?;
+                }
+                Some(Op::RequestTxn(t)) => self.txn_checks(who, t, leases)?,
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The keys attached to a lease (empty when it does not exist).
+    async fn lease_keys(&self, id: i64) -> Result<Vec<Vec<u8>>, Status> {
+        match self.backend.lease_time_to_live(id, true).await {
+            Ok(info) => Ok(info.keys),
+            Err(cairn_backend::BackendError::LeaseNotFound) => Ok(Vec::new()),
+            Err(e) => Err(backend_status(e)),
+        }
+    }
+
+    /// etcd's `checkLeasePuts`: attaching to or revoking a lease needs write permission on
+    /// every key already attached to it (root may always).
+    pub async fn check_lease_writes(&self, who: &Caller, leases: &[i64]) -> Result<(), Status> {
+        if leases.is_empty() || self.store.check_admin(who.0.as_ref()).is_ok() {
+            return Ok(());
+        }
+        for &id in leases {
+            for key in self.lease_keys(id).await? {
+                self.op(who, &key, b"", Access::Write)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A keep-alive (etcd 3.5's `checkLeaseRenew`): an authenticated user with write
+    /// permission on every attached key.
+    pub async fn check_lease_renew(&self, who: &Caller, id: i64) -> Result<(), Status> {
+        if !self.store.is_enabled() {
+            return Ok(());
+        }
+        self.require_user(who)?;
+        self.check_lease_writes(who, &[id]).await
+    }
+
+    /// LeaseRevoke: write permission on every attached key.
+    pub async fn check_lease_revoke(&self, who: &Caller, id: i64) -> Result<(), Status> {
+        self.check_lease_writes(who, &[id]).await
+    }
+
+    /// LeaseTimeToLive: an authenticated user, and with `keys` read permission on every
+    /// attached key (etcd 3.5).
+    pub async fn check_lease_time_to_live(&self, who: &Caller, id: i64, keys: bool) -> Result<(), Status> {
+        self.require_user(who)?;
+        if !keys || !self.store.is_enabled() || self.store.check_admin(who.0.as_ref()).is_ok() {
+            return Ok(());
+        }
+        for key in self.lease_keys(id).await? {
+            self.op(who, &key, b"", Access::Read)?;
+        }
+        Ok(())
+    }
+
+    /// LeaseLeases: an authenticated user with read permission on the keys of every lease
+    /// (etcd 3.5).
+    pub async fn check_lease_leases(&self, who: &Caller, ids: &[i64]) -> Result<(), Status> {
+        if !self.store.is_enabled() {
+            return Ok(());
+        }
+        self.require_user(who)?;
+        if self.store.check_admin(who.0.as_ref()).is_ok() {
+            return Ok(());
+        }
+        for &id in ids {
+            for key in self.lease_keys(id).await? {
+                self.op(who, &key, b"", Access::Read)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// For a watch create: `None` when permitted, else etcd's cancel reason.
+    pub fn watch_denied(&self, who: &Result<Caller, Status>, key: &[u8], range_end: &[u8]) -> Option<String> {
+        let who = match who {
+            Ok(w) => w,
+            Err(s) => return Some(s.message().to_string()),
+        };
+        match self.op(who, key, range_end, Access::Read) {
+            Ok(()) => None,
+            Err(e @ (ApiError::InvalidAuthToken | ApiError::AuthOldRevision | ApiError::UserEmpty)) => Some(e.to_string()),
+            Err(_) => Some(ApiError::PermissionDenied.to_string()),
+        }
+    }
+}
