@@ -14,7 +14,12 @@ async fn main() {
     let clients: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(16);
     let secs: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(5);
     let dir = tempfile::tempdir().unwrap();
-    let b = NativeBackend::open(NativeConfig { data_dir: dir.path().join("d"), ..Default::default() }).await.unwrap();
+    let b = NativeBackend::open(NativeConfig {
+        data_dir: dir.path().join("d"),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
@@ -24,7 +29,11 @@ async fn main() {
             let mut n = 0u64;
             while Instant::now() < deadline {
                 let key = format!("{c:04}{n:04}").into_bytes();
-                let req = TxnRequest::unconditional(vec![RequestOp::Put(PutRequest { key, value: vec![1; 256], ..Default::default() })]);
+                let req = TxnRequest::unconditional(vec![RequestOp::Put(PutRequest {
+                    key,
+                    value: vec![1; 256],
+                    ..Default::default()
+                })]);
                 b.txn(req).await.unwrap();
                 n = (n + 1) % 10_000;
                 done.fetch_add(1, Ordering::Relaxed);
@@ -35,6 +44,9 @@ async fn main() {
         t.await.unwrap();
     }
     let n = done.load(Ordering::Relaxed);
-    println!("clients={clients} puts={n} ops/s={:.0}", n as f64 / secs as f64);
+    println!(
+        "clients={clients} puts={n} ops/s={:.0}",
+        n as f64 / secs as f64
+    );
     b.shutdown().await.unwrap();
 }

@@ -28,12 +28,26 @@ impl LeaseClock {
         let mut m = self.inner.lock();
         m.clear();
         for (id, ttl) in all {
-            m.insert(id, Lease { ttl, deadline: now + secs(ttl), expiring: false });
+            m.insert(
+                id,
+                Lease {
+                    ttl,
+                    deadline: now + secs(ttl),
+                    expiring: false,
+                },
+            );
         }
     }
 
     pub fn grant(&self, id: LeaseId, ttl: i64) {
-        self.inner.lock().insert(id, Lease { ttl, deadline: Instant::now() + secs(ttl), expiring: false });
+        self.inner.lock().insert(
+            id,
+            Lease {
+                ttl,
+                deadline: Instant::now() + secs(ttl),
+                expiring: false,
+            },
+        );
     }
 
     pub fn forget(&self, id: LeaseId) {
@@ -56,7 +70,11 @@ impl LeaseClock {
     pub fn remaining(&self, id: LeaseId) -> Option<i64> {
         let m = self.inner.lock();
         let l = m.get(&id)?;
-        Some(l.deadline.saturating_duration_since(Instant::now()).as_secs() as i64)
+        Some(
+            l.deadline
+                .saturating_duration_since(Instant::now())
+                .as_secs() as i64,
+        )
     }
 
     /// Leases past their deadline that nobody is revoking yet; marks them as being revoked.

@@ -25,8 +25,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cairn_backend::{
-    Backend, BackendError, BackendStatus, CompactResponse, FeedItem, FeedStream, HashKv, LeaseGrant, LeaseId,
-    LeaseInfo, RangeRequest, RangeResponse, Result, Revision, TxnRequest, TxnResponse,
+    Backend, BackendError, BackendStatus, CompactResponse, FeedItem, FeedStream, HashKv,
+    LeaseGrant, LeaseId, LeaseInfo, RangeRequest, RangeResponse, Result, Revision, TxnRequest,
+    TxnResponse,
 };
 use openraft::{BasicNode, Config, SnapshotPolicy};
 use tokio::sync::broadcast::error::RecvError;
@@ -100,12 +101,16 @@ impl NativeBackend {
             heartbeat_interval: cfg.heartbeat_interval_ms.clamp(10, 50),
             election_timeout_min: 150,
             election_timeout_max: 300,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_count.clamp(1, MAX_SNAPSHOT_EVERY)),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(
+                cfg.snapshot_count.clamp(1, MAX_SNAPSHOT_EVERY),
+            ),
             max_in_snapshot_log_to_keep: LOG_KEEP,
             ..Default::default()
         }
         .validate()?;
-        let sm = StateMachine { store: store.clone() };
+        let sm = StateMachine {
+            store: store.clone(),
+        };
         let raft = Raft::new(node_id, Arc::new(config), NoPeers, LogStore::new(wal), sm).await?;
         if !raft.is_initialized().await? {
             let mut members = BTreeMap::new();
@@ -121,7 +126,11 @@ impl NativeBackend {
             proposer,
             store,
             node_id,
-            quota: if cfg.quota_backend_bytes == 0 { DEFAULT_QUOTA } else { cfg.quota_backend_bytes },
+            quota: if cfg.quota_backend_bytes == 0 {
+                DEFAULT_QUOTA
+            } else {
+                cfg.quota_backend_bytes
+            },
             tasks: parking_lot::Mutex::new(Vec::new()),
         });
         let tasks = vec![
@@ -138,7 +147,10 @@ impl NativeBackend {
         for t in self.tasks.lock().drain(..) {
             t.abort();
         }
-        self.raft.shutdown().await.map_err(|e| anyhow::anyhow!("raft shutdown: {e}"))?;
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| anyhow::anyhow!("raft shutdown: {e}"))?;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.sync()).await??;
         Ok(())
@@ -148,16 +160,44 @@ impl NativeBackend {
         self.proposer.propose(cmd).await
     }
 
-    fn check_quota(&self) -> Result<()> {
-        if self.store.file_size() as u64 > self.quota {
+    /// etcd's backend quota: a request that adds `cost` bytes is refused unless the size in
+    /// use plus the cost stays below the quota; requests that add nothing always pass.
+    async fn check_quota(&self, cost: u64) -> Result<()> {
+        if cost == 0 {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let in_use = blocking(move || store.in_use()).await?;
+        if in_use as u64 + cost >= self.quota {
             return Err(BackendError::NoSpace);
         }
         Ok(())
     }
 }
 
+/// etcd's quota costs: a put's key and value plus a fixed overhead, a lease grant's overhead.
+const KV_OVERHEAD: u64 = 256;
+const LEASE_OVERHEAD: u64 = 64;
+
+/// etcd's cost of a txn: the larger of its branches' top-level puts.
+fn txn_cost(req: &TxnRequest) -> u64 {
+    let branch = |ops: &[cairn_backend::RequestOp]| -> u64 {
+        ops.iter()
+            .map(|op| match op {
+                cairn_backend::RequestOp::Put(p) => {
+                    KV_OVERHEAD + (p.key.len() + p.value.len()) as u64
+                }
+                _ => 0,
+            })
+            .sum()
+    };
+    branch(&req.success).max(branch(&req.failure))
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(BackendError::internal)?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(BackendError::internal)?
 }
 
 fn unexpected(r: CommandResult) -> BackendError {
@@ -176,7 +216,7 @@ impl Backend for NativeBackend {
             let store = self.store.clone();
             return blocking(move || store.read_txn(&req)).await;
         }
-        self.check_quota()?;
+        self.check_quota(txn_cost(&req)).await?;
         match self.propose(Command::Txn(req)).await? {
             CommandResult::Txn(r) => Ok(r),
             other => Err(unexpected(other)),
@@ -199,7 +239,9 @@ impl Backend for NativeBackend {
         let rx = self.store.feed.subscribe();
         let (cur, compact) = self.store.current();
         if from > 0 && from < compact {
-            return Err(BackendError::Compacted { compact_revision: compact });
+            return Err(BackendError::Compacted {
+                compact_revision: compact,
+            });
         }
         let next = if from <= 0 { cur + 1 } else { from };
         let (tx, out) = mpsc::channel(64);
@@ -212,10 +254,14 @@ impl Backend for NativeBackend {
     }
 
     async fn lease_grant(&self, id: LeaseId, ttl: i64) -> Result<LeaseGrant> {
-        self.check_quota()?;
+        self.check_quota(LEASE_OVERHEAD).await?;
         let chosen = id != 0;
         loop {
-            let id = if chosen { id } else { rand::random::<i64>() & i64::MAX };
+            let id = if chosen {
+                id
+            } else {
+                rand::random::<i64>() & i64::MAX
+            };
             if id == 0 {
                 continue;
             }
@@ -236,7 +282,10 @@ impl Backend for NativeBackend {
     }
 
     async fn lease_keep_alive(&self, id: LeaseId) -> Result<i64> {
-        self.store.leases.refresh(id).ok_or(BackendError::LeaseNotFound)
+        self.store
+            .leases
+            .refresh(id)
+            .ok_or(BackendError::LeaseNotFound)
     }
 
     async fn lease_time_to_live(&self, id: LeaseId, keys: bool) -> Result<LeaseInfo> {
@@ -271,7 +320,8 @@ impl Backend for NativeBackend {
     }
 
     async fn defragment(&self) -> Result<()> {
-        Ok(())
+        let store = self.store.clone();
+        blocking(move || store.defragment()).await
     }
 
     async fn doc_get(&self, name: &str) -> Result<Option<cairn_backend::Doc>> {
@@ -280,7 +330,14 @@ impl Backend for NativeBackend {
     }
 
     async fn doc_put(&self, name: &str, expected: u64, value: Vec<u8>) -> Result<Option<u64>> {
-        match self.propose(Command::DocPut { name: name.to_string(), expected, value }).await? {
+        match self
+            .propose(Command::DocPut {
+                name: name.to_string(),
+                expected,
+                value,
+            })
+            .await?
+        {
             CommandResult::DocPut(v) => Ok(v),
             other => Err(unexpected(other)),
         }
@@ -298,11 +355,20 @@ async fn feed(
     mut next: Revision,
     tx: mpsc::Sender<Result<FeedItem>>,
 ) {
-    async fn catch_up(store: &Arc<Store>, next: &mut Revision, upto: Revision, tx: &mpsc::Sender<Result<FeedItem>>) -> bool {
+    async fn catch_up(
+        store: &Arc<Store>,
+        next: &mut Revision,
+        upto: Revision,
+        tx: &mpsc::Sender<Result<FeedItem>>,
+    ) -> bool {
         while *next <= upto {
             let (_, compact) = store.current();
             if *next < compact {
-                let _ = tx.send(Err(BackendError::Compacted { compact_revision: compact })).await;
+                let _ = tx
+                    .send(Err(BackendError::Compacted {
+                        compact_revision: compact,
+                    }))
+                    .await;
                 return false;
             }
             let (s, from) = (store.clone(), *next);

@@ -43,7 +43,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let st = self.wal.state.lock();
-        Ok(LogState { last_purged_log_id: st.purged, last_log_id: st.last_log_id() })
+        Ok(LogState {
+            last_purged_log_id: st.purged,
+            last_log_id: st.last_log_id(),
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -64,14 +67,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         self.wal.state.lock().committed = committed;
-        self.wal.submit(&[Record::Committed(committed)], Done::Nothing).map_err(write_err)
+        self.wal
+            .submit(&[Record::Committed(committed)], Done::Nothing)
+            .map_err(write_err)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
         Ok(self.wal.state.lock().committed)
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -85,12 +94,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 }
             }
         }
-        self.wal.submit(&records, Done::Flushed(callback)).map_err(write_err)
+        self.wal
+            .submit(&records, Done::Flushed(callback))
+            .map_err(write_err)
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.wal.state.lock().entries.split_off(&log_id.index);
-        self.wal.write_sync(&[Record::Truncate(log_id.index)]).await.map_err(write_err)
+        self.wal
+            .write_sync(&[Record::Truncate(log_id.index)])
+            .await
+            .map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -100,6 +114,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             st.entries = keep;
             st.purged = Some(log_id);
         }
-        self.wal.submit(&[Record::Purge(log_id)], Done::Nothing).map_err(write_err)
+        self.wal
+            .submit(&[Record::Purge(log_id)], Done::Nothing)
+            .map_err(write_err)
     }
 }

@@ -48,7 +48,9 @@ impl Proposer {
 async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<(Command, Reply)>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let mut group = vec![first];
         while group.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -57,7 +59,11 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<(Command, Reply)>) {
             }
         }
         let (mut cmds, replies): (Vec<Command>, Vec<Reply>) = group.into_iter().unzip();
-        let cmd = if cmds.len() == 1 { cmds.pop().expect("one command") } else { Command::Batch(cmds) };
+        let cmd = if cmds.len() == 1 {
+            cmds.pop().expect("one command")
+        } else {
+            Command::Batch(cmds)
+        };
         let pending = raft.client_write_ff(cmd).await;
         tokio::spawn(async move {
             let result = match pending {
@@ -76,7 +82,9 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<(Command, Reply)>) {
 
 fn deliver(result: Result<CommandResult>, mut replies: Vec<Reply>) {
     match result {
-        Ok(CommandResult::Batch(results)) if results.len() == replies.len() && replies.len() > 1 => {
+        Ok(CommandResult::Batch(results))
+            if results.len() == replies.len() && replies.len() > 1 =>
+        {
             for (r, reply) in results.into_iter().zip(replies) {
                 let _ = reply.send(Ok(r));
             }
@@ -100,8 +108,12 @@ fn deliver(result: Result<CommandResult>, mut replies: Vec<Reply>) {
 
 fn map_write_error(e: RaftError<u64, ClientWriteError<u64, openraft::BasicNode>>) -> BackendError {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => BackendError::Unavailable("not leader".into()),
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => BackendError::internal(e),
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            BackendError::Unavailable("not leader".into())
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            BackendError::internal(e)
+        }
         RaftError::Fatal(e) => {
             tracing::error!(error = %e, "raft stopped");
             BackendError::Stopped

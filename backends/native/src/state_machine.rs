@@ -18,7 +18,9 @@ fn sm_err(e: impl std::fmt::Display) -> StorageError {
     StorageIOError::write_state_machine(&std::io::Error::other(e.to_string())).into()
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, StorageError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StorageError> {
     tokio::task::spawn_blocking(f).await.map_err(sm_err)
 }
 
@@ -33,7 +35,9 @@ impl StateMachine {
         })
         .await?
         .map_err(sm_err)?;
-        let id = state.last_applied.map_or("0-0".to_string(), |l| format!("{}-{}", l.leader_id, l.index));
+        let id = state.last_applied.map_or("0-0".to_string(), |l| {
+            format!("{}-{}", l.leader_id, l.index)
+        });
         Ok(Snapshot {
             meta: SnapshotMeta {
                 last_log_id: state.last_applied,
@@ -68,7 +72,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let store = self.store.clone();
-        blocking(move || store.apply(entries)).await?.map_err(sm_err)
+        blocking(move || store.apply(entries))
+            .await?
+            .map_err(sm_err)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -87,7 +93,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let store = self.store.clone();
         let applied = meta.last_log_id;
         let membership = meta.last_membership.clone();
-        blocking(move || store.install(*snapshot, applied, &membership)).await?.map_err(sm_err)
+        blocking(move || store.install(*snapshot, applied, &membership))
+            .await?
+            .map_err(sm_err)
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {

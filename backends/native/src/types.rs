@@ -2,7 +2,9 @@
 
 use std::io::Cursor;
 
-use cairn_backend::{BackendError, CompactResponse, LeaseGrant, LeaseId, Revision, TxnRequest, TxnResponse};
+use cairn_backend::{
+    BackendError, CompactResponse, LeaseGrant, LeaseId, Revision, TxnRequest, TxnResponse,
+};
 use serde::{Deserialize, Serialize};
 
 openraft::declare_raft_types!(
@@ -38,7 +40,11 @@ pub enum Command {
     /// Revoke (or expire) a lease, deleting its keys.
     LeaseRevoke { id: LeaseId },
     /// Replace a document if its version is `expected`.
-    DocPut { name: String, expected: u64, value: Vec<u8> },
+    DocPut {
+        name: String,
+        expected: u64,
+        value: Vec<u8>,
+    },
     /// Several commands proposed together as one raft entry (group commit); each is applied
     /// in order with its own revision and result.
     Batch(Vec<Command>),

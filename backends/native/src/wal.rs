@@ -71,7 +71,11 @@ impl LogState {
     }
 
     pub fn last_log_id(&self) -> Option<LogId> {
-        self.entries.values().next_back().map(|e| e.log_id).or(self.purged)
+        self.entries
+            .values()
+            .next_back()
+            .map(|e| e.log_id)
+            .or(self.purged)
     }
 }
 
@@ -140,7 +144,11 @@ impl Wal {
             encode(r, &mut bytes)?;
         }
         self.tx
-            .send(Job { bytes, max_index, done })
+            .send(Job {
+                bytes,
+                max_index,
+                done,
+            })
             .map_err(|_| io::Error::other("write-ahead log writer stopped"))
     }
 
@@ -148,7 +156,8 @@ impl Wal {
     pub async fn write_sync(&self, records: &[Record]) -> io::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.submit(records, Done::Notify(tx))?;
-        rx.await.map_err(|_| io::Error::other("write-ahead log writer stopped"))?
+        rx.await
+            .map_err(|_| io::Error::other("write-ahead log writer stopped"))?
     }
 }
 
@@ -168,8 +177,12 @@ fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     for ent in fs::read_dir(dir)? {
         let path = ent?.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-        let Some(hex) = name.strip_suffix(".wal") else { continue };
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(hex) = name.strip_suffix(".wal") else {
+            continue;
+        };
         if let Ok(seq) = u64::from_str_radix(hex, 16) {
             out.push((seq, path));
         }
@@ -179,7 +192,10 @@ fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 }
 
 fn create_segment(dir: &Path, seq: u64) -> io::Result<File> {
-    let file = OpenOptions::new().create_new(true).append(true).open(segment_path(dir, seq))?;
+    let file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(segment_path(dir, seq))?;
     File::open(dir)?.sync_all()?;
     Ok(file)
 }
@@ -209,7 +225,10 @@ fn replay_segment(path: &Path, is_last: bool, state: &mut LogState) -> io::Resul
             None => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("write-ahead log segment {} is corrupt at offset {pos}", path.display()),
+                    format!(
+                        "write-ahead log segment {} is corrupt at offset {pos}",
+                        path.display()
+                    ),
                 ));
             }
         }
@@ -253,7 +272,10 @@ impl Writer {
             }
             let result = self.write_batch(&batch);
             for job in batch {
-                let r = result.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.clone()));
+                let r = result
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| io::Error::other(e.clone()));
                 match job.done {
                     Done::Flushed(cb) => cb.log_io_completed(r),
                     Done::Notify(tx) => {
@@ -328,7 +350,9 @@ impl Writer {
         let old: Vec<u64> = self
             .seg_max
             .iter()
-            .filter(|(s, max)| **s < next && max.is_none_or(|m| purged_index.is_some_and(|p| m <= p)))
+            .filter(|(s, max)| {
+                **s < next && max.is_none_or(|m| purged_index.is_some_and(|p| m <= p))
+            })
             .map(|(s, _)| *s)
             .collect();
         for s in old {

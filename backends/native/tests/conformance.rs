@@ -11,11 +11,16 @@ struct Native {
 
 impl Native {
     fn new() -> Self {
-        Native { dir: tempfile::tempdir().expect("temp dir") }
+        Native {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
     }
 
     fn config(&self) -> NativeConfig {
-        NativeConfig { data_dir: self.dir.path().join("data"), ..Default::default() }
+        NativeConfig {
+            data_dir: self.dir.path().join("data"),
+            ..Default::default()
+        }
     }
 }
 
@@ -24,7 +29,9 @@ impl Harness for Native {
     type B = NativeBackend;
 
     async fn open(&self) -> Arc<NativeBackend> {
-        NativeBackend::open(self.config()).await.expect("open native backend")
+        NativeBackend::open(self.config())
+            .await
+            .expect("open native backend")
     }
 
     async fn reopen(&self, b: Arc<NativeBackend>) -> Option<Arc<NativeBackend>> {

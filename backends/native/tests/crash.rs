@@ -12,7 +12,10 @@ use cairn_native::{NativeBackend, NativeConfig};
 const CHILD_ENV: &str = "CAIRN_CRASH_DIR";
 
 fn config(dir: &std::path::Path) -> NativeConfig {
-    NativeConfig { data_dir: dir.to_path_buf(), ..Default::default() }
+    NativeConfig {
+        data_dir: dir.to_path_buf(),
+        ..Default::default()
+    }
 }
 
 fn put(key: String) -> TxnRequest {
@@ -31,7 +34,9 @@ fn crash_child_writer() {
     let round = std::env::var("CAIRN_CRASH_ROUND").expect("child needs CAIRN_CRASH_ROUND");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
-        let b = NativeBackend::open(config(dir.as_ref())).await.expect("open");
+        let b = NativeBackend::open(config(dir.as_ref()))
+            .await
+            .expect("open");
         println!("READY");
         let mut tasks = Vec::new();
         for w in 0..8 {
@@ -59,7 +64,14 @@ fn kill_9_loses_no_acknowledged_write() {
     let mut total_acked = 0;
     for round in 0..4u64 {
         let mut child = Command::new(&exe)
-            .args(["--ignored", "--exact", "crash_child_writer", "--nocapture", "--test-threads", "1"])
+            .args([
+                "--ignored",
+                "--exact",
+                "crash_child_writer",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
             .env(CHILD_ENV, dir.path())
             .env("CAIRN_CRASH_ROUND", round.to_string())
             .stdout(Stdio::piped())
@@ -83,30 +95,53 @@ fn kill_9_loses_no_acknowledged_write() {
         child.kill().expect("SIGKILL child");
         child.wait().unwrap();
         let acked = reader.join().unwrap();
-        assert!(!acked.is_empty(), "round {round}: the child acknowledged no write before it was killed");
+        assert!(
+            !acked.is_empty(),
+            "round {round}: the child acknowledged no write before it was killed"
+        );
         total_acked += acked.len();
-        println!("round {round}: {} acknowledged puts before SIGKILL", acked.len());
+        println!(
+            "round {round}: {} acknowledged puts before SIGKILL",
+            acked.len()
+        );
 
         rt.block_on(async {
-            let b: Arc<NativeBackend> = NativeBackend::open(config(dir.path())).await.expect("store reopens after kill -9");
+            let b: Arc<NativeBackend> = NativeBackend::open(config(dir.path()))
+                .await
+                .expect("store reopens after kill -9");
             for (key, rev) in &acked {
                 let r = b
-                    .range(RangeRequest { range: KeyRange::single(key.clone().into_bytes()), ..Default::default() })
+                    .range(RangeRequest {
+                        range: KeyRange::single(key.clone().into_bytes()),
+                        ..Default::default()
+                    })
                     .await
                     .unwrap();
                 assert_eq!(r.kvs.len(), 1, "round {round}: acknowledged key {key} lost");
-                assert_eq!(r.kvs[0].mod_revision, *rev, "round {round}: key {key} has a different revision");
+                assert_eq!(
+                    r.kvs[0].mod_revision, *rev,
+                    "round {round}: key {key} has a different revision"
+                );
             }
             // Every revision 2..=current holds exactly one put: gap-free, no duplicates.
             let all = b
-                .range(RangeRequest { range: KeyRange::new(vec![0], vec![0]), ..Default::default() })
+                .range(RangeRequest {
+                    range: KeyRange::new(vec![0], vec![0]),
+                    ..Default::default()
+                })
                 .await
                 .unwrap();
             let mut revs: Vec<i64> = all.kvs.iter().map(|kv| kv.mod_revision).collect();
             revs.sort();
             let expected: Vec<i64> = (2..=all.revision).collect();
-            assert_eq!(revs, expected, "round {round}: revisions are not gap-free after recovery");
-            assert!(all.kvs.len() >= total_acked, "fewer keys than acknowledged writes");
+            assert_eq!(
+                revs, expected,
+                "round {round}: revisions are not gap-free after recovery"
+            );
+            assert!(
+                all.kvs.len() >= total_acked,
+                "fewer keys than acknowledged writes"
+            );
             b.shutdown().await.unwrap();
         });
     }

@@ -38,7 +38,10 @@ pub fn encode_kv(kv: &KeyValue) -> Vec<u8> {
 
 /// The tombstone record of a delete at `rev`.
 pub fn encode_tombstone(rev: i64) -> Vec<u8> {
-    encode_kv(&KeyValue { mod_revision: rev, ..Default::default() })
+    encode_kv(&KeyValue {
+        mod_revision: rev,
+        ..Default::default()
+    })
 }
 
 fn i64_at(b: &[u8], at: usize) -> i64 {
@@ -55,7 +58,11 @@ pub fn decode_kv(key: &[u8], b: &[u8], with_value: bool) -> KeyValue {
         mod_revision: i64_at(b, 8),
         version: i64_at(b, 16),
         lease: i64_at(b, 24),
-        value: if with_value { b[32..].to_vec() } else { Vec::new() },
+        value: if with_value {
+            b[32..].to_vec()
+        } else {
+            Vec::new()
+        },
     }
 }
 

@@ -18,7 +18,8 @@ const BATCH: usize = 5_000;
 impl Store {
     /// Runs one batch; returns true when there is more to do.
     pub fn compact_step(&self) -> Result<bool> {
-        let mut txn = self.db.begin_write().map_err(db_err)?;
+        let db = self.db.read();
+        let mut txn = db.begin_write().map_err(db_err)?;
         txn.set_durability(Durability::None);
         let more;
         {
@@ -31,7 +32,10 @@ impl Store {
                 return Ok(false);
             }
             let mut rows = Vec::with_capacity(BATCH);
-            for item in events.range::<(u64, u32)>((done.max(0) as u64, 0)..(compact as u64, 0)).map_err(db_err)? {
+            for item in events
+                .range::<(u64, u32)>((done.max(0) as u64, 0)..(compact as u64, 0))
+                .map_err(db_err)?
+            {
                 let (k, v) = item.map_err(db_err)?;
                 rows.push((k.value(), v.value().to_vec()));
                 if rows.len() == BATCH {
@@ -41,10 +45,16 @@ impl Store {
             more = rows.len() == BATCH;
             // Rows handled here are deleted, so restarting at the last revision seen (which may
             // have rows left) revisits nothing.
-            let upto = if more { rows.last().map(|((r, _), _)| *r as i64).unwrap_or(compact) } else { compact };
+            let upto = if more {
+                rows.last().map(|((r, _), _)| *r as i64).unwrap_or(compact)
+            } else {
+                compact
+            };
             for ((rev, sub), key) in &rows {
                 let superseded = history
-                    .range::<(&[u8], u64)>((key.as_slice(), rev + 1)..=(key.as_slice(), compact as u64))
+                    .range::<(&[u8], u64)>(
+                        (key.as_slice(), rev + 1)..=(key.as_slice(), compact as u64),
+                    )
                     .map_err(db_err)?
                     .next()
                     .is_some();
@@ -57,7 +67,8 @@ impl Store {
                 }
                 events.remove((*rev, *sub)).map_err(db_err)?;
             }
-            meta.insert(M_PHYSICAL, enc_i64(upto).as_slice()).map_err(db_err)?;
+            meta.insert(M_PHYSICAL, enc_i64(upto).as_slice())
+                .map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         Ok(more)

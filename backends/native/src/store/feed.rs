@@ -9,12 +9,20 @@ use super::Store;
 impl Store {
     /// The events of revisions `from..=to`, at most `max_revisions` of them, grouped by
     /// revision in order, with `prev_kv` filled in where history still has it.
-    pub fn read_events(&self, from: Revision, to: Revision, max_revisions: usize) -> Result<Vec<ChangeBatch>> {
-        let r = self.db.begin_read().map_err(db_err)?;
+    pub fn read_events(
+        &self,
+        from: Revision,
+        to: Revision,
+        max_revisions: usize,
+    ) -> Result<Vec<ChangeBatch>> {
+        let db = self.db.read();
+        let r = db.begin_read().map_err(db_err)?;
         let events = r.open_table(EVENTS).map_err(db_err)?;
         let history = r.open_table(HISTORY).map_err(db_err)?;
         let mut out: Vec<ChangeBatch> = Vec::new();
-        let iter = events.range::<(u64, u32)>((from as u64, 0)..=(to as u64, u32::MAX)).map_err(db_err)?;
+        let iter = events
+            .range::<(u64, u32)>((from as u64, 0)..=(to as u64, u32::MAX))
+            .map_err(db_err)?;
         for item in iter {
             let (k, v) = item.map_err(db_err)?;
             let (rev, _) = k.value();
@@ -23,14 +31,21 @@ impl Store {
                 if out.len() == max_revisions {
                     break;
                 }
-                out.push(ChangeBatch { revision: rev, events: Vec::new() });
+                out.push(ChangeBatch {
+                    revision: rev,
+                    events: Vec::new(),
+                });
             }
             let key = v.value();
             let rec = history
                 .get((key, rev as u64))
                 .map_err(db_err)?
                 .ok_or_else(|| db_err(format!("history lost a version at revision {rev}")))?;
-            let prev_kv = match history.range::<(&[u8], u64)>((key, 0)..(key, rev as u64)).map_err(db_err)?.next_back() {
+            let prev_kv = match history
+                .range::<(&[u8], u64)>((key, 0)..(key, rev as u64))
+                .map_err(db_err)?
+                .next_back()
+            {
                 Some(p) => {
                     let (_, pv) = p.map_err(db_err)?;
                     (!is_tombstone(pv.value())).then(|| decode_kv(key, pv.value(), true))
@@ -40,11 +55,19 @@ impl Store {
             let event = if is_tombstone(rec.value()) {
                 Event {
                     kind: EventKind::Delete,
-                    kv: KeyValue { key: key.to_vec(), mod_revision: rev, ..Default::default() },
+                    kv: KeyValue {
+                        key: key.to_vec(),
+                        mod_revision: rev,
+                        ..Default::default()
+                    },
                     prev_kv,
                 }
             } else {
-                Event { kind: EventKind::Put, kv: decode_kv(key, rec.value(), true), prev_kv }
+                Event {
+                    kind: EventKind::Put,
+                    kv: decode_kv(key, rec.value(), true),
+                    prev_kv,
+                }
             };
             out.last_mut().expect("pushed above").events.push(event);
         }

@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use cairn_backend::exec::{self, TxnView};
 use cairn_backend::{
-    BackendError, ChangeBatch, CompactResponse, Event, EventKind, HashKv, KeyRange, LeaseGrant, LeaseId,
-    LeaseInfo, RangeRequest, RangeResponse, Result, Revision, TxnRequest, TxnResponse,
+    BackendError, ChangeBatch, CompactResponse, Event, EventKind, HashKv, KeyRange, LeaseGrant,
+    LeaseId, LeaseInfo, RangeRequest, RangeResponse, Result, Revision, TxnRequest, TxnResponse,
 };
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::broadcast;
 
@@ -38,9 +38,13 @@ use crate::types::{Command, CommandResult, LogId, StoredMembership};
 
 /// Longest time between synced commits of the state machine.
 const SYNC_EVERY: Duration = Duration::from_millis(1000);
+/// Longest time the quota check relies on an estimate of the in-use bytes.
+const MEASURE_EVERY: Duration = Duration::from_millis(1000);
 
 pub(crate) struct Store {
-    pub db: Database,
+    /// Behind a lock only so that [`Store::defragment`] can get `&mut Database`; everything
+    /// else holds the read side for the whole of its redb transaction.
+    db: RwLock<Database>,
     path: std::path::PathBuf,
     pub feed: broadcast::Sender<Arc<ChangeBatch>>,
     pub leases: LeaseClock,
@@ -49,6 +53,11 @@ pub(crate) struct Store {
     pub compact: AtomicI64,
     last_sync: Mutex<Instant>,
     pub compactor: tokio::sync::Notify,
+    /// redb's in-use bytes when last measured, and the bytes applied since (an estimate of
+    /// the growth), so that the quota check costs nothing per write; see [`Store::in_use`].
+    measured_in_use: AtomicI64,
+    written_since: AtomicI64,
+    measured_at: Mutex<Instant>,
 }
 
 /// What `applied_state` needs.
@@ -84,7 +93,7 @@ impl Store {
         };
         let (feed, _) = broadcast::channel(4096);
         let store = Arc::new(Store {
-            db,
+            db: RwLock::new(db),
             path: path.to_path_buf(),
             feed,
             leases: LeaseClock::default(),
@@ -92,14 +101,19 @@ impl Store {
             compact: AtomicI64::new(compact),
             last_sync: Mutex::new(Instant::now()),
             compactor: tokio::sync::Notify::new(),
+            measured_in_use: AtomicI64::new(0),
+            written_since: AtomicI64::new(0),
+            measured_at: Mutex::new(Instant::now()),
         });
+        store.sizes()?;
         store.reset_lease_clock()?;
         Ok(store)
     }
 
     /// Gives every stored lease a full TTL from now (as etcd does when a leader takes over).
     pub fn reset_lease_clock(&self) -> Result<()> {
-        let r = self.db.begin_read().map_err(db_err)?;
+        let db = self.db.read();
+        let r = db.begin_read().map_err(db_err)?;
         let t = r.open_table(LEASES).map_err(db_err)?;
         let mut all = Vec::new();
         for item in t.iter().map_err(db_err)? {
@@ -111,13 +125,19 @@ impl Store {
     }
 
     pub fn current(&self) -> (Revision, Revision) {
-        (self.revision.load(Ordering::Acquire), self.compact.load(Ordering::Acquire))
+        (
+            self.revision.load(Ordering::Acquire),
+            self.compact.load(Ordering::Acquire),
+        )
     }
 
     pub fn applied_state(&self) -> Result<AppliedState> {
-        let r = self.db.begin_read().map_err(db_err)?;
+        let db = self.db.read();
+        let r = db.begin_read().map_err(db_err)?;
         let meta = r.open_table(META).map_err(db_err)?;
-        let get = |name| -> Result<Option<Vec<u8>>> { Ok(meta.get(name).map_err(db_err)?.map(|v| v.value().to_vec())) };
+        let get = |name| -> Result<Option<Vec<u8>>> {
+            Ok(meta.get(name).map_err(db_err)?.map(|v| v.value().to_vec()))
+        };
         let last_applied = match get(M_APPLIED)? {
             Some(b) => postcard::from_bytes(&b).map_err(db_err)?,
             None => None,
@@ -126,14 +146,22 @@ impl Store {
             Some(b) => postcard::from_bytes(&b).map_err(db_err)?,
             None => StoredMembership::default(),
         };
-        Ok(AppliedState { last_applied, membership })
+        Ok(AppliedState {
+            last_applied,
+            membership,
+        })
     }
 
     /// Applies a batch of committed raft entries in one redb txn; returns one result per entry.
     pub fn apply(&self, entries: Vec<crate::types::Entry>) -> Result<Vec<CommandResult>> {
-        let mut txn = self.db.begin_write().map_err(db_err)?;
+        let db = self.db.read();
+        let mut txn = db.begin_write().map_err(db_err)?;
         let sync = self.last_sync.lock().elapsed() >= SYNC_EVERY;
-        txn.set_durability(if sync { Durability::Immediate } else { Durability::None });
+        txn.set_durability(if sync {
+            Durability::Immediate
+        } else {
+            Durability::None
+        });
         let mut results = Vec::with_capacity(entries.len());
         let mut batches = Vec::new();
         let mut lease_changes = Vec::new();
@@ -154,7 +182,8 @@ impl Store {
                         CommandResult::None
                     }
                     openraft::EntryPayload::Normal(cmd) => {
-                        let (res, batch) = t.run(cmd, &mut rev, &mut compact, &mut lease_changes)?;
+                        let (res, batch) =
+                            t.run(cmd, &mut rev, &mut compact, &mut lease_changes)?;
                         compacted |= res.compacted();
                         batches.extend(batch.into_iter().map(Arc::new));
                         res
@@ -162,10 +191,16 @@ impl Store {
                 };
                 results.push(result);
             }
-            t.meta.insert(M_REVISION, enc_i64(rev).as_slice()).map_err(db_err)?;
-            t.meta.insert(M_COMPACT, enc_i64(compact).as_slice()).map_err(db_err)?;
+            t.meta
+                .insert(M_REVISION, enc_i64(rev).as_slice())
+                .map_err(db_err)?;
+            t.meta
+                .insert(M_COMPACT, enc_i64(compact).as_slice())
+                .map_err(db_err)?;
             let applied = postcard::to_allocvec(&last).map_err(db_err)?;
-            t.meta.insert(M_APPLIED, applied.as_slice()).map_err(db_err)?;
+            t.meta
+                .insert(M_APPLIED, applied.as_slice())
+                .map_err(db_err)?;
             if let Some(m) = membership {
                 let m = postcard::to_allocvec(&m).map_err(db_err)?;
                 t.meta.insert(M_MEMBERSHIP, m.as_slice()).map_err(db_err)?;
@@ -185,6 +220,13 @@ impl Store {
                 LeaseChange::Revoked(id) => self.leases.forget(id),
             }
         }
+        let written: usize = batches
+            .iter()
+            .flat_map(|b| b.events.iter())
+            .map(|e| 64 + 2 * (e.kv.key.len() + e.kv.value.len()))
+            .sum();
+        self.written_since
+            .fetch_add(written as i64, Ordering::Relaxed);
         for b in batches {
             let _ = self.feed.send(b);
         }
@@ -196,7 +238,8 @@ impl Store {
 
     /// Makes everything applied so far durable.
     pub fn sync(&self) -> Result<()> {
-        let mut txn = self.db.begin_write().map_err(db_err)?;
+        let db = self.db.read();
+        let mut txn = db.begin_write().map_err(db_err)?;
         txn.set_durability(Durability::Immediate);
         txn.commit().map_err(db_err)?;
         *self.last_sync.lock() = Instant::now();
@@ -205,7 +248,8 @@ impl Store {
 
     /// A range (or a read-only txn) served from the latest committed state.
     pub fn read_txn(&self, req: &TxnRequest) -> Result<TxnResponse> {
-        let r = self.db.begin_read().map_err(db_err)?;
+        let db = self.db.read();
+        let r = db.begin_read().map_err(db_err)?;
         let current = r.open_table(CURRENT).map_err(db_err)?;
         let history = r.open_table(HISTORY).map_err(db_err)?;
         let leases = r.open_table(LEASES).map_err(db_err)?;
@@ -218,7 +262,8 @@ impl Store {
     }
 
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
-        let r = self.db.begin_read().map_err(db_err)?;
+        let db = self.db.read();
+        let r = db.begin_read().map_err(db_err)?;
         let current = r.open_table(CURRENT).map_err(db_err)?;
         let history = r.open_table(HISTORY).map_err(db_err)?;
         let leases = r.open_table(LEASES).map_err(db_err)?;
@@ -230,12 +275,16 @@ impl Store {
     }
 
     pub fn lease_info(&self, id: LeaseId, keys: bool) -> Result<LeaseInfo> {
-        let r = self.db.begin_read().map_err(db_err)?;
+        let db = self.db.read();
+        let r = db.begin_read().map_err(db_err)?;
         let leases = r.open_table(LEASES).map_err(db_err)?;
         let Some(granted) = leases.get(id).map_err(db_err)?.map(|v| v.value()) else {
             return Err(BackendError::LeaseNotFound);
         };
-        let ttl = self.leases.remaining(id).ok_or(BackendError::LeaseNotFound)?;
+        let ttl = self
+            .leases
+            .remaining(id)
+            .ok_or(BackendError::LeaseNotFound)?;
         let mut out = Vec::new();
         if keys {
             let lk = r.open_table(LEASE_KEYS).map_err(db_err)?;
@@ -248,11 +297,18 @@ impl Store {
                 out.push(key.to_vec());
             }
         }
-        Ok(LeaseInfo { id, ttl, granted_ttl: granted, keys: out, revision: self.current().0 })
+        Ok(LeaseInfo {
+            id,
+            ttl,
+            granted_ttl: granted,
+            keys: out,
+            revision: self.current().0,
+        })
     }
 
     pub fn lease_ids(&self) -> Result<Vec<LeaseId>> {
-        let r = self.db.begin_read().map_err(db_err)?;
+        let db = self.db.read();
+        let r = db.begin_read().map_err(db_err)?;
         let leases = r.open_table(LEASES).map_err(db_err)?;
         let mut out = Vec::new();
         for item in leases.iter().map_err(db_err)? {
@@ -262,7 +318,8 @@ impl Store {
     }
 
     pub fn doc(&self, name: &str) -> Result<Option<cairn_backend::Doc>> {
-        let r = self.db.begin_read().map_err(db_err)?;
+        let db = self.db.read();
+        let r = db.begin_read().map_err(db_err)?;
         let docs = r.open_table(DOCS).map_err(db_err)?;
         Ok(docs.get(name).map_err(db_err)?.map(|v| cairn_backend::Doc {
             version: doc_version(v.value()),
@@ -278,9 +335,12 @@ impl Store {
             return Err(BackendError::FutureRevision);
         }
         if rev < compact {
-            return Err(BackendError::Compacted { compact_revision: compact });
+            return Err(BackendError::Compacted {
+                compact_revision: compact,
+            });
         }
-        let r = self.db.begin_read().map_err(db_err)?;
+        let db = self.db.read();
+        let r = db.begin_read().map_err(db_err)?;
         let history = r.open_table(HISTORY).map_err(db_err)?;
         let mut h = crc32fast::Hasher::new();
         for item in history.iter().map_err(db_err)? {
@@ -293,16 +353,67 @@ impl Store {
             h.update(&r.to_be_bytes());
             h.update(v.value());
         }
-        Ok(HashKv { hash: h.finalize(), compact_revision: compact, hash_revision: rev, revision: cur })
+        Ok(HashKv {
+            hash: h.finalize(),
+            compact_revision: compact,
+            hash_revision: rev,
+            revision: cur,
+        })
     }
 
-    /// File size and bytes in use.
+    /// File size and bytes in use (redb's allocated pages). Reading redb's statistics needs a
+    /// write txn, which is aborted.
     pub fn sizes(&self) -> Result<(i64, i64)> {
-        Ok((self.file_size(), self.file_size()))
+        let db = self.db.read();
+        let txn = db.begin_write().map_err(db_err)?;
+        let stats = txn.stats().map_err(db_err)?;
+        txn.abort().map_err(db_err)?;
+        let in_use = (stats.allocated_pages() * stats.page_size() as u64) as i64;
+        self.measured_in_use.store(in_use, Ordering::Relaxed);
+        self.written_since.store(0, Ordering::Relaxed);
+        *self.measured_at.lock() = Instant::now();
+        Ok((self.file_size(), in_use))
+    }
+
+    /// Bytes in use for the space quota: the last measurement plus what was applied since,
+    /// measured afresh when that is older than [`MEASURE_EVERY`] (measuring walks the trees).
+    pub fn in_use(&self) -> Result<i64> {
+        if self.measured_at.lock().elapsed() >= MEASURE_EVERY {
+            return Ok(self.sizes()?.1);
+        }
+        Ok(self.measured_in_use.load(Ordering::Relaxed)
+            + self.written_since.load(Ordering::Relaxed))
+    }
+
+    /// Gives free space back to the filesystem (redb's compaction). Applies, reads and feeds
+    /// wait on the lock meanwhile, so none of them sees a half-compacted file; redb refuses
+    /// while a read txn is open, which the lock rules out, so that is only retried briefly.
+    pub fn defragment(&self) -> Result<()> {
+        let mut db = self.db.write();
+        // Unsynced commits pin the last synced state like a reader would; a synced commit
+        // releases them.
+        let mut txn = db.begin_write().map_err(db_err)?;
+        txn.set_durability(Durability::Immediate);
+        txn.commit().map_err(db_err)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match db.compact() {
+                Ok(_) => break,
+                Err(redb::CompactionError::TransactionInProgress) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(db_err(e)),
+            }
+        }
+        *self.last_sync.lock() = Instant::now();
+        drop(db);
+        self.sizes().map(|_| ())
     }
 
     pub fn file_size(&self) -> i64 {
-        std::fs::metadata(&self.path).map(|m| m.len() as i64).unwrap_or(0)
+        std::fs::metadata(&self.path)
+            .map(|m| m.len() as i64)
+            .unwrap_or(0)
     }
 }
 
@@ -331,7 +442,10 @@ fn doc_version(rec: &[u8]) -> u64 {
 }
 
 fn read_i64(t: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> Result<i64> {
-    Ok(t.get(name).map_err(db_err)?.map(|v| dec_i64(v.value())).unwrap_or(0))
+    Ok(t.get(name)
+        .map_err(db_err)?
+        .map(|v| dec_i64(v.value()))
+        .unwrap_or(0))
 }
 
 /// The tables of one write txn.
@@ -380,13 +494,18 @@ impl<'t> Tables<'t> {
             }
             Command::Txn(req) => {
                 let (outcome, events) = {
-                    let mut view = View::new(&self.current, &self.history, &self.leases, *rev, *compact);
+                    let mut view =
+                        View::new(&self.current, &self.history, &self.leases, *rev, *compact);
                     let outcome = exec::execute(&mut view, &req);
                     (outcome, std::mem::take(&mut view.events))
                 };
                 match outcome {
                     Ok((resp, wrote)) => {
-                        let batch = if wrote { vec![self.write_events(*rev + 1, events)?] } else { Vec::new() };
+                        let batch = if wrote {
+                            vec![self.write_events(*rev + 1, events)?]
+                        } else {
+                            Vec::new()
+                        };
                         if wrote {
                             *rev += 1;
                         }
@@ -396,25 +515,43 @@ impl<'t> Tables<'t> {
                     Err(e) => Ok((CommandResult::Err(e), Vec::new())),
                 }
             }
-            Command::DocPut { name, expected, value } => {
-                let current = self.docs.get(name.as_str()).map_err(db_err)?.map_or(0, |v| doc_version(v.value()));
+            Command::DocPut {
+                name,
+                expected,
+                value,
+            } => {
+                let current = self
+                    .docs
+                    .get(name.as_str())
+                    .map_err(db_err)?
+                    .map_or(0, |v| doc_version(v.value()));
                 if current != expected {
                     return Ok((CommandResult::DocPut(None), Vec::new()));
                 }
                 let mut rec = (expected + 1).to_le_bytes().to_vec();
                 rec.extend_from_slice(&value);
-                self.docs.insert(name.as_str(), rec.as_slice()).map_err(db_err)?;
+                self.docs
+                    .insert(name.as_str(), rec.as_slice())
+                    .map_err(db_err)?;
                 Ok((CommandResult::DocPut(Some(expected + 1)), Vec::new()))
             }
             Command::Compact { revision } => {
                 if revision <= *compact {
-                    return Ok((CommandResult::Err(BackendError::Compacted { compact_revision: *compact }), Vec::new()));
+                    return Ok((
+                        CommandResult::Err(BackendError::Compacted {
+                            compact_revision: *compact,
+                        }),
+                        Vec::new(),
+                    ));
                 }
                 if revision > *rev {
                     return Ok((CommandResult::Err(BackendError::FutureRevision), Vec::new()));
                 }
                 *compact = revision;
-                Ok((CommandResult::Compact(CompactResponse { revision: *rev }), Vec::new()))
+                Ok((
+                    CommandResult::Compact(CompactResponse { revision: *rev }),
+                    Vec::new(),
+                ))
             }
             Command::LeaseGrant { id, ttl } => {
                 if self.leases.get(id).map_err(db_err)?.is_some() {
@@ -422,14 +559,25 @@ impl<'t> Tables<'t> {
                 }
                 self.leases.insert(id, ttl).map_err(db_err)?;
                 lease_changes.push(LeaseChange::Granted(id, ttl));
-                Ok((CommandResult::LeaseGrant(LeaseGrant { id, ttl, revision: *rev }), Vec::new()))
+                Ok((
+                    CommandResult::LeaseGrant(LeaseGrant {
+                        id,
+                        ttl,
+                        revision: *rev,
+                    }),
+                    Vec::new(),
+                ))
             }
             Command::LeaseRevoke { id } => {
                 if self.leases.get(id).map_err(db_err)?.is_none() {
                     return Ok((CommandResult::Err(BackendError::LeaseNotFound), Vec::new()));
                 }
                 let mut keys = Vec::new();
-                for item in self.lease_keys.range::<(i64, &[u8])>((id, &[][..])..).map_err(db_err)? {
+                for item in self
+                    .lease_keys
+                    .range::<(i64, &[u8])>((id, &[][..])..)
+                    .map_err(db_err)?
+                {
                     let (k, _) = item.map_err(db_err)?;
                     let (lid, key) = k.value();
                     if lid != id {
@@ -438,9 +586,11 @@ impl<'t> Tables<'t> {
                     keys.push(key.to_vec());
                 }
                 let events = {
-                    let mut view = View::new(&self.current, &self.history, &self.leases, *rev, *compact);
+                    let mut view =
+                        View::new(&self.current, &self.history, &self.leases, *rev, *compact);
                     for key in keys {
-                        let (mut found, _) = view.range_latest(&KeyRange::single(key), Some(1), false)?;
+                        let (mut found, _) =
+                            view.range_latest(&KeyRange::single(key), Some(1), false)?;
                         if let Some(prev) = found.pop() {
                             view.delete(prev, *rev + 1)?;
                         }
@@ -473,18 +623,29 @@ impl<'t> Tables<'t> {
                 EventKind::Put => {
                     let rec = encode_kv(&ev.kv);
                     self.current.insert(key, rec.as_slice()).map_err(db_err)?;
-                    self.history.insert((key, rev as u64), rec.as_slice()).map_err(db_err)?;
+                    self.history
+                        .insert((key, rev as u64), rec.as_slice())
+                        .map_err(db_err)?;
                     if ev.kv.lease != 0 {
-                        self.lease_keys.insert((ev.kv.lease, key), ()).map_err(db_err)?;
+                        self.lease_keys
+                            .insert((ev.kv.lease, key), ())
+                            .map_err(db_err)?;
                     }
                 }
                 EventKind::Delete => {
                     self.current.remove(key).map_err(db_err)?;
-                    self.history.insert((key, rev as u64), encode_tombstone(rev).as_slice()).map_err(db_err)?;
+                    self.history
+                        .insert((key, rev as u64), encode_tombstone(rev).as_slice())
+                        .map_err(db_err)?;
                 }
             }
-            self.events.insert((rev as u64, sub as u32), key).map_err(db_err)?;
+            self.events
+                .insert((rev as u64, sub as u32), key)
+                .map_err(db_err)?;
         }
-        Ok(ChangeBatch { revision: rev, events })
+        Ok(ChangeBatch {
+            revision: rev,
+            events,
+        })
     }
 }

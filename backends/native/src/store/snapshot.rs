@@ -25,26 +25,52 @@ struct Dump {
 impl Store {
     /// Serialises every table as of the last applied entry.
     pub fn dump(&self) -> Result<Vec<u8>> {
-        let r = self.db.begin_read().map_err(db_err)?;
+        let db = self.db.read();
+        let r = db.begin_read().map_err(db_err)?;
         let mut d = Dump::default();
-        for item in r.open_table(CURRENT).map_err(db_err)?.iter().map_err(db_err)? {
+        for item in r
+            .open_table(CURRENT)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
             let (k, v) = item.map_err(db_err)?;
             d.current.push((k.value().to_vec(), v.value().to_vec()));
         }
-        for item in r.open_table(HISTORY).map_err(db_err)?.iter().map_err(db_err)? {
+        for item in r
+            .open_table(HISTORY)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
             let (k, v) = item.map_err(db_err)?;
             let (key, rev) = k.value();
             d.history.push(((key.to_vec(), rev), v.value().to_vec()));
         }
-        for item in r.open_table(EVENTS).map_err(db_err)?.iter().map_err(db_err)? {
+        for item in r
+            .open_table(EVENTS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
             let (k, v) = item.map_err(db_err)?;
             d.events.push((k.value(), v.value().to_vec()));
         }
-        for item in r.open_table(LEASES).map_err(db_err)?.iter().map_err(db_err)? {
+        for item in r
+            .open_table(LEASES)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
             let (k, v) = item.map_err(db_err)?;
             d.leases.push((k.value(), v.value()));
         }
-        for item in r.open_table(LEASE_KEYS).map_err(db_err)?.iter().map_err(db_err)? {
+        for item in r
+            .open_table(LEASE_KEYS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
             let (k, _) = item.map_err(db_err)?;
             let (id, key) = k.value();
             d.lease_keys.push((id, key.to_vec()));
@@ -61,9 +87,15 @@ impl Store {
     }
 
     /// Replaces the whole store with a snapshot taken at `applied`.
-    pub fn install(&self, data: Cursor<Vec<u8>>, applied: Option<LogId>, membership: &StoredMembership) -> Result<()> {
+    pub fn install(
+        &self,
+        data: Cursor<Vec<u8>>,
+        applied: Option<LogId>,
+        membership: &StoredMembership,
+    ) -> Result<()> {
         let d: Dump = postcard::from_bytes(data.get_ref()).map_err(db_err)?;
-        let mut txn = self.db.begin_write().map_err(db_err)?;
+        let db = self.db.read();
+        let mut txn = db.begin_write().map_err(db_err)?;
         txn.set_durability(redb::Durability::Immediate);
         {
             fn clear<K: redb::Key + 'static, V: redb::Value + 'static>(
@@ -116,12 +148,18 @@ impl Store {
         }
         txn.commit().map_err(db_err)?;
         let (rev, compact) = {
-            let r = self.db.begin_read().map_err(db_err)?;
+            let r = db.begin_read().map_err(db_err)?;
             let meta = r.open_table(META).map_err(db_err)?;
-            (super::read_i64(&meta, M_REVISION)?, super::read_i64(&meta, M_COMPACT)?)
+            (
+                super::read_i64(&meta, M_REVISION)?,
+                super::read_i64(&meta, M_COMPACT)?,
+            )
         };
-        self.revision.store(rev, std::sync::atomic::Ordering::Release);
-        self.compact.store(compact, std::sync::atomic::Ordering::Release);
+        self.revision
+            .store(rev, std::sync::atomic::Ordering::Release);
+        self.compact
+            .store(compact, std::sync::atomic::Ordering::Release);
+        drop(db);
         self.reset_lease_clock()
     }
 }

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use cairn_backend::exec::TxnView;
-use cairn_backend::{BackendError, Event, EventKind, KeyRange, KeyValue, LeaseId, Result, Revision};
+use cairn_backend::{
+    BackendError, Event, EventKind, KeyRange, KeyValue, LeaseId, Result, Revision,
+};
 use redb::ReadableTable;
 
 use super::codec::{decode_kv, is_tombstone};
@@ -32,8 +34,22 @@ pub(crate) struct View<'a, C, H, L> {
 }
 
 impl<'a, C: CurrentTable, H: HistoryTable, L: LeaseTable> View<'a, C, H, L> {
-    pub fn new(current: &'a C, history: &'a H, leases: &'a L, base: Revision, compact: Revision) -> Self {
-        Self { current, history, leases, base, compact, pending: BTreeMap::new(), events: Vec::new() }
+    pub fn new(
+        current: &'a C,
+        history: &'a H,
+        leases: &'a L,
+        base: Revision,
+        compact: Revision,
+    ) -> Self {
+        Self {
+            current,
+            history,
+            leases,
+            base,
+            compact,
+            pending: BTreeMap::new(),
+            events: Vec::new(),
+        }
     }
 
     fn pending_in(&self, range: &KeyRange) -> bool {
@@ -68,7 +84,9 @@ pub(crate) fn scan_current<C: CurrentTable>(
         };
     }
     let iter = match range.upper() {
-        Some(end) => t.range::<&[u8]>(range.key.as_slice()..end).map_err(db_err)?,
+        Some(end) => t
+            .range::<&[u8]>(range.key.as_slice()..end)
+            .map_err(db_err)?,
         None => t.range::<&[u8]>(range.key.as_slice()..).map_err(db_err)?,
     };
     let mut n = 0usize;
@@ -93,11 +111,16 @@ pub(crate) fn scan_history<H: HistoryTable>(
 ) -> Result<i64> {
     let rev = rev as u64;
     let iter = if range.is_single() {
-        t.range::<(&[u8], u64)>((range.key.as_slice(), 0)..=(range.key.as_slice(), rev)).map_err(db_err)?
+        t.range::<(&[u8], u64)>((range.key.as_slice(), 0)..=(range.key.as_slice(), rev))
+            .map_err(db_err)?
     } else {
         match range.upper() {
-            Some(end) => t.range::<(&[u8], u64)>((range.key.as_slice(), 0)..(end, 0)).map_err(db_err)?,
-            None => t.range::<(&[u8], u64)>((range.key.as_slice(), 0)..).map_err(db_err)?,
+            Some(end) => t
+                .range::<(&[u8], u64)>((range.key.as_slice(), 0)..(end, 0))
+                .map_err(db_err)?,
+            None => t
+                .range::<(&[u8], u64)>((range.key.as_slice(), 0)..)
+                .map_err(db_err)?,
         }
     };
     let mut n = 0usize;
@@ -135,7 +158,12 @@ impl<C: CurrentTable, H: HistoryTable, L: LeaseTable> TxnView for View<'_, C, H,
         self.compact
     }
 
-    fn range_latest(&mut self, range: &KeyRange, limit: Option<usize>, count_only: bool) -> Result<(Vec<KeyValue>, i64)> {
+    fn range_latest(
+        &mut self,
+        range: &KeyRange,
+        limit: Option<usize>,
+        count_only: bool,
+    ) -> Result<(Vec<KeyValue>, i64)> {
         if !self.pending_in(range) {
             let mut kvs = Vec::new();
             let count = scan_current(self.current, range, limit, count_only, |kv| kvs.push(kv))?;
@@ -161,9 +189,17 @@ impl<C: CurrentTable, H: HistoryTable, L: LeaseTable> TxnView for View<'_, C, H,
         Ok((merged.into_values().take(take).collect(), count))
     }
 
-    fn range_at(&mut self, range: &KeyRange, rev: Revision, limit: Option<usize>, count_only: bool) -> Result<(Vec<KeyValue>, i64)> {
+    fn range_at(
+        &mut self,
+        range: &KeyRange,
+        rev: Revision,
+        limit: Option<usize>,
+        count_only: bool,
+    ) -> Result<(Vec<KeyValue>, i64)> {
         let mut kvs = Vec::new();
-        let count = scan_history(self.history, range, rev, limit, count_only, |kv| kvs.push(kv))?;
+        let count = scan_history(self.history, range, rev, limit, count_only, |kv| {
+            kvs.push(kv)
+        })?;
         Ok((kvs, count))
     }
 
@@ -173,14 +209,26 @@ impl<C: CurrentTable, H: HistoryTable, L: LeaseTable> TxnView for View<'_, C, H,
 
     fn put(&mut self, kv: KeyValue, prev: Option<KeyValue>) -> Result<()> {
         self.pending.insert(kv.key.clone(), Some(kv.clone()));
-        self.events.push(Event { kind: EventKind::Put, kv, prev_kv: prev });
+        self.events.push(Event {
+            kind: EventKind::Put,
+            kv,
+            prev_kv: prev,
+        });
         Ok(())
     }
 
     fn delete(&mut self, prev: KeyValue, rev: Revision) -> Result<()> {
         self.pending.insert(prev.key.clone(), None);
-        let kv = KeyValue { key: prev.key.clone(), mod_revision: rev, ..Default::default() };
-        self.events.push(Event { kind: EventKind::Delete, kv, prev_kv: Some(prev) });
+        let kv = KeyValue {
+            key: prev.key.clone(),
+            mod_revision: rev,
+            ..Default::default()
+        };
+        self.events.push(Event {
+            kind: EventKind::Delete,
+            kv,
+            prev_kv: Some(prev),
+        });
         Ok(())
     }
 }
