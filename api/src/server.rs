@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use cairn_backend::Backend;
 use cairn_proto::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
-    maintenance_server::MaintenanceServer,
+    maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,6 +29,7 @@ use crate::lease::LeaseService;
 use crate::maintenance::MaintenanceService;
 use crate::tls::ClientTls;
 use crate::urls;
+use crate::watch::{WatchConfig, WatchService};
 
 /// gRPC framing on top of --max-request-bytes, as etcd allows for its receive limit.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
@@ -178,7 +179,11 @@ impl Server {
             client_urls: cfg.advertise_client_urls.clone(),
         };
         let cluster = ClusterService::new(header.clone(), me).with_auth(guard.clone());
-        // TODO(watch): mount watch::WatchService once api/src/watch.rs is committed.
+        let watch_cfg = WatchConfig {
+            max_request_bytes: cfg.max_request_bytes,
+            progress_notify_interval: cfg.progress_notify_interval,
+        };
+        let watch = WatchService::new(backend.clone(), header.clone(), watch_cfg);
         tonic::transport::Server::builder()
             .max_concurrent_streams(cfg.max_concurrent_streams)
             .http2_keepalive_interval(Some(cfg.grpc_keepalive_interval))
@@ -187,6 +192,7 @@ impl Server {
             .accept_http1(true)
             .layer(http)
             .add_service(KvServer::new(kv).max_decoding_message_size(max_decode))
+            .add_service(WatchServer::new(watch).max_decoding_message_size(max_decode))
             .add_service(LeaseServer::new(lease).max_decoding_message_size(max_decode))
             .add_service(MaintenanceServer::new(maintenance).max_decoding_message_size(max_decode))
             .add_service(ClusterServer::new(cluster).max_decoding_message_size(max_decode))
