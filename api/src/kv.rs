@@ -6,7 +6,6 @@ use std::sync::Arc;
 use cairn_backend::{self as model, Backend};
 use cairn_proto::etcdserverpb as pb;
 use cairn_proto::etcdserverpb::kv_server::Kv;
-use cairn_proto::etcdserverpb::AlarmType;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
@@ -57,11 +56,8 @@ impl KvService {
     }
 
     /// A backend error, raising the NOSPACE alarm when the quota was hit.
-    fn write_error(&self, e: cairn_backend::BackendError) -> Status {
-        if e == cairn_backend::BackendError::NoSpace {
-            self.alarms.activate(self.header.member_id(), AlarmType::Nospace as i32);
-        }
-        backend_status(e)
+    async fn write_error(&self, e: cairn_backend::BackendError) -> Status {
+        backend_status(self.alarms.raise_on_nospace(self.header.member_id(), e).await)
     }
 
     /// etcd's "request is too large" check, applied to writes as they would enter raft.
@@ -75,7 +71,10 @@ impl KvService {
     /// Runs one write op as a txn and returns its single response.
     async fn write_one(&self, op: model::RequestOp) -> Result<model::ResponseOp, Status> {
         let txn = model::TxnRequest::unconditional(vec![op]);
-        let resp = self.backend.txn(txn).await.map_err(|e| self.write_error(e))?;
+        let resp = match self.backend.txn(txn).await {
+            Ok(r) => r,
+            Err(e) => return Err(self.write_error(e).await),
+        };
         resp.responses.into_iter().next().ok_or_else(|| Status::internal("empty txn response"))
     }
 }
@@ -146,7 +145,10 @@ impl Kv for KvService {
             self.check_size(size)?;
         }
         self.check_space(has_puts(&txn))?;
-        let resp = self.backend.txn(txn).await.map_err(|e| self.write_error(e))?;
+        let resp = match self.backend.txn(txn).await {
+            Ok(r) => r,
+            Err(e) => return Err(self.write_error(e).await),
+        };
         let header = self.header.header(resp.revision);
         Ok(Response::new(convert::txn_resp(resp, header)))
     }

@@ -91,7 +91,10 @@ impl Lease for LeaseService {
             return Err(ApiError::NoSpace.into());
         }
         let ttl = req.ttl.max(self.min_ttl);
-        let grant = self.backend.lease_grant(req.id, ttl).await.map_err(backend_status)?;
+        let grant = match self.backend.lease_grant(req.id, ttl).await {
+            Ok(g) => g,
+            Err(e) => return Err(backend_status(self.alarms.raise_on_nospace(self.header.member_id(), e).await)),
+        };
         Ok(Response::new(pb::LeaseGrantResponse {
             header: Some(self.header.header(grant.revision)),
             id: grant.id,

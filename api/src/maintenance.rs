@@ -57,8 +57,12 @@ impl Maintenance for MaintenanceService {
         use pb::alarm_request::AlarmAction;
         let alarms = match AlarmAction::try_from(req.action) {
             Ok(AlarmAction::Get) => self.alarms.get(req.alarm),
-            Ok(AlarmAction::Activate) => vec![self.alarms.activate(req.member_id, req.alarm)],
-            Ok(AlarmAction::Deactivate) => self.alarms.deactivate(req.member_id, req.alarm).into_iter().collect(),
+            Ok(AlarmAction::Activate) => {
+                self.alarms.activate(req.member_id, req.alarm).await.map_err(backend_status)?.into_iter().collect()
+            }
+            Ok(AlarmAction::Deactivate) => {
+                self.alarms.deactivate(req.member_id, req.alarm).await.map_err(backend_status)?.into_iter().collect()
+            }
             Err(_) => vec![],
         };
         Ok(Response::new(pb::AlarmResponse { header: Some(self.current_header().await?), alarms }))

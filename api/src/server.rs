@@ -136,7 +136,8 @@ impl Server {
         let header = HeaderSource::new(self.cfg.cluster_id, self.cfg.member_id);
         let refresher = header.start_refresh(self.backend.clone()).await;
         let auth_reloader = self.auth.spawn_reload();
-        let router = self.router(&header);
+        let alarms = Alarms::load(self.backend.clone()).await.context("loading alarms")?;
+        let router = self.router(&header, alarms);
         let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
         let acceptors: Vec<_> =
             self.listeners.into_iter().map(|(l, tls)| conn::spawn_accept_loop(l, tls, conn_tx.clone())).collect();
@@ -158,12 +159,15 @@ impl Server {
         result
     }
 
-    fn router(&self, header: &HeaderSource) -> tonic::transport::server::Router<Stack<HttpEndpointsLayer, Identity>> {
+    fn router(
+        &self,
+        header: &HeaderSource,
+        alarms: Alarms,
+    ) -> tonic::transport::server::Router<Stack<HttpEndpointsLayer, Identity>> {
         let cfg = &self.cfg;
         let max_decode = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
         let backend = &self.backend;
         let limits = KvLimits { max_txn_ops: cfg.max_txn_ops, max_request_bytes: cfg.max_request_bytes };
-        let alarms = Alarms::default();
         let guard = Guard::new(self.auth.clone(), backend.clone());
         let kv = KvService::new(backend.clone(), header.clone(), limits, alarms.clone()).with_auth(guard.clone());
         let lease =
