@@ -12,6 +12,7 @@ use clap::{parser::ValueSource, ArgMatches, CommandFactory, FromArgMatches, Pars
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
     Native,
+    Postgres,
     Memory,
 }
 
@@ -276,6 +277,13 @@ pub struct Flags {
     /// etcd version reported by Maintenance.Status (Cairn); Kubernetes needs >= 3.5.13.
     #[arg(long, default_value = "3.5.17")]
     pub cairn_version: String,
+    /// PostgreSQL connection URL for `--backend postgres` (Cairn), e.g.
+    /// postgres://user:pass@host:5432/db?sslmode=verify-full&sslrootcert=/path/ca.pem
+    #[arg(long, default_value = "")]
+    pub postgres_url: String,
+    /// Connections in this process's PostgreSQL pool (Cairn).
+    #[arg(long, default_value_t = 10)]
+    pub postgres_max_connections: u32,
 }
 
 /// Flags that are parsed but have no effect yet; setting one logs a warning.

@@ -12,6 +12,7 @@ use cairn_api::{ids, lease, ServerConfig};
 use cairn_backend::Backend;
 use cairn_memory::MemoryBackend;
 use cairn_native::{NativeBackend, NativeConfig};
+use cairn_postgres::{PostgresBackend, PostgresOptions};
 use config::{split_urls, BackendKind, Flags, ParseExit};
 
 fn main() -> ExitCode {
@@ -138,18 +139,39 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
         member_id = %format!("{:x}", cfg.member_id), cluster_id = %format!("{:x}", cfg.cluster_id),
         "starting cairn"
     );
-    let (backend, native): (Arc<dyn Backend>, Option<Arc<NativeBackend>>) = match flags.backend {
-        BackendKind::Memory => (MemoryBackend::new(), None),
+    let mut native = None;
+    let mut postgres = None;
+    let backend: Arc<dyn Backend> = match flags.backend {
+        BackendKind::Memory => MemoryBackend::new(),
         BackendKind::Native => {
-            let native = NativeBackend::open(native_config(&flags, cfg.member_id))
+            let b = NativeBackend::open(native_config(&flags, cfg.member_id))
                 .await
                 .context("opening the native backend")?;
-            (native.clone(), Some(native))
+            native = Some(b.clone());
+            b
+        }
+        BackendKind::Postgres => {
+            if flags.postgres_url.is_empty() {
+                anyhow::bail!("--backend postgres needs --postgres-url");
+            }
+            let opts = PostgresOptions {
+                max_connections: flags.postgres_max_connections,
+                application_name: format!("cairn-{}", cfg.name),
+                ..Default::default()
+            };
+            let b = PostgresBackend::connect(&flags.postgres_url, opts)
+                .await
+                .context("connecting to PostgreSQL")?;
+            postgres = Some(b.clone());
+            b
         }
     };
     let result = cairn_api::run(cfg, backend, shutdown_signal()).await;
     if let Some(native) = native {
         native.shutdown().await.context("stopping the native backend")?;
+    }
+    if let Some(pg) = postgres {
+        pg.shutdown().await;
     }
     tracing::info!("stopped serving");
     result
