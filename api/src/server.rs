@@ -187,7 +187,7 @@ impl Server {
             max_request_bytes: cfg.max_request_bytes,
             progress_notify_interval: cfg.progress_notify_interval,
         };
-        let watch = WatchService::new(backend.clone(), header.clone(), watch_cfg);
+        let watch = WatchService::new(backend.clone(), header.clone(), watch_cfg).with_auth(guard.clone());
         tonic::transport::Server::builder()
             .max_concurrent_streams(cfg.max_concurrent_streams)
             .http2_keepalive_interval(Some(cfg.grpc_keepalive_interval))

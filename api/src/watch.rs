@@ -56,6 +56,7 @@ use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Credentials, Guard};
 use crate::errors::ApiError;
 use crate::header::HeaderSource;
 
@@ -108,6 +109,8 @@ pub struct WatchService {
 
 struct Shared {
     backend: Arc<dyn Backend>,
+    /// Checks each create against the caller's read permission.
+    auth: Guard,
     header: HeaderSource,
     /// Encoded size at which a fragmenting watcher splits a response.
     fragment_limit: usize,
@@ -148,6 +151,7 @@ impl WatchService {
         }
         let fragment_limit = cfg.max_request_bytes.saturating_add(GRPC_OVERHEAD_BYTES);
         let shared = Shared {
+            auth: Guard::disabled(backend.clone()),
             backend,
             header,
             fragment_limit,
@@ -156,6 +160,12 @@ impl WatchService {
             watchers: AtomicUsize::new(0),
         };
         Self { shared: Arc::new(shared) }
+    }
+
+    /// Checks each watch create against the auth store behind `auth`.
+    pub fn with_auth(mut self, auth: Guard) -> Self {
+        Arc::get_mut(&mut self.shared).expect("with_auth before serving").auth = auth;
+        self
     }
 
     /// Open Watch streams (etcd's `etcd_debugging_mvcc_watch_stream_total`).
@@ -177,10 +187,12 @@ impl Watch for WatchService {
     type WatchStream = WatchResponseStream;
 
     async fn watch(&self, request: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        let creds = Credentials::of(&request);
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let ctx = Arc::new(StreamCtx {
             shared: self.shared.clone(),
+            creds,
             probe: tx.clone(),
             out: Mutex::new(Out {
                 tx,
@@ -197,6 +209,8 @@ impl Watch for WatchService {
 /// What one stream's tasks share.
 struct StreamCtx {
     shared: Arc<Shared>,
+    /// The stream's token or client certificate, resolved again at each create.
+    creds: Credentials,
     /// Only used to learn that the client went away (`closed()`).
     probe: mpsc::Sender<Result<WatchResponse, Status>>,
     out: Mutex<Out>,
@@ -372,6 +386,9 @@ async fn create(
     let range = KeyRange { key, range_end: req.range_end };
     if req.start_revision < 0 {
         let reason = ApiError::Compacted.to_string();
+        return ctx.out.lock().await.send(refused(header, wsrev, reason)).await;
+    }
+    if let Some(reason) = ctx.shared.auth.watch_denied(&ctx.creds, &range.key, &range.range_end) {
         return ctx.out.lock().await.send(refused(header, wsrev, reason)).await;
     }
     if let Some(end) = range.upper() {

@@ -28,6 +28,29 @@ impl Caller {
     }
 }
 
+/// The credentials a request carries.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    /// The `token` (or `authorization`) metadata; `Some(None)` when it is not valid text.
+    token: Option<Option<String>>,
+    /// The verified client certificate's CN, unless the request came through the JSON gateway
+    /// (which proxies with the server's own certificate, whose CN is no user).
+    common_name: Option<String>,
+}
+
+impl Credentials {
+    pub fn of<T>(req: &Request<T>) -> Self {
+        let md = req.metadata();
+        let token = md.get("token").or_else(|| md.get("authorization")).map(|t| t.to_str().ok().map(str::to_string));
+        let common_name = req
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(|c| c.common_name.clone())
+            .filter(|_| md.get("grpcgateway-accept").is_none());
+        Self { token, common_name }
+    }
+}
+
 #[derive(Clone)]
 pub struct Guard {
     store: Arc<AuthStore>,
@@ -52,17 +75,19 @@ impl Guard {
     /// etcd's `AuthInfoFromCtx`: a token that does not check out is an error even when auth is
     /// disabled (etcd forgets simple tokens when auth is disabled).
     pub fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
-        let md = req.metadata();
-        let token = md.get("token").or_else(|| md.get("authorization"));
-        if let Some(token) = token {
-            let token = token.to_str().map_err(|_| ApiError::InvalidAuthToken)?;
+        self.resolve(&Credentials::of(req))
+    }
+
+    /// The caller named by credentials taken from a request earlier (a stream checks each
+    /// watch it creates against the token as it is then).
+    pub fn resolve(&self, creds: &Credentials) -> Result<Caller, Status> {
+        if let Some(token) = &creds.token {
+            let token = token.as_deref().ok_or(ApiError::InvalidAuthToken)?;
             return Ok(Caller(Some(self.store.token_info(token)?)));
         }
         if self.store.client_cert_auth {
-            let cn = req.extensions().get::<ConnInfo>().and_then(|c| c.common_name.clone());
-            // The JSON gateway proxies with the server's own certificate; its CN is no user.
-            if let Some(cn) = cn.filter(|_| md.get("grpcgateway-accept").is_none()) {
-                return Ok(Caller(Some(TokenInfo { username: cn, revision: self.store.revision() })));
+            if let Some(cn) = &creds.common_name {
+                return Ok(Caller(Some(TokenInfo { username: cn.clone(), revision: self.store.revision() })));
             }
         }
         Ok(Caller(None))
@@ -216,12 +241,12 @@ impl Guard {
     }
 
     /// For a watch create: `None` when permitted, else etcd's cancel reason.
-    pub fn watch_denied(&self, who: &Result<Caller, Status>, key: &[u8], range_end: &[u8]) -> Option<String> {
-        let who = match who {
+    pub fn watch_denied(&self, creds: &Credentials, key: &[u8], range_end: &[u8]) -> Option<String> {
+        let who = match self.resolve(creds) {
             Ok(w) => w,
             Err(s) => return Some(s.message().to_string()),
         };
-        match self.op(who, key, range_end, Access::Read) {
+        match self.op(&who, key, range_end, Access::Read) {
             Ok(()) => None,
             Err(e @ (ApiError::InvalidAuthToken | ApiError::AuthOldRevision | ApiError::UserEmpty)) => Some(e.to_string()),
             Err(_) => Some(ApiError::PermissionDenied.to_string()),

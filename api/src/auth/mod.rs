@@ -16,6 +16,6 @@ pub mod state;
 pub mod store;
 pub mod tokens;
 
-pub use guard::{Caller, Guard};
+pub use guard::{Caller, Credentials, Guard};
 pub use service::AuthService;
 pub use store::{AuthConfig, AuthStore};
