@@ -27,7 +27,9 @@ pub struct Alarms {
 
 impl std::fmt::Debug for Alarms {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Alarms").field("active", &self.active).finish_non_exhaustive()
+        f.debug_struct("Alarms")
+            .field("active", &self.active)
+            .finish_non_exhaustive()
     }
 }
 
@@ -58,8 +60,15 @@ fn decode(b: &[u8]) -> AlarmSet {
 impl Alarms {
     /// The alarms persisted in `backend`.
     pub async fn load(backend: Arc<dyn Backend>) -> Result<Self, BackendError> {
-        let set = backend.doc_get(ALARMS_DOC).await?.map(|d| decode(&d.value)).unwrap_or_default();
-        Ok(Self { active: Arc::new(Mutex::new(set)), backend: Some(backend) })
+        let set = backend
+            .doc_get(ALARMS_DOC)
+            .await?
+            .map(|d| decode(&d.value))
+            .unwrap_or_default();
+        Ok(Self {
+            active: Arc::new(Mutex::new(set)),
+            backend: Some(backend),
+        })
     }
 
     /// Applies `change` to the persisted set (compare-and-set, retried on a race) and mirrors
@@ -71,10 +80,16 @@ impl Alarms {
         };
         loop {
             let doc = backend.doc_get(ALARMS_DOC).await?;
-            let (version, mut set) = doc.map_or((0, AlarmSet::new()), |d| (d.version, decode(&d.value)));
+            let (version, mut set) =
+                doc.map_or((0, AlarmSet::new()), |d| (d.version, decode(&d.value)));
             let before = set.clone();
             change(&mut set);
-            if set == before || backend.doc_put(ALARMS_DOC, version, encode(&set)).await?.is_some() {
+            if set == before
+                || backend
+                    .doc_put(ALARMS_DOC, version, encode(&set))
+                    .await?
+                    .is_some()
+            {
                 *self.active.lock().unwrap() = set;
                 return Ok(());
             }
@@ -83,7 +98,11 @@ impl Alarms {
 
     /// Raises `alarm` for `member_id`; returns the alarm (also when it was already on), or
     /// `None` for `AlarmType::None`, which etcd does not store.
-    pub async fn activate(&self, member_id: u64, alarm: i32) -> Result<Option<AlarmMember>, BackendError> {
+    pub async fn activate(
+        &self,
+        member_id: u64,
+        alarm: i32,
+    ) -> Result<Option<AlarmMember>, BackendError> {
         if alarm == AlarmType::None as i32 {
             return Ok(None);
         }
@@ -99,10 +118,18 @@ impl Alarms {
     }
 
     /// Clears `alarm` for `member_id`; `None` when it was not on.
-    pub async fn deactivate(&self, member_id: u64, alarm: i32) -> Result<Option<AlarmMember>, BackendError> {
+    pub async fn deactivate(
+        &self,
+        member_id: u64,
+        alarm: i32,
+    ) -> Result<Option<AlarmMember>, BackendError> {
         if let Some(backend) = &self.backend {
             // Another process may have raised it: look at the stored set, not only ours.
-            let stored = backend.doc_get(ALARMS_DOC).await?.map(|d| decode(&d.value)).unwrap_or_default();
+            let stored = backend
+                .doc_get(ALARMS_DOC)
+                .await?
+                .map(|d| decode(&d.value))
+                .unwrap_or_default();
             *self.active.lock().unwrap() = stored;
         }
         if !self.active.lock().unwrap().contains(&(alarm, member_id)) {
@@ -165,10 +192,22 @@ mod tests {
         assert_eq!(a.get(AlarmType::None as i32).len(), 1);
         assert!(a.get(AlarmType::Corrupt as i32).is_empty());
         assert_eq!(describe(&a.get(0)[0]), "memberID:7 alarm:NOSPACE ");
-        assert!(a.deactivate(7, AlarmType::Nospace as i32).await.unwrap().is_some());
-        assert!(a.deactivate(7, AlarmType::Nospace as i32).await.unwrap().is_none());
+        assert!(a
+            .deactivate(7, AlarmType::Nospace as i32)
+            .await
+            .unwrap()
+            .is_some());
+        assert!(a
+            .deactivate(7, AlarmType::Nospace as i32)
+            .await
+            .unwrap()
+            .is_none());
         assert!(!a.no_space());
-        assert!(a.activate(7, AlarmType::None as i32).await.unwrap().is_none());
+        assert!(a
+            .activate(7, AlarmType::None as i32)
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]
@@ -179,7 +218,11 @@ mod tests {
         let again = Alarms::load(backend.clone()).await.unwrap();
         assert_eq!(again.get(0), vec![member(AlarmType::Nospace as i32, 9)]);
         // Disarmed through another handle: this one sees it on its next deactivate/load.
-        assert!(again.deactivate(9, AlarmType::Nospace as i32).await.unwrap().is_some());
+        assert!(again
+            .deactivate(9, AlarmType::Nospace as i32)
+            .await
+            .unwrap()
+            .is_some());
         assert!(Alarms::load(backend).await.unwrap().get(0).is_empty());
     }
 

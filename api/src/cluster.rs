@@ -1,30 +1,28 @@
-//! The Cluster service for a single member. Membership changes are not served yet.
+//! The Cluster service: membership as etcd reports and changes it (see `members`). Members
+//! added here are recorded and listed but not started: Cairn does not replicate yet (issue #7).
 
 use cairn_proto::etcdserverpb as pb;
 use cairn_proto::etcdserverpb::cluster_server::Cluster;
 use tonic::{Request, Response, Status};
 
 use crate::auth::Guard;
-use crate::errors::ApiError;
+use crate::errors::backend_status;
 use crate::header::HeaderSource;
-
-/// This member as MemberList reports it.
-#[derive(Clone, Debug)]
-pub struct MemberInfo {
-    pub name: String,
-    pub peer_urls: Vec<String>,
-    pub client_urls: Vec<String>,
-}
+use crate::members::{parse_peer_urls, Member, Members};
 
 pub struct ClusterService {
     header: HeaderSource,
-    me: MemberInfo,
+    members: Members,
     auth: Option<Guard>,
 }
 
 impl ClusterService {
-    pub fn new(header: HeaderSource, me: MemberInfo) -> Self {
-        Self { header, me, auth: None }
+    pub fn new(header: HeaderSource, members: Members) -> Self {
+        Self {
+            header,
+            members,
+            auth: None,
+        }
     }
 
     /// Checks membership changes against the auth store behind `auth`.
@@ -46,22 +44,48 @@ impl ClusterService {
         Some(self.header.header(0))
     }
 
-    fn members(&self) -> Vec<pb::Member> {
-        vec![pb::Member {
-            id: self.header.member_id(),
-            name: self.me.name.clone(),
-            peer_ur_ls: self.me.peer_urls.clone(),
-            client_ur_ls: self.me.client_urls.clone(),
-            is_learner: false,
-        }]
+    async fn list(&self) -> Result<Vec<pb::Member>, Status> {
+        Ok(self
+            .members
+            .list()
+            .await
+            .map_err(backend_status)?
+            .into_iter()
+            .map(to_pb)
+            .collect())
+    }
+}
+
+fn to_pb(m: Member) -> pb::Member {
+    pb::Member {
+        id: m.id,
+        name: m.name,
+        peer_ur_ls: m.peer_urls,
+        client_ur_ls: m.client_urls,
+        is_learner: m.is_learner,
     }
 }
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn member_add(&self, req: Request<pb::MemberAddRequest>) -> Result<Response<pb::MemberAddResponse>, Status> {
+    async fn member_add(
+        &self,
+        req: Request<pb::MemberAddRequest>,
+    ) -> Result<Response<pb::MemberAddResponse>, Status> {
         self.check_member_op(&req)?;
-        Err(ApiError::unimplemented("Cluster.MemberAdd").into())
+        let req = req.into_inner();
+        let urls = parse_peer_urls(&req.peer_ur_ls)?;
+        let (new, all) = self.members.add(urls, req.is_learner).await?;
+        Ok(Response::new(pb::MemberAddResponse {
+            header: self.header(),
+            member: Some(pb::Member {
+                id: new.id,
+                peer_ur_ls: new.peer_urls,
+                is_learner: new.is_learner,
+                ..Default::default()
+            }),
+            members: all.into_iter().map(to_pb).collect(),
+        }))
     }
 
     async fn member_remove(
@@ -69,7 +93,11 @@ impl Cluster for ClusterService {
         req: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
         self.check_member_op(&req)?;
-        Err(ApiError::unimplemented("Cluster.MemberRemove").into())
+        let all = self.members.remove(req.into_inner().id).await?;
+        Ok(Response::new(pb::MemberRemoveResponse {
+            header: self.header(),
+            members: all.into_iter().map(to_pb).collect(),
+        }))
     }
 
     async fn member_update(
@@ -77,11 +105,26 @@ impl Cluster for ClusterService {
         req: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
         self.check_member_op(&req)?;
-        Err(ApiError::unimplemented("Cluster.MemberUpdate").into())
+        // etcd does not validate the URLs of an update.
+        let req = req.into_inner();
+        let all = self
+            .members
+            .update_peer_urls(req.id, req.peer_ur_ls)
+            .await?;
+        Ok(Response::new(pb::MemberUpdateResponse {
+            header: self.header(),
+            members: all.into_iter().map(to_pb).collect(),
+        }))
     }
 
-    async fn member_list(&self, _: Request<pb::MemberListRequest>) -> Result<Response<pb::MemberListResponse>, Status> {
-        Ok(Response::new(pb::MemberListResponse { header: self.header(), members: self.members() }))
+    async fn member_list(
+        &self,
+        _: Request<pb::MemberListRequest>,
+    ) -> Result<Response<pb::MemberListResponse>, Status> {
+        Ok(Response::new(pb::MemberListResponse {
+            header: self.header(),
+            members: self.list().await?,
+        }))
     }
 
     async fn member_promote(
@@ -89,6 +132,10 @@ impl Cluster for ClusterService {
         req: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
         self.check_member_op(&req)?;
-        Err(ApiError::unimplemented("Cluster.MemberPromote").into())
+        let all = self.members.promote(req.into_inner().id).await?;
+        Ok(Response::new(pb::MemberPromoteResponse {
+            header: self.header(),
+            members: all.into_iter().map(to_pb).collect(),
+        }))
     }
 }

@@ -306,7 +306,6 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "discovery_proxy",
     "discovery_srv",
     "discovery_srv_name",
-    "strict_reconfig_check",
     "pre_vote",
     "auto_compaction_retention",
     "auto_compaction_mode",
@@ -557,7 +556,7 @@ mod tests {
         assert_eq!(l.flags.name, "x");
         assert_eq!(l.flags.snapshot_count, 5);
         assert!(l.not_implemented.contains(&"enable-v2".to_string()));
-        assert!(l.not_implemented.contains(&"strict-reconfig-check".to_string()));
+        assert!(!l.not_implemented.contains(&"strict-reconfig-check".to_string()));
     }
 
     #[test]

@@ -44,6 +44,22 @@ pub enum ApiError {
     WatchCanceled,
     #[error("etcdserver: member not found")]
     MemberNotFound,
+    #[error("etcdserver: member ID already exist")]
+    MemberExist,
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExist,
+    #[error("etcdserver: re-configuration failed due to not enough started members")]
+    MemberNotEnoughStarted,
+    #[error("etcdserver: given member URLs are invalid")]
+    MemberBadUrls,
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    #[error("etcdserver: too many learner members in cluster")]
+    TooManyLearners,
+    #[error("etcdserver: unhealthy cluster")]
+    Unhealthy,
     #[error("etcdserver: no leader")]
     NoLeader,
     #[error("etcdserver: not leader")]
@@ -118,6 +134,10 @@ impl ApiError {
             Compacted | FutureRevision | LeaseTtlTooLarge => Code::OutOfRange,
             NoSpace | TooManyRequests => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
+            MemberExist | PeerUrlExist | MemberNotEnoughStarted | MemberNotLearner | LearnerNotReady
+            | TooManyLearners => Code::FailedPrecondition,
+            MemberBadUrls => Code::InvalidArgument,
+            Unhealthy => Code::Unavailable,
             LeaseExists | NotLeader => Code::FailedPrecondition,
             WatchCanceled => Code::Cancelled,
             NoLeader | LeaderChanged | Timeout | Stopped | NotCapable => Code::Unavailable,
@@ -274,6 +294,32 @@ mod tests {
             (InvalidAuthMgmt, Code::InvalidArgument, "etcdserver: invalid auth management"),
             (AuthOldRevision, Code::InvalidArgument, "etcdserver: revision of auth store is old"),
             (NoPasswordUser, Code::Unknown, "auth: authentication failed, password was given for no password user"),
+        ];
+        for (e, code, msg) in rows {
+            check(e, code, msg);
+        }
+    }
+
+    #[test]
+    fn membership_rows() {
+        use ApiError::*;
+        let rows = [
+            (MemberExist, Code::FailedPrecondition, "etcdserver: member ID already exist"),
+            (PeerUrlExist, Code::FailedPrecondition, "etcdserver: Peer URLs already exists"),
+            (
+                MemberNotEnoughStarted,
+                Code::FailedPrecondition,
+                "etcdserver: re-configuration failed due to not enough started members",
+            ),
+            (MemberBadUrls, Code::InvalidArgument, "etcdserver: given member URLs are invalid"),
+            (MemberNotLearner, Code::FailedPrecondition, "etcdserver: can only promote a learner member"),
+            (
+                LearnerNotReady,
+                Code::FailedPrecondition,
+                "etcdserver: can only promote a learner member which is in sync with leader",
+            ),
+            (TooManyLearners, Code::FailedPrecondition, "etcdserver: too many learner members in cluster"),
+            (Unhealthy, Code::Unavailable, "etcdserver: unhealthy cluster"),
         ];
         for (e, code, msg) in rows {
             check(e, code, msg);

@@ -109,6 +109,7 @@ fn server_config(flags: &Flags) -> anyhow::Result<ServerConfig> {
         grpc_keepalive_interval: flags.grpc_keepalive_interval,
         grpc_keepalive_timeout: flags.grpc_keepalive_timeout,
         client_tls: client_tls(flags),
+        strict_reconfig_check: flags.strict_reconfig_check,
         auth: cairn_api::auth::AuthConfig {
             token: flags.auth_token.clone(),
             token_ttl: std::time::Duration::from_secs(flags.auth_token_ttl),

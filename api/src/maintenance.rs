@@ -1,5 +1,5 @@
-//! The Maintenance service: Status, hashes, defragmentation and alarms (see `alarms`). Snapshot,
-//! MoveLeader and Downgrade are not served yet.
+//! The Maintenance service: Status, hashes, defragmentation, alarms (see `alarms`) and the
+//! Snapshot stream (see `snapshot`). MoveLeader and Downgrade are not served yet.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,6 +14,8 @@ use crate::auth::Guard;
 use crate::alarms::{self, Alarms};
 use crate::errors::{backend_status, ApiError};
 use crate::header::HeaderSource;
+use crate::members::Members;
+use crate::snapshot;
 
 pub struct MaintenanceService {
     backend: Arc<dyn Backend>,
@@ -22,12 +24,20 @@ pub struct MaintenanceService {
     version: String,
     alarms: Alarms,
     auth: Guard,
+    /// The membership that snapshots record.
+    members: Option<Members>,
 }
 
 impl MaintenanceService {
     pub fn new(backend: Arc<dyn Backend>, header: HeaderSource, version: String, alarms: Alarms) -> Self {
         let auth = Guard::disabled(backend.clone());
-        Self { backend, header, version, alarms, auth }
+        Self { backend, header, version, alarms, auth, members: None }
+    }
+
+    /// Records `members` in snapshots.
+    pub fn with_members(mut self, members: Members) -> Self {
+        self.members = Some(members);
+        self
     }
 
     /// Checks every request against the auth store behind `auth`.
@@ -117,7 +127,18 @@ impl Maintenance for MaintenanceService {
 
     async fn snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
         self.auth.check_admin(&self.auth.caller(&req)?)?;
-        Err(ApiError::unimplemented("Maintenance.Snapshot").into())
+        let cluster_version = format!("{}.0", self.version.splitn(3, '.').take(2).collect::<Vec<_>>().join("."));
+        let snap = snapshot::collect(&self.backend, self.members.as_ref(), &self.alarms, &cluster_version)
+            .await
+            .map_err(backend_status)?;
+        let db = tokio::task::spawn_blocking(move || cairn_bbolt::etcd::snapshot_db(&snap))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(size = db.len(), "sending database snapshot to client");
+        let msgs = snapshot::chunks(db)
+            .into_iter()
+            .map(|(blob, remaining_bytes)| Ok(pb::SnapshotResponse { header: None, remaining_bytes, blob }));
+        Ok(Response::new(Box::pin(futures::stream::iter(msgs)) as SnapshotStream))
     }
 
     async fn move_leader(

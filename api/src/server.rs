@@ -20,13 +20,14 @@ use tower_layer::{Identity, Stack};
 
 use crate::alarms::Alarms;
 use crate::auth::{AuthConfig, AuthService, AuthStore, Guard};
-use crate::cluster::{ClusterService, MemberInfo};
+use crate::cluster::ClusterService;
 use crate::conn;
 use crate::header::HeaderSource;
 use crate::http::{HttpEndpointsLayer, HttpState};
 use crate::kv::{KvLimits, KvService};
 use crate::lease::LeaseService;
 use crate::maintenance::MaintenanceService;
+use crate::members::{Member, Members};
 use crate::tls::ClientTls;
 use crate::urls;
 use crate::watch::{WatchConfig, WatchService};
@@ -58,6 +59,8 @@ pub struct ServerConfig {
     pub grpc_keepalive_timeout: Duration,
     /// TLS for https client URLs.
     pub client_tls: ClientTls,
+    /// --strict-reconfig-check: refuse membership changes that could break quorum.
+    pub strict_reconfig_check: bool,
     /// --auth-token, --auth-token-ttl, --bcrypt-cost.
     pub auth: AuthConfig,
 }
@@ -81,6 +84,7 @@ impl Default for ServerConfig {
             grpc_keepalive_interval: Duration::from_secs(2 * 3600),
             grpc_keepalive_timeout: Duration::from_secs(20),
             client_tls: ClientTls::default(),
+            strict_reconfig_check: true,
             auth: AuthConfig::default(),
         }
     }
@@ -177,12 +181,16 @@ impl Server {
         let auth = AuthService::new(guard.clone(), backend.clone(), header.clone());
         let http =
             HttpEndpointsLayer::new(HttpState { backend: backend.clone(), alarms, version: cfg.version.clone() });
-        let me = MemberInfo {
+        let me = Member {
+            id: cfg.member_id,
             name: cfg.name.clone(),
             peer_urls: cfg.peer_urls.clone(),
             client_urls: cfg.advertise_client_urls.clone(),
+            is_learner: false,
         };
-        let cluster = ClusterService::new(header.clone(), me).with_auth(guard.clone());
+        let members = Members::new(backend.clone(), me, cfg.strict_reconfig_check);
+        let maintenance = maintenance.with_members(members.clone());
+        let cluster = ClusterService::new(header.clone(), members).with_auth(guard.clone());
         let watch_cfg = WatchConfig {
             max_request_bytes: cfg.max_request_bytes,
             progress_notify_interval: cfg.progress_notify_interval,
