@@ -1,0 +1,298 @@
+//! One attempt of a Cairn operation inside one TiKV transaction (or snapshot), as a
+//! [`TxnView`] so that `cairn_backend::exec::execute` runs etcd's txn semantics unchanged.
+//!
+//! The view runs on a blocking thread and drives the async client with `Handle::block_on`.
+//! Reads go to TiKV at the transaction's start timestamp; writes are collected (an overlay of
+//! the key space, the events, raw mutations) and only handed to the TiKV transaction when the
+//! attempt commits, with the revision counter and the change-log entry.
+
+use std::collections::{BTreeMap, HashMap};
+
+use cairn_backend::exec::TxnView;
+use cairn_backend::*;
+use serde::{Deserialize, Serialize};
+use tikv_client::{Snapshot, Transaction};
+use tokio::runtime::Handle;
+
+use crate::keys::Keys;
+
+/// A change-log entry: the events of one revision and the nonce of the attempt that wrote
+/// it (to tell, after an ambiguous commit, whether it was ours).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct LogRecord {
+    pub nonce: u64,
+    pub batch: ChangeBatch,
+}
+
+/// A lease as stored: TTL and deadline in PD milliseconds.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug)]
+pub(crate) struct LeaseRec {
+    pub ttl: i64,
+    pub expires_ms: i64,
+}
+
+pub(crate) fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).expect("postcard encodes model types")
+}
+
+pub(crate) fn dec<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T> {
+    postcard::from_bytes(b).map_err(|e| BackendError::internal(format!("tikv: undecodable record: {e}")))
+}
+
+pub(crate) fn be_i64(b: Option<Vec<u8>>, default: i64) -> Result<i64> {
+    match b {
+        None => Ok(default),
+        Some(v) => {
+            let a: [u8; 8] = v.as_slice().try_into().map_err(|_| BackendError::internal("tikv: bad counter"))?;
+            Ok(i64::from_be_bytes(a))
+        }
+    }
+}
+
+pub(crate) enum Reader {
+    Txn(Transaction),
+    Snap(Snapshot),
+    /// The transaction was taken out to commit it.
+    Gone,
+}
+
+impl Reader {
+    pub(crate) async fn get(&mut self, key: Vec<u8>) -> tikv_client::Result<Option<Vec<u8>>> {
+        match self {
+            Reader::Txn(t) => t.get(key).await,
+            Reader::Snap(s) => s.get(key).await,
+            Reader::Gone => Err(tikv_client::Error::StringError("tikv: read after commit".into())),
+        }
+    }
+
+    async fn scan(&mut self, start: Vec<u8>, end: Vec<u8>, limit: u32) -> tikv_client::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let it: Vec<tikv_client::KvPair> = match self {
+            Reader::Txn(t) => t.scan(start..end, limit).await?.collect(),
+            Reader::Snap(s) => s.scan(start..end, limit).await?.collect(),
+            Reader::Gone => return Err(tikv_client::Error::StringError("tikv: read after commit".into())),
+        };
+        Ok(it.into_iter().map(|p| (Vec::<u8>::from(p.0), p.1)).collect())
+    }
+}
+
+/// Reads a whole TiKV range, in pages.
+pub(crate) async fn scan_all(r: &mut Reader, start: Vec<u8>, end: Vec<u8>) -> tikv_client::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    const PAGE: u32 = 4096;
+    let mut out = Vec::new();
+    let mut from = start;
+    loop {
+        let page = r.scan(from.clone(), end.clone(), PAGE).await?;
+        let n = page.len();
+        if let Some((last, _)) = page.last() {
+            from = last.clone();
+            from.push(0);
+        }
+        out.extend(page);
+        if n < PAGE as usize {
+            return Ok(out);
+        }
+    }
+}
+
+pub(crate) struct View {
+    rt: Handle,
+    pub(crate) reader: Reader,
+    pub(crate) keys: Keys,
+    base: Revision,
+    compact: Revision,
+    /// PD time (ms) of the attempt's start timestamp: the lease clock.
+    pub(crate) now_ms: i64,
+    /// New live state of keys written by this attempt (`None`: deleted).
+    overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    pub(crate) events: Vec<Event>,
+    /// TiKV mutations besides the counter and the log, in order (`None`: delete).
+    pub(crate) mutations: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Write the counter (unchanged) even without events, to conflict with every writer.
+    pub(crate) touch_counter: bool,
+    leases: HashMap<LeaseId, Option<LeaseRec>>,
+    /// The first TiKV error of this attempt: the attempt is retried.
+    pub(crate) failed: Option<tikv_client::Error>,
+}
+
+impl View {
+    pub(crate) fn open(rt: Handle, mut reader: Reader, keys: Keys, now_ms: i64) -> std::result::Result<View, tikv_client::Error> {
+        let (rev, compact) = rt.block_on(async {
+            let rev = reader.get(keys.revision()).await?;
+            let compact = reader.get(keys.compact()).await?;
+            Ok::<_, tikv_client::Error>((rev, compact))
+        })?;
+        let base = be_i64(rev, 1).unwrap_or(1);
+        let compact = be_i64(compact, 0).unwrap_or(0);
+        Ok(View {
+            rt,
+            reader,
+            keys,
+            base,
+            compact,
+            now_ms,
+            overlay: BTreeMap::new(),
+            events: Vec::new(),
+            mutations: Vec::new(),
+            touch_counter: false,
+            leases: HashMap::new(),
+            failed: None,
+        })
+    }
+
+    fn io<T>(&mut self, r: tikv_client::Result<T>) -> Result<T> {
+        r.map_err(|e| {
+            let msg = format!("tikv: {e}");
+            if self.failed.is_none() {
+                self.failed = Some(e);
+            }
+            BackendError::Unavailable(msg)
+        })
+    }
+
+    pub(crate) fn get_raw(&mut self, key: Vec<u8>) -> Result<Option<Vec<u8>>> {
+        let r = self.rt.block_on(self.reader.get(key));
+        self.io(r)
+    }
+
+    pub(crate) fn scan_raw(&mut self, start: Vec<u8>, end: Vec<u8>) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let r = self.rt.block_on(scan_all(&mut self.reader, start, end));
+        self.io(r)
+    }
+
+    /// At most `limit` pairs of `[start, end)`.
+    pub(crate) fn scan_raw_limit(&mut self, start: Vec<u8>, end: Vec<u8>, limit: u32) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let r = self.rt.block_on(self.reader.scan(start, end, limit));
+        self.io(r)
+    }
+
+    pub(crate) fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.mutations.push((key, Some(value)));
+    }
+
+    pub(crate) fn delete_raw(&mut self, key: Vec<u8>) {
+        self.mutations.push((key, None));
+    }
+
+    pub(crate) fn lease(&mut self, id: LeaseId) -> Result<Option<LeaseRec>> {
+        if let Some(l) = self.leases.get(&id) {
+            return Ok(*l);
+        }
+        let raw = self.get_raw(self.keys.lease(id))?;
+        let rec = match raw {
+            Some(b) => Some(dec::<LeaseRec>(&b)?),
+            None => None,
+        };
+        self.leases.insert(id, rec);
+        Ok(rec)
+    }
+
+    pub(crate) fn set_lease(&mut self, id: LeaseId, rec: Option<LeaseRec>) {
+        self.leases.insert(id, rec);
+        match rec {
+            Some(r) => self.put_raw(self.keys.lease(id), enc(&r)),
+            None => self.delete_raw(self.keys.lease(id)),
+        }
+    }
+
+    /// Keys attached to lease `id`.
+    pub(crate) fn attached(&mut self, id: LeaseId) -> Result<Vec<Vec<u8>>> {
+        let (s, e) = self.keys.attach_range(id);
+        let pairs = self.scan_raw(s, e)?;
+        Ok(pairs.iter().filter_map(|(k, _)| self.keys.attached_key(k).map(|k| k.to_vec())).collect())
+    }
+}
+
+impl TxnView for View {
+    fn base_revision(&self) -> Revision {
+        self.base
+    }
+
+    fn compact_revision(&self) -> Revision {
+        self.compact
+    }
+
+    fn range_latest(&mut self, range: &KeyRange, limit: Option<usize>, count_only: bool) -> Result<(Vec<KeyValue>, i64)> {
+        let Some((s, e)) = self.keys.current_range(range) else { return Ok((Vec::new(), 0)) };
+        let pairs = self.scan_raw(s, e)?;
+        let mut live: BTreeMap<Vec<u8>, KeyValue> = BTreeMap::new();
+        for (_, v) in pairs {
+            let kv: KeyValue = dec(&v)?;
+            live.insert(kv.key.clone(), kv);
+        }
+        for (k, v) in &self.overlay {
+            if range.contains(k) {
+                match v {
+                    Some(kv) => {
+                        live.insert(k.clone(), kv.clone());
+                    }
+                    None => {
+                        live.remove(k);
+                    }
+                }
+            }
+        }
+        let count = live.len() as i64;
+        if count_only {
+            return Ok((Vec::new(), count));
+        }
+        Ok((live.into_values().take(limit.unwrap_or(usize::MAX)).collect(), count))
+    }
+
+    fn range_at(&mut self, range: &KeyRange, rev: Revision, limit: Option<usize>, count_only: bool) -> Result<(Vec<KeyValue>, i64)> {
+        let Some((s, e)) = self.keys.history_range(range) else { return Ok((Vec::new(), 0)) };
+        let pairs = self.scan_raw(s, e)?;
+        // Versions come grouped by key, by revision: keep the newest at or below `rev`.
+        let mut at: BTreeMap<Vec<u8>, Option<KeyValue>> = BTreeMap::new();
+        for (k, v) in pairs {
+            let Some((key, r)) = self.keys.parse_history(&k) else { continue };
+            if r > rev || !range.contains(&key) {
+                continue;
+            }
+            let version: Option<KeyValue> = dec(&v)?;
+            at.insert(key, version);
+        }
+        let live: Vec<KeyValue> = at.into_values().flatten().collect();
+        let count = live.len() as i64;
+        if count_only {
+            return Ok((Vec::new(), count));
+        }
+        Ok((live.into_iter().take(limit.unwrap_or(usize::MAX)).collect(), count))
+    }
+
+    fn lease_exists(&mut self, id: LeaseId) -> Result<bool> {
+        Ok(self.lease(id)?.is_some())
+    }
+
+    fn put(&mut self, kv: KeyValue, prev: Option<KeyValue>) -> Result<()> {
+        let key = kv.key.clone();
+        if let Some(p) = &prev {
+            if p.lease != 0 && p.lease != kv.lease {
+                self.delete_raw(self.keys.attach(p.lease, &key));
+            }
+        }
+        if kv.lease != 0 {
+            self.put_raw(self.keys.attach(kv.lease, &key), Vec::new());
+        }
+        self.put_raw(self.keys.current(&key), enc(&kv));
+        self.put_raw(self.keys.history(&key, kv.mod_revision), enc(&Some(kv.clone())));
+        self.overlay.insert(key, Some(kv.clone()));
+        self.events.push(Event { kind: EventKind::Put, kv, prev_kv: prev });
+        Ok(())
+    }
+
+    fn delete(&mut self, prev: KeyValue, rev: Revision) -> Result<()> {
+        let key = prev.key.clone();
+        if prev.lease != 0 {
+            self.delete_raw(self.keys.attach(prev.lease, &key));
+        }
+        self.delete_raw(self.keys.current(&key));
+        self.put_raw(self.keys.history(&key, rev), enc(&None::<KeyValue>));
+        self.overlay.insert(key.clone(), None);
+        self.events.push(Event {
+            kind: EventKind::Delete,
+            kv: KeyValue { key, mod_revision: rev, ..KeyValue::default() },
+            prev_kv: Some(prev),
+        });
+        Ok(())
+    }
+}
