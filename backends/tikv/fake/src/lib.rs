@@ -103,6 +103,15 @@ pub enum RegionFault {
     ServerIsBusy,
 }
 
+/// A fault of the next `KvCommit` request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitFault {
+    /// Answer `Unavailable` without committing anything.
+    FailBeforeApply,
+    /// Commit, then answer `Unavailable` (the response was "lost"): the client cannot know.
+    ApplyThenFail,
+}
+
 #[derive(Clone, Debug)]
 enum WriteKind {
     Put(Vec<u8>),
@@ -233,7 +242,9 @@ struct State {
     tso: Mutex<Tso>,
     pd_up: AtomicBool,
     faults: Mutex<Vec<RegionFault>>,
+    commit_faults: Mutex<Vec<CommitFault>>,
     kv_requests: AtomicU32,
+    conflicts: AtomicU32,
     addr: SocketAddr,
 }
 
@@ -253,7 +264,9 @@ impl FakeTikv {
             tso: Mutex::new(Tso { physical: 0, logical: 0 }),
             pd_up: AtomicBool::new(true),
             faults: Mutex::new(Vec::new()),
+            commit_faults: Mutex::new(Vec::new()),
             kv_requests: AtomicU32::new(0),
+            conflicts: AtomicU32::new(0),
             addr,
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -285,6 +298,26 @@ impl FakeTikv {
         for fault in faults.iter().rev() {
             f.insert(0, *fault);
         }
+    }
+
+    /// The next `faults.len()` commit requests fail this way, in order.
+    pub fn inject_commit_faults(&self, faults: &[CommitFault]) {
+        self.state.commit_faults.lock().extend_from_slice(faults);
+    }
+
+    /// Drops the commit faults not used yet.
+    pub fn clear_commit_faults(&self) {
+        self.state.commit_faults.lock().clear();
+    }
+
+    /// Commit faults injected but not yet used.
+    pub fn pending_commit_faults(&self) -> usize {
+        self.state.commit_faults.lock().len()
+    }
+
+    /// Write conflicts answered to prewrites so far.
+    pub fn write_conflicts(&self) -> u32 {
+        self.state.conflicts.load(Ordering::Relaxed)
     }
 
     /// Region errors injected but not yet answered.
@@ -609,6 +642,7 @@ impl tikvpb::tikv_server::Tikv for Kv {
                     !matches!(w.kind, WriteKind::Rollback) || w.start_ts == req.start_version
                 }) {
                     let self_rolled_back = w.start_ts == req.start_version;
+                    self.0.conflicts.fetch_add(1, Ordering::Relaxed);
                     resp.errors.push(kvrpcpb::KeyError {
                         conflict: Some(kvrpcpb::WriteConflict {
                             start_ts: req.start_version,
@@ -663,6 +697,17 @@ impl tikvpb::tikv_server::Tikv for Kv {
             return Ok(Response::new(resp));
         }
         let req = r.into_inner();
+        let fault = {
+            let mut f = self.0.commit_faults.lock();
+            if f.is_empty() {
+                None
+            } else {
+                Some(f.remove(0))
+            }
+        };
+        if fault == Some(CommitFault::FailBeforeApply) {
+            return Err(Status::unavailable("injected: commit failed before applying"));
+        }
         let mut m = self.0.mvcc.lock();
         // All keys must be committable, or none is touched.
         for key in &req.keys {
@@ -681,6 +726,9 @@ impl tikvpb::tikv_server::Tikv for Kv {
                 resp.error = Some(e);
                 break;
             }
+        }
+        if fault == Some(CommitFault::ApplyThenFail) {
+            return Err(Status::unavailable("injected: commit applied, response lost"));
         }
         Ok(Response::new(resp))
     }
