@@ -65,14 +65,18 @@ impl ClientTls {
             bail!("--client-cert-auth needs --trusted-ca-file");
         }
         let mut roots = RootCertStore::empty();
+        let mut trusted = Vec::new();
         for cert in CertificateDer::pem_file_iter(&self.trusted_ca_file).context("reading --trusted-ca-file")? {
-            roots.add(cert.context("parsing --trusted-ca-file")?).context("adding a trusted CA")?;
+            let cert = cert.context("parsing --trusted-ca-file")?;
+            trusted.push(cert.clone());
+            roots.add(cert).context("adding a trusted CA")?;
         }
         let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
         if !self.crl_file.is_empty() {
             verifier = verifier.with_crls(load_crls(Path::new(&self.crl_file))?);
         }
-        Ok(verifier.build().context("client certificate verifier")?)
+        let inner = verifier.build().context("client certificate verifier")?;
+        Ok(Arc::new(TrustedRootAsClient { inner, trusted }))
     }
 
     /// ring's provider, restricted to --cipher-suites when given (TLS 1.3 suites stay, as Go
@@ -115,6 +119,76 @@ impl ClientTls {
             bail!("--tls-min-version is greater than --tls-max-version");
         }
         Ok(chosen)
+    }
+}
+
+/// Go accepts a client that presents one of the trusted CA certificates itself (a self-signed
+/// certificate, as etcd's tests use with CN=root); webpki refuses a CA certificate as end
+/// entity. This verifier accepts exactly that case, within the certificate's validity, and
+/// leaves everything else to webpki.
+#[derive(Debug)]
+struct TrustedRootAsClient {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    trusted: Vec<CertificateDer<'static>>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for TrustedRootAsClient {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        match self.inner.verify_client_cert(end_entity, intermediates, now) {
+            Err(e) if intermediates.is_empty() && self.trusted.iter().any(|t| t.as_ref() == end_entity.as_ref()) => {
+                let valid = x509_parser::parse_x509_certificate(end_entity)
+                    .map(|(_, c)| {
+                        let t = now.as_secs() as i64;
+                        c.validity().not_before.timestamp() <= t && t <= c.validity().not_after.timestamp()
+                    })
+                    .unwrap_or(false);
+                if valid {
+                    Ok(rustls::server::danger::ClientCertVerified::assertion())
+                } else {
+                    Err(e)
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
