@@ -99,6 +99,10 @@ impl Inner {
 
 /// Batches a slow feed may fall behind before it re-reads the log.
 const FEED_CAPACITY: usize = 1024;
+
+/// The raft term [`Backend::status`] reports, and so the one in every response header: a
+/// constant, since the database, not an election, orders the writes.
+pub const RAFT_TERM: u64 = 1;
 /// Attempts of a read that fails transiently.
 const READ_ATTEMPTS: u32 = 3;
 
@@ -428,13 +432,20 @@ impl Backend for PostgresBackend {
                 )
                 .fetch_one(&mut *conn)
                 .await?;
+                let revision: i64 = row.try_get(0)?;
+                // No raft here, but etcd never reports term 0 once it serves (clients and
+                // etcdctl's protobuf output see it in every response header), so this backend
+                // is one leader term that never changes: term 1, every process leading, and the
+                // index (which is also the snapshot's consistent index) following the revision.
                 Ok(Ok(BackendStatus {
-                    revision: row.try_get(0)?,
+                    revision,
                     compact_revision: row.try_get(1)?,
                     db_size: row.try_get(2)?,
                     db_size_in_use: row.try_get(3)?,
+                    raft_term: RAFT_TERM,
+                    raft_index: revision.max(0) as u64,
+                    raft_applied_index: revision.max(0) as u64,
                     is_leader: true,
-                    ..BackendStatus::default()
                 }))
             })
         })

@@ -162,3 +162,26 @@ fn unfinished_compaction_is_resumed_at_start() {
         b.shutdown().await;
     });
 }
+
+/// Status reports a non-zero raft term (etcd's headers never carry term 0 once serving, and
+/// etcdctl's protobuf output has it: e2e TestCtlV3GetFormat), the same in every process on the
+/// database, and an index that follows the revision.
+#[test]
+fn status_reports_a_constant_term_and_the_revision_as_index() {
+    rt().block_on(async {
+        let url = testing::server().create_database().await.unwrap();
+        let a = PostgresBackend::connect(&url, PostgresOptions::default()).await.unwrap();
+        let b = PostgresBackend::connect(&url, PostgresOptions::default()).await.unwrap();
+        put(&*a, "k", "v").await;
+        put(&*b, "k", "w").await;
+        for s in [a.status().await.unwrap(), b.status().await.unwrap()] {
+            assert_eq!(s.raft_term, cairn_postgres::RAFT_TERM);
+            assert_ne!(s.raft_term, 0);
+            assert_eq!(s.revision, 3);
+            assert_eq!((s.raft_index, s.raft_applied_index), (3, 3));
+            assert!(s.is_leader);
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+    });
+}
