@@ -250,7 +250,14 @@ async fn status_and_member_list() {
     m.defragment(DefragmentRequest {}).await.unwrap();
     let alarms = m.alarm(AlarmRequest::default()).await.unwrap().into_inner();
     assert!(alarms.alarms.is_empty());
-    assert_eq!(m.snapshot(SnapshotRequest {}).await.err().map(|e| e.code()), Some(Code::Unimplemented));
+    // The snapshot stream is an etcd bbolt file followed by its sha256 (32 bytes).
+    let mut stream = m.snapshot(SnapshotRequest {}).await.unwrap().into_inner();
+    let mut snap = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        snap.extend_from_slice(&chunk.blob);
+    }
+    assert!(snap.len() > 4096 + 32, "a snapshot holds at least the bbolt meta pages and the hash");
+    assert_eq!(&snap[16..20], &0xED0C_DAEDu32.to_le_bytes(), "the stream starts with a bbolt meta page");
 
     let mut cl = ClusterClient::connect(s.url()).await.unwrap();
     let list = cl.member_list(MemberListRequest::default()).await.unwrap().into_inner();
