@@ -46,7 +46,12 @@ async fn main() {
     let tikv = GenericImage::new("pingcap/tikv", &tag)
         .with_wait_for(WaitFor::Nothing)
         .with_network("host")
-        .with_cmd(["--addr=127.0.0.1:20160", "--status-addr=127.0.0.1:20180", "--data-dir=/data/tikv0", "--pd=127.0.0.1:2379"])
+        .with_cmd([
+            "--addr=127.0.0.1:20160",
+            "--status-addr=127.0.0.1:20180",
+            "--data-dir=/data/tikv0",
+            "--pd=127.0.0.1:2379",
+        ])
         .start()
         .await
         .expect("start TiKV");
@@ -67,7 +72,11 @@ async fn main() {
 async fn wait_ready(endpoint: &str) {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let opts = TikvOptions { namespace: b"cairn-ready/".to_vec(), retry_timeout: Duration::from_secs(5), ..TikvOptions::default() };
+        let opts = TikvOptions {
+            namespace: b"cairn-ready/".to_vec(),
+            retry_timeout: Duration::from_secs(5),
+            ..TikvOptions::default()
+        };
         let r = async {
             let b = TikvBackend::connect(vec![endpoint.to_string()], opts).await?;
             let put = PutRequest { key: b"ready".to_vec(), value: b"1".to_vec(), ..PutRequest::default() };

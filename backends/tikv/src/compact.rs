@@ -34,45 +34,49 @@ pub(crate) async fn physical(inner: &Arc<Inner>, rev: Revision) -> Result<()> {
     loop {
         let (from, end) = (cursor.clone(), hist_end.clone());
         let (next, n) = inner
-            .run(true, Arc::new(move |v: &mut View| {
-                let pairs = v.scan_raw_limit(from.clone(), end.clone(), batch)?;
-                let full = pairs.len() == batch as usize;
-                let parsed: Vec<_> = pairs.iter().map(|(k, val)| (k.clone(), v.keys.parse_history(k), val.clone())).collect();
-                let mut deleted = 0;
-                let mut next = None;
-                for (i, (k, parsed_key, val)) in parsed.iter().enumerate() {
-                    let Some((key, r)) = parsed_key else { continue };
-                    if *r >= rev {
-                        continue;
-                    }
-                    let tombstone = dec::<Option<cairn_backend::KeyValue>>(val)?.is_none();
-                    let superseded = match parsed.get(i + 1) {
-                        Some((_, Some((k2, r2)), _)) => k2 == key && *r2 < rev,
-                        Some((_, None, _)) => false,
-                        None if full => {
-                            // Decided by the next batch, which starts here.
-                            next = Some(k.clone());
+            .run(
+                true,
+                Arc::new(move |v: &mut View| {
+                    let pairs = v.scan_raw_limit(from.clone(), end.clone(), batch)?;
+                    let full = pairs.len() == batch as usize;
+                    let parsed: Vec<_> =
+                        pairs.iter().map(|(k, val)| (k.clone(), v.keys.parse_history(k), val.clone())).collect();
+                    let mut deleted = 0;
+                    let mut next = None;
+                    for (i, (k, parsed_key, val)) in parsed.iter().enumerate() {
+                        let Some((key, r)) = parsed_key else { continue };
+                        if *r >= rev {
                             continue;
                         }
-                        None => false,
-                    };
-                    if tombstone || superseded {
-                        v.delete_raw(k.clone());
-                        deleted += 1;
+                        let tombstone = dec::<Option<cairn_backend::KeyValue>>(val)?.is_none();
+                        let superseded = match parsed.get(i + 1) {
+                            Some((_, Some((k2, r2)), _)) => k2 == key && *r2 < rev,
+                            Some((_, None, _)) => false,
+                            None if full => {
+                                // Decided by the next batch, which starts here.
+                                next = Some(k.clone());
+                                continue;
+                            }
+                            None => false,
+                        };
+                        if tombstone || superseded {
+                            v.delete_raw(k.clone());
+                            deleted += 1;
+                        }
                     }
-                }
-                let next = match (full, next) {
-                    (_, Some(k)) if k != from => Some(k),
-                    // A batch of one undecidable version cannot happen with batch >= 2.
-                    (true, _) => pairs.last().map(|(k, _)| {
-                        let mut k = k.clone();
-                        k.push(0);
-                        k
-                    }),
-                    (false, _) => None,
-                };
-                Ok((next, deleted))
-            }))
+                    let next = match (full, next) {
+                        (_, Some(k)) if k != from => Some(k),
+                        // A batch of one undecidable version cannot happen with batch >= 2.
+                        (true, _) => pairs.last().map(|(k, _)| {
+                            let mut k = k.clone();
+                            k.push(0);
+                            k
+                        }),
+                        (false, _) => None,
+                    };
+                    Ok((next, deleted))
+                }),
+            )
             .await?;
         removed += n;
         match next {
@@ -84,13 +88,16 @@ pub(crate) async fn physical(inner: &Arc<Inner>, rev: Revision) -> Result<()> {
     loop {
         let (from, end) = (inner.keys.log(0), inner.keys.log(rev));
         let n = inner
-            .run(true, Arc::new(move |v: &mut View| {
-                let pairs = v.scan_raw_limit(from.clone(), end.clone(), batch)?;
-                for (k, _) in &pairs {
-                    v.delete_raw(k.clone());
-                }
-                Ok(pairs.len())
-            }))
+            .run(
+                true,
+                Arc::new(move |v: &mut View| {
+                    let pairs = v.scan_raw_limit(from.clone(), end.clone(), batch)?;
+                    for (k, _) in &pairs {
+                        v.delete_raw(k.clone());
+                    }
+                    Ok(pairs.len())
+                }),
+            )
             .await?;
         removed += n;
         if n < batch as usize {
@@ -98,13 +105,16 @@ pub(crate) async fn physical(inner: &Arc<Inner>, rev: Revision) -> Result<()> {
         }
     }
     inner
-        .run(true, Arc::new(move |v: &mut View| {
-            let k = v.keys.compacted_through();
-            if be_i64(v.get_raw(k.clone())?, 0)? < rev {
-                v.put_raw(k, rev.to_be_bytes().to_vec());
-            }
-            Ok(())
-        }))
+        .run(
+            true,
+            Arc::new(move |v: &mut View| {
+                let k = v.keys.compacted_through();
+                if be_i64(v.get_raw(k.clone())?, 0)? < rev {
+                    v.put_raw(k, rev.to_be_bytes().to_vec());
+                }
+                Ok(())
+            }),
+        )
         .await?;
     tracing::info!(compact_revision = rev, removed, "tikv: compaction done");
     Ok(())

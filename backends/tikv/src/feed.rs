@@ -34,22 +34,28 @@ const CATCH_UP_RETRIES: u32 = 3;
 
 /// Reads revisions `from..=min(current, from + CHUNK - 1)` at one snapshot. Returns the
 /// batches, the snapshot's (revision, compact revision) and the last revision covered.
-async fn read_chunk(inner: &Arc<Inner>, from: Revision) -> Result<(Vec<Arc<ChangeBatch>>, Revision, Revision, Revision)> {
+async fn read_chunk(
+    inner: &Arc<Inner>,
+    from: Revision,
+) -> Result<(Vec<Arc<ChangeBatch>>, Revision, Revision, Revision)> {
     inner
-        .run(false, Arc::new(move |v: &mut View| {
-            let (rev, compact) = (v.base_revision(), v.compact_revision());
-            let to = rev.min(from.saturating_add(CHUNK - 1));
-            let mut batches = Vec::new();
-            let lo = from.max(compact);
-            if lo <= to {
-                let (s, e) = (v.keys.log(lo), v.keys.log(to + 1));
-                for (_, val) in v.scan_raw(s, e)? {
-                    let rec: LogRecord = dec(&val)?;
-                    batches.push(Arc::new(rec.batch));
+        .run(
+            false,
+            Arc::new(move |v: &mut View| {
+                let (rev, compact) = (v.base_revision(), v.compact_revision());
+                let to = rev.min(from.saturating_add(CHUNK - 1));
+                let mut batches = Vec::new();
+                let lo = from.max(compact);
+                if lo <= to {
+                    let (s, e) = (v.keys.log(lo), v.keys.log(to + 1));
+                    for (_, val) in v.scan_raw(s, e)? {
+                        let rec: LogRecord = dec(&val)?;
+                        batches.push(Arc::new(rec.batch));
+                    }
                 }
-            }
-            Ok((batches, rev, compact, to))
-        }))
+                Ok((batches, rev, compact, to))
+            }),
+        )
         .await
 }
 
@@ -109,7 +115,17 @@ pub(crate) async fn open(inner: Arc<Inner>, from: Revision) -> Result<FeedStream
     }
     let next = if from <= 0 { rev + 1 } else { from };
     let shutdown = inner.shutdown.subscribe();
-    let feed = Feed { inner, rx, shutdown, next, catching_up: true, pending: VecDeque::new(), unreported: false, done: false, failures: 0 };
+    let feed = Feed {
+        inner,
+        rx,
+        shutdown,
+        next,
+        catching_up: true,
+        pending: VecDeque::new(),
+        unreported: false,
+        done: false,
+        failures: 0,
+    };
     Ok(Box::pin(futures::stream::unfold(feed, |mut feed| async move {
         let item = feed.next_item().await?;
         Some((item, feed))

@@ -204,7 +204,20 @@ mod tests {
     #[test]
     fn history_keys_sort_by_key_then_revision() {
         let k = Keys::new(b"p/");
-        let keys: Vec<&[u8]> = vec![b"", b"\x00", b"\x00\x00", b"\x00\x01", b"\x00\xff", b"a", b"a\x00", b"a\x00b", b"a\x01", b"ab", b"b", b"\xff"];
+        let keys: Vec<&[u8]> = vec![
+            b"",
+            b"\x00",
+            b"\x00\x00",
+            b"\x00\x01",
+            b"\x00\xff",
+            b"a",
+            b"a\x00",
+            b"a\x00b",
+            b"a\x01",
+            b"ab",
+            b"b",
+            b"\xff",
+        ];
         let mut enc = Vec::new();
         for key in &keys {
             for rev in [2i64, 10, 300] {

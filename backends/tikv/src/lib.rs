@@ -141,7 +141,13 @@ impl Inner {
     }
 
     /// One attempt, on a blocking thread.
-    fn attempt<T>(&self, rt: &Handle, write: bool, job: &dyn Fn(&mut View) -> Result<T>, deadline: Instant) -> Attempt<T> {
+    fn attempt<T>(
+        &self,
+        rt: &Handle,
+        write: bool,
+        job: &dyn Fn(&mut View) -> Result<T>,
+        deadline: Instant,
+    ) -> Attempt<T> {
         let opened = rt.block_on(async {
             if write {
                 let txn = self.client.begin_with_options(txn_options()).await?;
@@ -222,7 +228,9 @@ impl Inner {
                     Err(rb) => {
                         tracing::warn!(error = %e, rollback = %rb, "tikv: commit outcome unknown; reading it back");
                         if !has_events {
-                            return Attempt::Fail(BackendError::Unavailable(format!("tikv: commit outcome unknown: {e}")));
+                            return Attempt::Fail(BackendError::Unavailable(format!(
+                                "tikv: commit outcome unknown: {e}"
+                            )));
                         }
                         match rt.block_on(self.settle(rev, nonce, deadline)) {
                             Some(true) => {
@@ -230,7 +238,9 @@ impl Inner {
                                 Attempt::Done(t)
                             }
                             Some(false) => Attempt::Retry(format!("tikv: commit: {e}")),
-                            None => Attempt::Fail(BackendError::Unavailable(format!("tikv: commit outcome unknown: {e}"))),
+                            None => {
+                                Attempt::Fail(BackendError::Unavailable(format!("tikv: commit outcome unknown: {e}")))
+                            }
                         }
                     }
                 }
@@ -293,14 +303,21 @@ impl TikvBackend {
         });
         let (rev, compact) = inner.meta().await?;
         let through = inner
-            .run(false, Arc::new(|v: &mut View| {
-                let k = v.keys.compacted_through();
-                be_i64(v.get_raw(k)?, 0)
-            }))
+            .run(
+                false,
+                Arc::new(|v: &mut View| {
+                    let k = v.keys.compacted_through();
+                    be_i64(v.get_raw(k)?, 0)
+                }),
+            )
             .await?;
         let mut tasks = vec![tokio::spawn(feed::tailer(inner.clone(), rev)), tokio::spawn(sweeper(inner.clone()))];
         if through < compact {
-            tracing::info!(compact_revision = compact, compacted_through = through, "tikv: resuming an unfinished compaction");
+            tracing::info!(
+                compact_revision = compact,
+                compacted_through = through,
+                "tikv: resuming an unfinished compaction"
+            );
             tasks.push(tokio::spawn(compact::background(inner.clone(), compact)));
         }
         Ok(Arc::new(TikvBackend { inner, tasks: parking_lot::Mutex::new(tasks) }))
@@ -355,17 +372,20 @@ async fn sweeper(inner: Arc<Inner>) {
             _ = shutdown.wait_for(|s| *s) => return,
         }
         let due = inner
-            .run(false, Arc::new(|v: &mut View| {
-                let (s, e) = v.keys.tag_range(keys::TAG_LEASE);
-                let mut due = Vec::new();
-                for (k, val) in v.scan_raw(s, e)? {
-                    let rec: LeaseRec = dec(&val)?;
-                    if rec.expires_ms <= v.now_ms {
-                        due.extend(v.keys.parse_lease(&k));
+            .run(
+                false,
+                Arc::new(|v: &mut View| {
+                    let (s, e) = v.keys.tag_range(keys::TAG_LEASE);
+                    let mut due = Vec::new();
+                    for (k, val) in v.scan_raw(s, e)? {
+                        let rec: LeaseRec = dec(&val)?;
+                        if rec.expires_ms <= v.now_ms {
+                            due.extend(v.keys.parse_lease(&k));
+                        }
                     }
-                }
-                Ok(due)
-            }))
+                    Ok(due)
+                }),
+            )
             .await;
         match due {
             Ok(ids) => {
@@ -410,18 +430,21 @@ impl Backend for TikvBackend {
     async fn compact(&self, rev: Revision, physical: bool) -> Result<CompactResponse> {
         let current = self
             .inner
-            .run(true, Arc::new(move |v: &mut View| {
-                let (current, compact) = (v.base_revision(), v.compact_revision());
-                if rev <= compact {
-                    return Err(BackendError::Compacted { compact_revision: compact });
-                }
-                if rev > current {
-                    return Err(BackendError::FutureRevision);
-                }
-                let k = v.keys.compact();
-                v.put_raw(k, rev.to_be_bytes().to_vec());
-                Ok(current)
-            }))
+            .run(
+                true,
+                Arc::new(move |v: &mut View| {
+                    let (current, compact) = (v.base_revision(), v.compact_revision());
+                    if rev <= compact {
+                        return Err(BackendError::Compacted { compact_revision: compact });
+                    }
+                    if rev > current {
+                        return Err(BackendError::FutureRevision);
+                    }
+                    let k = v.keys.compact();
+                    v.put_raw(k, rev.to_be_bytes().to_vec());
+                    Ok(current)
+                }),
+            )
             .await?;
         if physical {
             compact::physical(&self.inner, rev).await?;
@@ -448,13 +471,16 @@ impl Backend for TikvBackend {
             }
             let r = self
                 .inner
-                .run(true, Arc::new(move |v: &mut View| {
-                    if v.lease(chosen)?.is_some() {
-                        return Err(BackendError::LeaseExists);
-                    }
-                    v.set_lease(chosen, Some(LeaseRec { ttl, expires_ms: v.now_ms + ttl * 1000 }));
-                    Ok(v.base_revision())
-                }))
+                .run(
+                    true,
+                    Arc::new(move |v: &mut View| {
+                        if v.lease(chosen)?.is_some() {
+                            return Err(BackendError::LeaseExists);
+                        }
+                        v.set_lease(chosen, Some(LeaseRec { ttl, expires_ms: v.now_ms + ttl * 1000 }));
+                        Ok(v.base_revision())
+                    }),
+                )
                 .await;
             match r {
                 Ok(revision) => return Ok(LeaseGrant { id: chosen, ttl, revision }),
@@ -466,45 +492,59 @@ impl Backend for TikvBackend {
 
     async fn lease_revoke(&self, id: LeaseId) -> Result<Revision> {
         self.inner
-            .run(true, Arc::new(move |v: &mut View| {
-                if !revoke_in(v, id, false)? {
-                    return Err(BackendError::LeaseNotFound);
-                }
-                Ok(v.base_revision() + i64::from(!v.events.is_empty()))
-            }))
+            .run(
+                true,
+                Arc::new(move |v: &mut View| {
+                    if !revoke_in(v, id, false)? {
+                        return Err(BackendError::LeaseNotFound);
+                    }
+                    Ok(v.base_revision() + i64::from(!v.events.is_empty()))
+                }),
+            )
             .await
     }
 
     async fn lease_keep_alive(&self, id: LeaseId) -> Result<i64> {
         self.inner
-            .run(true, Arc::new(move |v: &mut View| match v.lease(id)? {
-                Some(rec) if rec.expires_ms > v.now_ms => {
-                    v.set_lease(id, Some(LeaseRec { ttl: rec.ttl, expires_ms: v.now_ms + rec.ttl * 1000 }));
-                    Ok(rec.ttl)
-                }
-                _ => Err(BackendError::LeaseNotFound),
-            }))
+            .run(
+                true,
+                Arc::new(move |v: &mut View| match v.lease(id)? {
+                    Some(rec) if rec.expires_ms > v.now_ms => {
+                        v.set_lease(id, Some(LeaseRec { ttl: rec.ttl, expires_ms: v.now_ms + rec.ttl * 1000 }));
+                        Ok(rec.ttl)
+                    }
+                    _ => Err(BackendError::LeaseNotFound),
+                }),
+            )
             .await
     }
 
     async fn lease_time_to_live(&self, id: LeaseId, keys: bool) -> Result<LeaseInfo> {
         self.inner
-            .run(false, Arc::new(move |v: &mut View| {
-                let Some(rec) = v.lease(id)? else { return Err(BackendError::LeaseNotFound) };
-                let left = rec.expires_ms - v.now_ms;
-                let ttl = if left > 0 { left / 1000 } else { -1 };
-                let keys = if keys { v.attached(id)? } else { Vec::new() };
-                Ok(LeaseInfo { id, ttl, granted_ttl: rec.ttl, keys, revision: v.base_revision() })
-            }))
+            .run(
+                false,
+                Arc::new(move |v: &mut View| {
+                    let Some(rec) = v.lease(id)? else {
+                        return Err(BackendError::LeaseNotFound);
+                    };
+                    let left = rec.expires_ms - v.now_ms;
+                    let ttl = if left > 0 { left / 1000 } else { -1 };
+                    let keys = if keys { v.attached(id)? } else { Vec::new() };
+                    Ok(LeaseInfo { id, ttl, granted_ttl: rec.ttl, keys, revision: v.base_revision() })
+                }),
+            )
             .await
     }
 
     async fn lease_leases(&self) -> Result<Vec<LeaseId>> {
         self.inner
-            .run(false, Arc::new(|v: &mut View| {
-                let (s, e) = v.keys.tag_range(keys::TAG_LEASE);
-                Ok(v.scan_raw(s, e)?.iter().filter_map(|(k, _)| v.keys.parse_lease(k)).collect())
-            }))
+            .run(
+                false,
+                Arc::new(|v: &mut View| {
+                    let (s, e) = v.keys.tag_range(keys::TAG_LEASE);
+                    Ok(v.scan_raw(s, e)?.iter().filter_map(|(k, _)| v.keys.parse_lease(k)).collect())
+                }),
+            )
             .await
     }
 
@@ -516,30 +556,33 @@ impl Backend for TikvBackend {
 
     async fn hash_kv(&self, rev: Revision) -> Result<HashKv> {
         self.inner
-            .run(false, Arc::new(move |v: &mut View| {
-                let (current, compact) = (v.base_revision(), v.compact_revision());
-                let hash_revision = if rev <= 0 { current } else { rev };
-                if hash_revision > current {
-                    return Err(BackendError::FutureRevision);
-                }
-                if hash_revision < compact {
-                    return Err(BackendError::Compacted { compact_revision: compact });
-                }
-                let (s, e) = (v.keys.log(compact + 1), v.keys.log(hash_revision + 1));
-                let mut crc = 0;
-                for (_, val) in v.scan_raw(s, e)? {
-                    let rec: LogRecord = dec(&val)?;
-                    for ev in &rec.batch.events {
-                        crc = crc32c(crc, &rec.batch.revision.to_be_bytes());
-                        crc = crc32c(crc, &[u8::from(ev.kind == EventKind::Delete)]);
-                        for bytes in [&ev.kv.key, &ev.kv.value] {
-                            crc = crc32c(crc, &(bytes.len() as u64).to_be_bytes());
-                            crc = crc32c(crc, bytes);
+            .run(
+                false,
+                Arc::new(move |v: &mut View| {
+                    let (current, compact) = (v.base_revision(), v.compact_revision());
+                    let hash_revision = if rev <= 0 { current } else { rev };
+                    if hash_revision > current {
+                        return Err(BackendError::FutureRevision);
+                    }
+                    if hash_revision < compact {
+                        return Err(BackendError::Compacted { compact_revision: compact });
+                    }
+                    let (s, e) = (v.keys.log(compact + 1), v.keys.log(hash_revision + 1));
+                    let mut crc = 0;
+                    for (_, val) in v.scan_raw(s, e)? {
+                        let rec: LogRecord = dec(&val)?;
+                        for ev in &rec.batch.events {
+                            crc = crc32c(crc, &rec.batch.revision.to_be_bytes());
+                            crc = crc32c(crc, &[u8::from(ev.kind == EventKind::Delete)]);
+                            for bytes in [&ev.kv.key, &ev.kv.value] {
+                                crc = crc32c(crc, &(bytes.len() as u64).to_be_bytes());
+                                crc = crc32c(crc, bytes);
+                            }
                         }
                     }
-                }
-                Ok(HashKv { hash: crc, compact_revision: compact, hash_revision, revision: current })
-            }))
+                    Ok(HashKv { hash: crc, compact_revision: compact, hash_revision, revision: current })
+                }),
+            )
             .await
     }
 
@@ -551,13 +594,16 @@ impl Backend for TikvBackend {
     async fn doc_get(&self, name: &str) -> Result<Option<Doc>> {
         let name = name.to_string();
         self.inner
-            .run(false, Arc::new(move |v: &mut View| {
-                let k = v.keys.doc(&name);
-                match v.get_raw(k)? {
-                    Some(b) => Ok(Some(dec::<Doc>(&b)?)),
-                    None => Ok(None),
-                }
-            }))
+            .run(
+                false,
+                Arc::new(move |v: &mut View| {
+                    let k = v.keys.doc(&name);
+                    match v.get_raw(k)? {
+                        Some(b) => Ok(Some(dec::<Doc>(&b)?)),
+                        None => Ok(None),
+                    }
+                }),
+            )
             .await
     }
 
@@ -565,18 +611,21 @@ impl Backend for TikvBackend {
         let name = name.to_string();
         let value = Arc::new(value);
         self.inner
-            .run(true, Arc::new(move |v: &mut View| {
-                let k = v.keys.doc(&name);
-                let version = match v.get_raw(k.clone())? {
-                    Some(b) => dec::<Doc>(&b)?.version,
-                    None => 0,
-                };
-                if version != expected {
-                    return Ok(None);
-                }
-                v.put_raw(k, enc(&Doc { version: expected + 1, value: (*value).clone() }));
-                Ok(Some(expected + 1))
-            }))
+            .run(
+                true,
+                Arc::new(move |v: &mut View| {
+                    let k = v.keys.doc(&name);
+                    let version = match v.get_raw(k.clone())? {
+                        Some(b) => dec::<Doc>(&b)?.version,
+                        None => 0,
+                    };
+                    if version != expected {
+                        return Ok(None);
+                    }
+                    v.put_raw(k, enc(&Doc { version: expected + 1, value: (*value).clone() }));
+                    Ok(Some(expected + 1))
+                }),
+            )
             .await
     }
 }

@@ -76,7 +76,11 @@ impl Reader {
 }
 
 /// Reads a whole TiKV range, in pages.
-pub(crate) async fn scan_all(r: &mut Reader, start: Vec<u8>, end: Vec<u8>) -> tikv_client::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+pub(crate) async fn scan_all(
+    r: &mut Reader,
+    start: Vec<u8>,
+    end: Vec<u8>,
+) -> tikv_client::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     const PAGE: u32 = 4096;
     let mut out = Vec::new();
     let mut from = start;
@@ -115,12 +119,15 @@ pub(crate) struct View {
 }
 
 impl View {
-    pub(crate) fn open(rt: Handle, mut reader: Reader, keys: Keys, now_ms: i64) -> std::result::Result<View, tikv_client::Error> {
-        let (rev, compact) = rt.block_on(async {
-            let rev = reader.get(keys.revision()).await?;
-            let compact = reader.get(keys.compact()).await?;
-            Ok::<_, tikv_client::Error>((rev, compact))
-        })?;
+    /// Reads the counter and the compact revision; on a TiKV error, the error's text.
+    pub(crate) fn open(rt: Handle, mut reader: Reader, keys: Keys, now_ms: i64) -> std::result::Result<View, String> {
+        let (rev, compact) = rt
+            .block_on(async {
+                let rev = reader.get(keys.revision()).await?;
+                let compact = reader.get(keys.compact()).await?;
+                Ok::<_, tikv_client::Error>((rev, compact))
+            })
+            .map_err(|e| e.to_string())?;
         let base = be_i64(rev, 1).unwrap_or(1);
         let compact = be_i64(compact, 0).unwrap_or(0);
         Ok(View {
@@ -160,7 +167,12 @@ impl View {
     }
 
     /// At most `limit` pairs of `[start, end)`.
-    pub(crate) fn scan_raw_limit(&mut self, start: Vec<u8>, end: Vec<u8>, limit: u32) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    pub(crate) fn scan_raw_limit(
+        &mut self,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: u32,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let r = self.rt.block_on(self.reader.scan(start, end, limit));
         self.io(r)
     }
@@ -211,8 +223,15 @@ impl TxnView for View {
         self.compact
     }
 
-    fn range_latest(&mut self, range: &KeyRange, limit: Option<usize>, count_only: bool) -> Result<(Vec<KeyValue>, i64)> {
-        let Some((s, e)) = self.keys.current_range(range) else { return Ok((Vec::new(), 0)) };
+    fn range_latest(
+        &mut self,
+        range: &KeyRange,
+        limit: Option<usize>,
+        count_only: bool,
+    ) -> Result<(Vec<KeyValue>, i64)> {
+        let Some((s, e)) = self.keys.current_range(range) else {
+            return Ok((Vec::new(), 0));
+        };
         let pairs = self.scan_raw(s, e)?;
         let mut live: BTreeMap<Vec<u8>, KeyValue> = BTreeMap::new();
         for (_, v) in pairs {
@@ -238,13 +257,23 @@ impl TxnView for View {
         Ok((live.into_values().take(limit.unwrap_or(usize::MAX)).collect(), count))
     }
 
-    fn range_at(&mut self, range: &KeyRange, rev: Revision, limit: Option<usize>, count_only: bool) -> Result<(Vec<KeyValue>, i64)> {
-        let Some((s, e)) = self.keys.history_range(range) else { return Ok((Vec::new(), 0)) };
+    fn range_at(
+        &mut self,
+        range: &KeyRange,
+        rev: Revision,
+        limit: Option<usize>,
+        count_only: bool,
+    ) -> Result<(Vec<KeyValue>, i64)> {
+        let Some((s, e)) = self.keys.history_range(range) else {
+            return Ok((Vec::new(), 0));
+        };
         let pairs = self.scan_raw(s, e)?;
         // Versions come grouped by key, by revision: keep the newest at or below `rev`.
         let mut at: BTreeMap<Vec<u8>, Option<KeyValue>> = BTreeMap::new();
         for (k, v) in pairs {
-            let Some((key, r)) = self.keys.parse_history(&k) else { continue };
+            let Some((key, r)) = self.keys.parse_history(&k) else {
+                continue;
+            };
             if r > rev || !range.contains(&key) {
                 continue;
             }

@@ -19,7 +19,11 @@ struct Tikv {
 }
 
 fn options(namespace: &[u8]) -> TikvOptions {
-    TikvOptions { namespace: namespace.to_vec(), feed_poll_interval: Duration::from_millis(50), ..TikvOptions::default() }
+    TikvOptions {
+        namespace: namespace.to_vec(),
+        feed_poll_interval: Duration::from_millis(50),
+        ..TikvOptions::default()
+    }
 }
 
 impl Tikv {

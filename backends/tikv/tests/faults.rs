@@ -58,7 +58,9 @@ async fn write_conflicts_between_two_processes_retry() {
                     // Increment "counter" by CAS on its mod revision.
                     loop {
                         let cur = get(&*be, "counter").await;
-                        let (n, modr) = cur.map_or((0, 0), |kv| (String::from_utf8(kv.value).unwrap().parse::<i64>().unwrap(), kv.mod_revision));
+                        let (n, modr) = cur.map_or((0, 0), |kv| {
+                            (String::from_utf8(kv.value).unwrap().parse::<i64>().unwrap(), kv.mod_revision)
+                        });
                         let r = txn(
                             &*be,
                             TxnRequest {
@@ -88,8 +90,16 @@ async fn write_conflicts_between_two_processes_retry() {
     assert_eq!(all, (2..2 + n).collect::<Vec<_>>(), "acknowledged writes took unique, gap-free revisions");
     assert_eq!(rev(&*a).await, 1 + n);
     assert_eq!(rev(&*b).await, 1 + n);
-    assert_eq!(get(&*a, "counter").await.unwrap().value, bytes(&(n / 2).to_string()), "no CAS increment lost or doubled");
-    assert!(fake.write_conflicts() > 0, "the two processes did conflict in TiKV ({} conflicts)", fake.write_conflicts());
+    assert_eq!(
+        get(&*a, "counter").await.unwrap().value,
+        bytes(&(n / 2).to_string()),
+        "no CAS increment lost or doubled"
+    );
+    assert!(
+        fake.write_conflicts() > 0,
+        "the two processes did conflict in TiKV ({} conflicts)",
+        fake.write_conflicts()
+    );
     let last = check_log(&*b).await;
     assert_eq!(last.len() as i64, n / 2 + 1, "every acknowledged key is in the log");
     assert_eq!(get_all(&*a).await.len() as i64, n / 2 + 1, "and in the store");
@@ -100,7 +110,8 @@ async fn region_errors_become_retries() {
     let fake = FakeTikv::start().await.unwrap();
     let b = backend(&fake, Duration::from_secs(10)).await;
     put(&*b, "a", "0").await;
-    let faults = [RegionFault::NotLeader, RegionFault::RegionNotFound, RegionFault::EpochNotMatch, RegionFault::ServerIsBusy];
+    let faults =
+        [RegionFault::NotLeader, RegionFault::RegionNotFound, RegionFault::EpochNotMatch, RegionFault::ServerIsBusy];
     for i in 1..=12 {
         fake.inject_region_errors(&[faults[i % 4], faults[(i + 1) % 4]]);
         assert_eq!(put(&*b, "a", &i.to_string()).await, 2 + i as i64, "put {i} under region errors");
@@ -122,13 +133,16 @@ async fn lost_commit_responses_are_settled_exactly_once() {
     let fake = FakeTikv::start().await.unwrap();
     let b = backend(&fake, Duration::from_secs(20)).await;
     put(&*b, "x", "0").await; // 2
-    // The commit happened but its response was lost, and so were the answers to the client's
-    // own retries (tikv-client gives up after about 20 tries): the backend must find out that
-    // it did commit (rollback refuses, the log entry carries its nonce), not apply it twice.
+                              // The commit happened but its response was lost, and so were the answers to the client's
+                              // own retries (tikv-client gives up after about 20 tries): the backend must find out that
+                              // it did commit (rollback refuses, the log entry carries its nonce), not apply it twice.
     fake.inject_commit_faults(&[CommitFault::ApplyThenFail; 40]);
     let r = ops(&*b, vec![put_op("x", "1"), put_op("y", "1")]).await;
     assert_eq!(r.revision, 3, "the lost-response commit is acknowledged at its revision");
-    assert!(fake.pending_commit_faults() > 0, "the client gave up before the faults ran out, so the backend settled it");
+    assert!(
+        fake.pending_commit_faults() > 0,
+        "the client gave up before the faults ran out, so the backend settled it"
+    );
     fake.clear_commit_faults();
     // A commit that fails before applying, more often than the client retries: rolled back and
     // retried by the backend.
@@ -190,8 +204,11 @@ async fn pd_unavailable_fails_unavailable_then_recovers() {
     acked.insert("after".into(), "v".into());
     assert_eq!(after, rev(&*b).await);
     // Nothing acknowledged is lost, nothing unacknowledged appeared twice.
-    let now: BTreeMap<String, String> =
-        get_all(&*b).await.into_iter().map(|kv| (String::from_utf8(kv.key).unwrap(), String::from_utf8(kv.value).unwrap())).collect();
+    let now: BTreeMap<String, String> = get_all(&*b)
+        .await
+        .into_iter()
+        .map(|kv| (String::from_utf8(kv.key).unwrap(), String::from_utf8(kv.value).unwrap()))
+        .collect();
     for (k, v) in &acked {
         assert_eq!(now.get(k), Some(v), "acknowledged write {k} survives");
     }
@@ -199,7 +216,10 @@ async fn pd_unavailable_fails_unavailable_then_recovers() {
     // The watch opened before the outage delivers the later revisions too.
     let mut seen = Vec::new();
     while seen.last().copied().unwrap_or(0) < after {
-        match tokio::time::timeout(Duration::from_secs(10), watch.next()).await.expect("watch delivers after PD is back") {
+        match tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("watch delivers after PD is back")
+        {
             Some(Ok(FeedItem::Changes(c))) => seen.push(c.revision),
             Some(Ok(FeedItem::Progress(_))) => {}
             Some(Err(e)) => panic!("watch failed: {e:?}"),

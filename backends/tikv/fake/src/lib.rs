@@ -225,7 +225,10 @@ impl Mvcc {
             }),
             Some(_) => Ok(()),
             None => {
-                self.writes.entry(key.to_vec()).or_default().insert(start_ts, Write { start_ts, kind: WriteKind::Rollback });
+                self.writes
+                    .entry(key.to_vec())
+                    .or_default()
+                    .insert(start_ts, Write { start_ts, kind: WriteKind::Rollback });
                 Ok(())
             }
         }
@@ -414,7 +417,10 @@ type TsoStream = Pin<Box<dyn Stream<Item = Result<pdpb::TsoResponse, Status>> + 
 
 #[tonic::async_trait]
 impl pdpb::pd_server::Pd for Pd {
-    async fn get_members(&self, _r: Request<pdpb::GetMembersRequest>) -> Result<Response<pdpb::GetMembersResponse>, Status> {
+    async fn get_members(
+        &self,
+        _r: Request<pdpb::GetMembersRequest>,
+    ) -> Result<Response<pdpb::GetMembersResponse>, Status> {
         self.check()?;
         let m = self.member();
         Ok(Response::new(pdpb::GetMembersResponse {
@@ -445,7 +451,11 @@ impl pdpb::pd_server::Pd for Pd {
                 let resp = pdpb::TsoResponse {
                     header: header(),
                     count: req.count,
-                    timestamp: Some(pdpb::Timestamp { physical: physical as i64, logical: logical as i64, suffix_bits: 0 }),
+                    timestamp: Some(pdpb::Timestamp {
+                        physical: physical as i64,
+                        logical: logical as i64,
+                        suffix_bits: 0,
+                    }),
                 };
                 if tx.send(Ok(resp)).await.is_err() {
                     return;
@@ -455,22 +465,46 @@ impl pdpb::pd_server::Pd for Pd {
         Ok(Response::new(out))
     }
 
-    async fn get_region(&self, _r: Request<pdpb::GetRegionRequest>) -> Result<Response<pdpb::GetRegionResponse>, Status> {
+    async fn get_region(
+        &self,
+        _r: Request<pdpb::GetRegionRequest>,
+    ) -> Result<Response<pdpb::GetRegionResponse>, Status> {
         self.check()?;
-        Ok(Response::new(pdpb::GetRegionResponse { header: header(), region: Some(region()), leader: Some(peer()), ..Default::default() }))
+        Ok(Response::new(pdpb::GetRegionResponse {
+            header: header(),
+            region: Some(region()),
+            leader: Some(peer()),
+            ..Default::default()
+        }))
     }
 
-    async fn get_prev_region(&self, _r: Request<pdpb::GetRegionRequest>) -> Result<Response<pdpb::GetRegionResponse>, Status> {
+    async fn get_prev_region(
+        &self,
+        _r: Request<pdpb::GetRegionRequest>,
+    ) -> Result<Response<pdpb::GetRegionResponse>, Status> {
         self.check()?;
-        Ok(Response::new(pdpb::GetRegionResponse { header: header(), region: Some(region()), leader: Some(peer()), ..Default::default() }))
+        Ok(Response::new(pdpb::GetRegionResponse {
+            header: header(),
+            region: Some(region()),
+            leader: Some(peer()),
+            ..Default::default()
+        }))
     }
 
-    async fn get_region_by_id(&self, r: Request<pdpb::GetRegionByIdRequest>) -> Result<Response<pdpb::GetRegionResponse>, Status> {
+    async fn get_region_by_id(
+        &self,
+        r: Request<pdpb::GetRegionByIdRequest>,
+    ) -> Result<Response<pdpb::GetRegionResponse>, Status> {
         self.check()?;
         if r.get_ref().region_id != REGION_ID {
             return Ok(Response::new(pdpb::GetRegionResponse { header: header(), ..Default::default() }));
         }
-        Ok(Response::new(pdpb::GetRegionResponse { header: header(), region: Some(region()), leader: Some(peer()), ..Default::default() }))
+        Ok(Response::new(pdpb::GetRegionResponse {
+            header: header(),
+            region: Some(region()),
+            leader: Some(peer()),
+            ..Default::default()
+        }))
     }
 
     async fn get_store(&self, _r: Request<pdpb::GetStoreRequest>) -> Result<Response<pdpb::GetStoreResponse>, Status> {
@@ -478,7 +512,10 @@ impl pdpb::pd_server::Pd for Pd {
         Ok(Response::new(pdpb::GetStoreResponse { header: header(), store: Some(self.store()), ..Default::default() }))
     }
 
-    async fn get_all_stores(&self, _r: Request<pdpb::GetAllStoresRequest>) -> Result<Response<pdpb::GetAllStoresResponse>, Status> {
+    async fn get_all_stores(
+        &self,
+        _r: Request<pdpb::GetAllStoresRequest>,
+    ) -> Result<Response<pdpb::GetAllStoresResponse>, Status> {
         self.check()?;
         Ok(Response::new(pdpb::GetAllStoresResponse { header: header(), stores: vec![self.store()] }))
     }
@@ -486,7 +523,12 @@ impl pdpb::pd_server::Pd for Pd {
 
 impl Pd {
     fn store(&self) -> metapb::Store {
-        metapb::Store { id: STORE_ID, address: self.0.addr.to_string(), state: metapb::StoreState::Up as i32, ..Default::default() }
+        metapb::Store {
+            id: STORE_ID,
+            address: self.0.addr.to_string(),
+            state: metapb::StoreState::Up as i32,
+            ..Default::default()
+        }
     }
 }
 
@@ -515,7 +557,8 @@ impl Kv {
         let mut e = errorpb::Error { message: format!("injected {fault:?}"), ..Default::default() };
         match fault {
             RegionFault::NotLeader => {
-                e.not_leader = Some(errorpb::NotLeader { region_id: REGION_ID, leader: Some(peer()), ..Default::default() })
+                e.not_leader =
+                    Some(errorpb::NotLeader { region_id: REGION_ID, leader: Some(peer()), ..Default::default() })
             }
             RegionFault::RegionNotFound => e.region_not_found = Some(errorpb::RegionNotFound { region_id: REGION_ID }),
             RegionFault::EpochNotMatch => e.epoch_not_match = Some(errorpb::EpochNotMatch::default()),
@@ -552,7 +595,10 @@ impl tikvpb::tikv_server::Tikv for Kv {
         Ok(Response::new(resp))
     }
 
-    async fn kv_batch_get(&self, r: Request<kvrpcpb::BatchGetRequest>) -> Result<Response<kvrpcpb::BatchGetResponse>, Status> {
+    async fn kv_batch_get(
+        &self,
+        r: Request<kvrpcpb::BatchGetRequest>,
+    ) -> Result<Response<kvrpcpb::BatchGetResponse>, Status> {
         let mut resp = kvrpcpb::BatchGetResponse::default();
         if let Some(e) = self.region_error() {
             resp.region_error = Some(e);
@@ -581,7 +627,11 @@ impl tikvpb::tikv_server::Tikv for Kv {
             return Ok(Response::new(resp));
         }
         let req = r.into_inner();
-        let (start, end) = if req.reverse { (req.end_key.clone(), req.start_key.clone()) } else { (req.start_key.clone(), req.end_key.clone()) };
+        let (start, end) = if req.reverse {
+            (req.end_key.clone(), req.start_key.clone())
+        } else {
+            (req.start_key.clone(), req.end_key.clone())
+        };
         let m = self.0.mvcc.lock();
         // Locks in the range that this read must wait for: report them (only them) so the
         // client resolves them and scans again.
@@ -602,23 +652,27 @@ impl tikvpb::tikv_server::Tikv for Kv {
             return Ok(Response::new(resp));
         }
         let limit = if req.limit == 0 { usize::MAX } else { req.limit as usize };
-        let keys: Box<dyn Iterator<Item = (&Vec<u8>, &BTreeMap<u64, Write>)>> = if req.reverse {
-            Box::new(m.writes.iter().rev())
-        } else {
-            Box::new(m.writes.iter())
-        };
+        let keys: Box<dyn Iterator<Item = (&Vec<u8>, &BTreeMap<u64, Write>)>> =
+            if req.reverse { Box::new(m.writes.iter().rev()) } else { Box::new(m.writes.iter()) };
         for (k, _) in keys.filter(|(k, _)| in_range(k, &start, &end)) {
             if resp.pairs.len() >= limit {
                 break;
             }
             if let Some(v) = m.read(k, req.version) {
-                resp.pairs.push(kvrpcpb::KvPair { key: k.clone(), value: if req.key_only { Vec::new() } else { v }, ..Default::default() });
+                resp.pairs.push(kvrpcpb::KvPair {
+                    key: k.clone(),
+                    value: if req.key_only { Vec::new() } else { v },
+                    ..Default::default()
+                });
             }
         }
         Ok(Response::new(resp))
     }
 
-    async fn kv_prewrite(&self, r: Request<kvrpcpb::PrewriteRequest>) -> Result<Response<kvrpcpb::PrewriteResponse>, Status> {
+    async fn kv_prewrite(
+        &self,
+        r: Request<kvrpcpb::PrewriteRequest>,
+    ) -> Result<Response<kvrpcpb::PrewriteResponse>, Status> {
         let mut resp = kvrpcpb::PrewriteResponse::default();
         if let Some(e) = self.region_error() {
             resp.region_error = Some(e);
@@ -633,14 +687,17 @@ impl tikvpb::tikv_server::Tikv for Kv {
         for mu in &req.mutations {
             if let Some(l) = m.locks.get(&mu.key) {
                 if l.start_ts != req.start_version {
-                    resp.errors.push(kvrpcpb::KeyError { locked: Some(Mvcc::lock_info(&mu.key, l)), ..Default::default() });
+                    resp.errors
+                        .push(kvrpcpb::KeyError { locked: Some(Mvcc::lock_info(&mu.key, l)), ..Default::default() });
                 }
                 continue;
             }
             if let Some(versions) = m.writes.get(&mu.key) {
-                if let Some((commit_ts, w)) = versions.range(req.start_version..).rev().find(|(_, w)| {
-                    !matches!(w.kind, WriteKind::Rollback) || w.start_ts == req.start_version
-                }) {
+                if let Some((commit_ts, w)) = versions
+                    .range(req.start_version..)
+                    .rev()
+                    .find(|(_, w)| !matches!(w.kind, WriteKind::Rollback) || w.start_ts == req.start_version)
+                {
                     let self_rolled_back = w.start_ts == req.start_version;
                     self.0.conflicts.fetch_add(1, Ordering::Relaxed);
                     resp.errors.push(kvrpcpb::KeyError {
@@ -715,7 +772,10 @@ impl tikvpb::tikv_server::Tikv for Kv {
                 || matches!(m.find_by_start(key, req.start_version), Some((_, w)) if !matches!(w.kind, WriteKind::Rollback));
             if !ok {
                 resp.error = Some(kvrpcpb::KeyError {
-                    abort: format!("txn {} lock not found on commit (rolled back or never prewritten)", req.start_version),
+                    abort: format!(
+                        "txn {} lock not found on commit (rolled back or never prewritten)",
+                        req.start_version
+                    ),
                     ..Default::default()
                 });
                 return Ok(Response::new(resp));
@@ -733,7 +793,10 @@ impl tikvpb::tikv_server::Tikv for Kv {
         Ok(Response::new(resp))
     }
 
-    async fn kv_batch_rollback(&self, r: Request<kvrpcpb::BatchRollbackRequest>) -> Result<Response<kvrpcpb::BatchRollbackResponse>, Status> {
+    async fn kv_batch_rollback(
+        &self,
+        r: Request<kvrpcpb::BatchRollbackRequest>,
+    ) -> Result<Response<kvrpcpb::BatchRollbackResponse>, Status> {
         let mut resp = kvrpcpb::BatchRollbackResponse::default();
         if let Some(e) = self.region_error() {
             resp.region_error = Some(e);
@@ -750,7 +813,10 @@ impl tikvpb::tikv_server::Tikv for Kv {
         Ok(Response::new(resp))
     }
 
-    async fn kv_check_txn_status(&self, r: Request<kvrpcpb::CheckTxnStatusRequest>) -> Result<Response<kvrpcpb::CheckTxnStatusResponse>, Status> {
+    async fn kv_check_txn_status(
+        &self,
+        r: Request<kvrpcpb::CheckTxnStatusRequest>,
+    ) -> Result<Response<kvrpcpb::CheckTxnStatusResponse>, Status> {
         let mut resp = kvrpcpb::CheckTxnStatusResponse::default();
         if let Some(e) = self.region_error() {
             resp.region_error = Some(e);
@@ -794,7 +860,10 @@ impl tikvpb::tikv_server::Tikv for Kv {
         Ok(Response::new(resp))
     }
 
-    async fn kv_resolve_lock(&self, r: Request<kvrpcpb::ResolveLockRequest>) -> Result<Response<kvrpcpb::ResolveLockResponse>, Status> {
+    async fn kv_resolve_lock(
+        &self,
+        r: Request<kvrpcpb::ResolveLockRequest>,
+    ) -> Result<Response<kvrpcpb::ResolveLockResponse>, Status> {
         let mut resp = kvrpcpb::ResolveLockResponse::default();
         if let Some(e) = self.region_error() {
             resp.region_error = Some(e);
@@ -824,7 +893,10 @@ impl tikvpb::tikv_server::Tikv for Kv {
         Ok(Response::new(resp))
     }
 
-    async fn kv_txn_heart_beat(&self, r: Request<kvrpcpb::TxnHeartBeatRequest>) -> Result<Response<kvrpcpb::TxnHeartBeatResponse>, Status> {
+    async fn kv_txn_heart_beat(
+        &self,
+        r: Request<kvrpcpb::TxnHeartBeatRequest>,
+    ) -> Result<Response<kvrpcpb::TxnHeartBeatResponse>, Status> {
         let mut resp = kvrpcpb::TxnHeartBeatResponse::default();
         if let Some(e) = self.region_error() {
             resp.region_error = Some(e);
@@ -839,7 +911,10 @@ impl tikvpb::tikv_server::Tikv for Kv {
             }
             _ => {
                 resp.error = Some(kvrpcpb::KeyError {
-                    txn_not_found: Some(kvrpcpb::TxnNotFound { start_ts: req.start_version, primary_key: req.primary_lock }),
+                    txn_not_found: Some(kvrpcpb::TxnNotFound {
+                        start_ts: req.start_version,
+                        primary_key: req.primary_lock,
+                    }),
                     ..Default::default()
                 })
             }
