@@ -13,6 +13,7 @@ use clap::{parser::ValueSource, ArgMatches, CommandFactory, FromArgMatches, Pars
 pub enum BackendKind {
     Native,
     Postgres,
+    Tikv,
     Memory,
 }
 
@@ -284,6 +285,12 @@ pub struct Flags {
     /// Connections in this process's PostgreSQL pool (Cairn).
     #[arg(long, default_value_t = 10)]
     pub postgres_max_connections: u32,
+    /// PD endpoints for `--backend tikv` (Cairn): host:port[,host:port...].
+    #[arg(long, default_value = "")]
+    pub tikv_pd_endpoints: String,
+    /// Prefix of every key Cairn writes in TiKV (Cairn); Cairn clusters sharing TiKV need their own.
+    #[arg(long, default_value = "cairn/")]
+    pub tikv_namespace: String,
 }
 
 /// Flags that are parsed but have no effect yet; setting one logs a warning.

@@ -13,6 +13,7 @@ use cairn_backend::Backend;
 use cairn_memory::MemoryBackend;
 use cairn_native::{NativeBackend, NativeConfig};
 use cairn_postgres::{PostgresBackend, PostgresOptions};
+use cairn_tikv::{TikvBackend, TikvOptions};
 use config::{split_urls, BackendKind, Flags, ParseExit};
 
 fn main() -> ExitCode {
@@ -142,6 +143,7 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
     );
     let mut native = None;
     let mut postgres = None;
+    let mut tikv = None;
     let backend: Arc<dyn Backend> = match flags.backend {
         BackendKind::Memory => MemoryBackend::new(),
         BackendKind::Native => {
@@ -166,6 +168,17 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
             postgres = Some(b.clone());
             b
         }
+        BackendKind::Tikv => {
+            let pd: Vec<String> =
+                flags.tikv_pd_endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+            if pd.is_empty() {
+                anyhow::bail!("--backend tikv needs --tikv-pd-endpoints");
+            }
+            let opts = TikvOptions { namespace: flags.tikv_namespace.clone().into_bytes(), ..Default::default() };
+            let b = TikvBackend::connect(pd, opts).await.context("connecting to TiKV")?;
+            tikv = Some(b.clone());
+            b
+        }
     };
     let result = cairn_api::run(cfg, backend, shutdown_signal()).await;
     if let Some(native) = native {
@@ -173,6 +186,9 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
     }
     if let Some(pg) = postgres {
         pg.shutdown().await;
+    }
+    if let Some(t) = tikv {
+        t.shutdown().await;
     }
     tracing::info!("stopped serving");
     result
