@@ -260,7 +260,12 @@ pub struct FakeTikv {
 impl FakeTikv {
     /// Starts the fake on `127.0.0.1:0` inside the current tokio runtime.
     pub async fn start() -> std::io::Result<FakeTikv> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    /// Starts the fake on `addr` (`host:port`) inside the current tokio runtime.
+    pub async fn start_on(addr: &str) -> std::io::Result<FakeTikv> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             mvcc: Mutex::new(Mvcc::default()),
