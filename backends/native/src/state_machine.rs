@@ -21,7 +21,12 @@ fn sm_err(e: impl std::fmt::Display) -> StorageError {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, StorageError> {
-    tokio::task::spawn_blocking(f).await.map_err(sm_err)
+    // On a multi-thread runtime run in place (no thread hop on the apply path); elsewhere
+    // (a current-thread test runtime) hand it to the blocking pool.
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => Ok(tokio::task::block_in_place(f)),
+        _ => tokio::task::spawn_blocking(f).await.map_err(sm_err),
+    }
 }
 
 impl StateMachine {
