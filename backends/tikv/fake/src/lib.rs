@@ -280,11 +280,17 @@ impl FakeTikv {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let pd = pdpb::pd_server::PdServer::new(Pd(state.clone()));
         let kv = tikvpb::tikv_server::TikvServer::new(Kv(state.clone()));
+        // Without TCP_NODELAY, small gRPC frames wait for delayed ACKs (tens of ms each).
+        let incoming = TcpListenerStream::new(listener).map(|s| {
+            s.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        });
         tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
                 .add_service(pd)
                 .add_service(kv)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
                 })
                 .await;
