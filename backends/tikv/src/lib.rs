@@ -7,7 +7,8 @@
 //! - Revisions: every writing attempt reads the counter key in its transaction and writes
 //!   `counter + 1`. All writers write that key, so two concurrent writers always conflict and
 //!   one retries: revisions are unique, gap-free and monotonic across processes, and snapshot
-//!   isolation becomes serializable for writes. Each process also serializes its own writers.
+//!   isolation becomes serializable for writes. Each process batches its concurrent writes
+//!   into one TiKV transaction, one revision per client write.
 //! - Ambiguous commits: when a commit fails, the attempt is rolled back; if that succeeds the
 //!   attempt is retried; otherwise the change-log entry of its revision is read back (it carries
 //!   the attempt's nonce) to learn whether it committed.
@@ -23,6 +24,7 @@ mod feed;
 pub mod keys;
 mod view;
 
+use std::any::Any;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,7 +34,7 @@ use cairn_backend::*;
 use tikv_client::transaction::HeartbeatOption;
 use tikv_client::{CheckLevel, Config, TransactionClient, TransactionOptions};
 use tokio::runtime::Handle;
-use tokio::sync::{broadcast, watch, Notify};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 use keys::Keys;
@@ -78,8 +80,8 @@ pub(crate) struct Inner {
     feed: broadcast::Sender<Arc<ChangeBatch>>,
     wake: Notify,
     shutdown: watch::Sender<bool>,
-    /// This process's writers go one at a time (they would conflict on the counter anyway).
-    write_lock: tokio::sync::Mutex<()>,
+    /// Writes that take revisions go through this process's batching writer.
+    writer: mpsc::Sender<WriteItem>,
 }
 
 /// The outcome of one attempt.
@@ -87,7 +89,7 @@ enum Attempt<T> {
     Done(T),
     /// Failed in a way that did not change anything: try again.
     Retry(String),
-    /// A final answer (an etcd error, or an outcome that cannot be known).
+    /// A final answer for every job (an outcome that cannot be known).
     Fail(BackendError),
 }
 
@@ -95,8 +97,29 @@ fn txn_options() -> TransactionOptions {
     TransactionOptions::new_optimistic().drop_check(CheckLevel::Warn).heartbeat_option(HeartbeatOption::NoHeartbeat)
 }
 
-/// What an attempt's closure does with the view: returns the answer, or an etcd error.
+/// What an attempt's closure does with the view: returns the answer, or an etcd error (then
+/// the job has no effect). It may run several times (retries), so it must not have side
+/// effects outside the view.
 type Job<T> = Arc<dyn Fn(&mut View) -> Result<T> + Send + Sync>;
+type AnyAnswer = Box<dyn Any + Send>;
+type AnyJob = Job<AnyAnswer>;
+
+/// A write waiting for the batching writer.
+struct WriteItem {
+    job: AnyJob,
+    reply: oneshot::Sender<Result<AnyAnswer>>,
+}
+
+/// Client writes per TiKV transaction at most.
+const MAX_BATCH: usize = 128;
+
+fn erase<T: Send + 'static>(job: Job<T>) -> AnyJob {
+    Arc::new(move |v: &mut View| job(v).map(|t| Box::new(t) as AnyAnswer))
+}
+
+fn unerase<T: 'static>(a: AnyAnswer) -> Result<T> {
+    a.downcast::<T>().map(|b| *b).map_err(|_| BackendError::internal("tikv: answer of the wrong type"))
+}
 
 impl Inner {
     async fn timestamp(&self) -> tikv_client::Result<tikv_client::Timestamp> {
@@ -109,21 +132,36 @@ impl Inner {
         Ok((Reader::Snap(self.client.snapshot(ts, txn_options().read_only())), now))
     }
 
-    /// Runs `job` until it is done, retrying what can be retried until the retry timeout.
-    /// `write`: in a transaction that commits what the job wrote; otherwise at a snapshot.
+    /// Runs `job` on its own until it is done, retrying what can be retried until the retry
+    /// timeout. `write`: in a transaction that commits what the job wrote; otherwise at a
+    /// snapshot.
     async fn run<T: Send + 'static>(self: &Arc<Self>, write: bool, job: Job<T>) -> Result<T> {
+        let mut answers = self.run_jobs(write, vec![erase(job)]).await?;
+        unerase(answers.pop().ok_or_else(|| BackendError::internal("tikv: no answer"))??)
+    }
+
+    /// Runs `job` through the batching writer: it shares a TiKV transaction (and the retries)
+    /// with other writes of this process, each taking its own revision.
+    async fn write<T: Send + 'static>(self: &Arc<Self>, job: Job<T>) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        self.writer.send(WriteItem { job: erase(job), reply }).await.map_err(|_| BackendError::Stopped)?;
+        unerase(rx.await.map_err(|_| BackendError::Stopped)??)
+    }
+
+    /// Runs `jobs` in order in one transaction (or snapshot) per attempt, retrying the whole
+    /// attempt until the retry timeout. Returns each job's answer.
+    async fn run_jobs(self: &Arc<Self>, write: bool, jobs: Vec<AnyJob>) -> Result<Vec<Result<AnyAnswer>>> {
         let deadline = Instant::now() + self.opts.retry_timeout;
         let mut backoff = Duration::from_millis(2);
+        let jobs = Arc::new(jobs);
         loop {
             if *self.shutdown.borrow() {
                 return Err(BackendError::Stopped);
             }
-            let guard = if write { Some(self.write_lock.lock().await) } else { None };
-            let (inner, job2, rt) = (self.clone(), job.clone(), Handle::current());
-            let r = tokio::task::spawn_blocking(move || inner.attempt(&rt, write, &*job2, deadline))
+            let (inner, jobs2, rt) = (self.clone(), jobs.clone(), Handle::current());
+            let r = tokio::task::spawn_blocking(move || inner.attempt(&rt, write, &jobs2, deadline))
                 .await
                 .map_err(|e| BackendError::internal(format!("tikv attempt panicked: {e}")))?;
-            drop(guard);
             match r {
                 Attempt::Done(t) => return Ok(t),
                 Attempt::Fail(e) => return Err(e),
@@ -141,13 +179,7 @@ impl Inner {
     }
 
     /// One attempt, on a blocking thread.
-    fn attempt<T>(
-        &self,
-        rt: &Handle,
-        write: bool,
-        job: &dyn Fn(&mut View) -> Result<T>,
-        deadline: Instant,
-    ) -> Attempt<T> {
+    fn attempt(&self, rt: &Handle, write: bool, jobs: &[AnyJob], deadline: Instant) -> Attempt<Vec<Result<AnyAnswer>>> {
         let opened = rt.block_on(async {
             if write {
                 let txn = self.client.begin_with_options(txn_options()).await?;
@@ -165,14 +197,31 @@ impl Inner {
             Ok(v) => v,
             Err(e) => return Attempt::Retry(format!("tikv: read meta: {e}")),
         };
-        let out = job(&mut view);
-        let failed = view.failed.take();
+        let mut answers = Vec::with_capacity(jobs.len());
+        let mut failed = None;
+        for job in jobs {
+            let cp = view.checkpoint();
+            let out = job(&mut view);
+            if let Some(e) = view.failed.take() {
+                failed = Some(e);
+                break;
+            }
+            match out {
+                Ok(t) => {
+                    view.seal();
+                    answers.push(Ok(t));
+                }
+                Err(e) => {
+                    view.restore(cp);
+                    answers.push(Err(e));
+                }
+            }
+        }
         let Reader::Txn(mut txn) = std::mem::replace(&mut view.reader, Reader::Gone) else {
             // A snapshot: nothing to commit.
-            return match (failed, out) {
-                (Some(e), _) => Attempt::Retry(format!("tikv: {e}")),
-                (None, Ok(t)) => Attempt::Done(t),
-                (None, Err(e)) => Attempt::Fail(e),
+            return match failed {
+                Some(e) => Attempt::Retry(format!("tikv: {e}")),
+                None => Attempt::Done(answers),
             };
         };
         let abandon = |txn: &mut tikv_client::Transaction| {
@@ -182,29 +231,21 @@ impl Inner {
             abandon(&mut txn);
             return Attempt::Retry(format!("tikv: {e}"));
         }
-        let t = match out {
-            Ok(t) => t,
-            Err(e) => {
-                abandon(&mut txn);
-                return Attempt::Fail(e);
-            }
-        };
-        if view.events.is_empty() && view.mutations.is_empty() && !view.touch_counter {
+        if view.sealed.is_empty() && view.staged.is_empty() && !view.touch_counter {
             abandon(&mut txn);
-            return Attempt::Done(t);
+            return Attempt::Done(answers);
         }
         let nonce: u64 = rand::random();
-        let rev = view.base_revision() + 1;
-        let has_events = !view.events.is_empty();
+        let first_rev = view.sealed.first().map(|b| b.revision);
         let staged = rt.block_on(async {
-            if has_events {
-                txn.put(self.keys.revision(), rev.to_be_bytes().to_vec()).await?;
-                let batch = ChangeBatch { revision: rev, events: std::mem::take(&mut view.events) };
-                txn.put(self.keys.log(rev), enc(&LogRecord { nonce, batch })).await?;
-            } else if view.touch_counter {
+            if !view.sealed.is_empty() || view.touch_counter {
+                // The counter first: it is the primary key, the commit point of the attempt.
                 txn.put(self.keys.revision(), view.base_revision().to_be_bytes().to_vec()).await?;
             }
-            for (k, v) in std::mem::take(&mut view.mutations) {
+            for batch in std::mem::take(&mut view.sealed) {
+                txn.put(self.keys.log(batch.revision), enc(&LogRecord { nonce, batch })).await?;
+            }
+            for (k, v) in std::mem::take(&mut view.staged) {
                 match v {
                     Some(v) => txn.put(k, v).await?,
                     None => txn.delete(k).await?,
@@ -219,7 +260,7 @@ impl Inner {
         match rt.block_on(txn.commit()) {
             Ok(_) => {
                 self.wake.notify_one();
-                Attempt::Done(t)
+                Attempt::Done(answers)
             }
             Err(e) => {
                 // Rolled back: certainly not committed (a committed primary refuses rollback).
@@ -227,15 +268,15 @@ impl Inner {
                     Ok(()) => Attempt::Retry(format!("tikv: commit: {e}")),
                     Err(rb) => {
                         tracing::warn!(error = %e, rollback = %rb, "tikv: commit outcome unknown; reading it back");
-                        if !has_events {
+                        let Some(rev) = first_rev else {
                             return Attempt::Fail(BackendError::Unavailable(format!(
                                 "tikv: commit outcome unknown: {e}"
                             )));
-                        }
+                        };
                         match rt.block_on(self.settle(rev, nonce, deadline)) {
                             Some(true) => {
                                 self.wake.notify_one();
-                                Attempt::Done(t)
+                                Attempt::Done(answers)
                             }
                             Some(false) => Attempt::Retry(format!("tikv: commit: {e}")),
                             None => {
@@ -292,6 +333,7 @@ impl TikvBackend {
             .map_err(|e| BackendError::Unavailable(format!("tikv: connect: {e}")))?;
         let (feed, _) = broadcast::channel(feed::FEED_CAPACITY);
         let (shutdown, _) = watch::channel(false);
+        let (writer, writer_rx) = mpsc::channel(4096);
         let inner = Arc::new(Inner {
             client,
             keys: Keys::new(&opts.namespace),
@@ -299,7 +341,7 @@ impl TikvBackend {
             feed,
             wake: Notify::new(),
             shutdown,
-            write_lock: tokio::sync::Mutex::new(()),
+            writer,
         });
         let (rev, compact) = inner.meta().await?;
         let through = inner
@@ -311,7 +353,11 @@ impl TikvBackend {
                 }),
             )
             .await?;
-        let mut tasks = vec![tokio::spawn(feed::tailer(inner.clone(), rev)), tokio::spawn(sweeper(inner.clone()))];
+        let mut tasks = vec![
+            tokio::spawn(writer_loop(inner.clone(), writer_rx)),
+            tokio::spawn(feed::tailer(inner.clone(), rev)),
+            tokio::spawn(sweeper(inner.clone())),
+        ];
         if through < compact {
             tracing::info!(
                 compact_revision = compact,
@@ -362,6 +408,41 @@ fn revoke_in(v: &mut View, id: LeaseId, expire_only: bool) -> Result<bool> {
     Ok(true)
 }
 
+/// The batching writer: takes every write waiting (up to [`MAX_BATCH`]) and runs them in one
+/// TiKV transaction, each at its own revision, then answers each.
+async fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriteItem>) {
+    let mut shutdown = inner.shutdown.subscribe();
+    loop {
+        let first = tokio::select! {
+            item = rx.recv() => match item {
+                Some(i) => i,
+                None => return,
+            },
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let mut items = vec![first];
+        while items.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(i) => items.push(i),
+                Err(_) => break,
+            }
+        }
+        let jobs = items.iter().map(|i| i.job.clone()).collect();
+        match inner.run_jobs(true, jobs).await {
+            Ok(answers) => {
+                for (item, answer) in items.into_iter().zip(answers) {
+                    let _ = item.reply.send(answer);
+                }
+            }
+            Err(e) => {
+                for item in items {
+                    let _ = item.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
 async fn sweeper(inner: Arc<Inner>) {
     let mut shutdown = inner.shutdown.subscribe();
     let mut tick = tokio::time::interval(inner.opts.lease_sweep_interval);
@@ -390,7 +471,7 @@ async fn sweeper(inner: Arc<Inner>) {
         match due {
             Ok(ids) => {
                 for id in ids {
-                    match inner.run(true, Arc::new(move |v: &mut View| revoke_in(v, id, true))).await {
+                    match inner.write(Arc::new(move |v: &mut View| revoke_in(v, id, true))).await {
                         Ok(true) => tracing::debug!(lease = id, "tikv: lease expired"),
                         Ok(false) => {}
                         Err(e) => tracing::warn!(error = %e, lease = id, "tikv: lease expiry failed; retrying"),
@@ -422,9 +503,14 @@ impl Backend for TikvBackend {
     }
 
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
-        let write = req.has_writes();
+        let writes = req.has_writes();
         let req = Arc::new(req);
-        self.inner.run(write, Arc::new(move |v: &mut View| exec::execute(v, &req).map(|(resp, _)| resp))).await
+        let job: Job<TxnResponse> = Arc::new(move |v: &mut View| exec::execute(v, &req).map(|(resp, _)| resp));
+        if writes {
+            self.inner.write(job).await
+        } else {
+            self.inner.run(false, job).await
+        }
     }
 
     async fn compact(&self, rev: Revision, physical: bool) -> Result<CompactResponse> {

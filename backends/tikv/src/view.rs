@@ -2,11 +2,13 @@
 //! [`TxnView`] so that `cairn_backend::exec::execute` runs etcd's txn semantics unchanged.
 //!
 //! The view runs on a blocking thread and drives the async client with `Handle::block_on`.
-//! Reads go to TiKV at the transaction's start timestamp; writes are collected (an overlay of
-//! the key space, the events, raw mutations) and only handed to the TiKV transaction when the
-//! attempt commits, with the revision counter and the change-log entry.
+//! Reads go to TiKV at the transaction's start timestamp, merged with the writes staged so far;
+//! writes are staged (with an undo log, so a job that fails has no effect) and only handed to
+//! the TiKV transaction when the attempt commits, with the revision counter and one change-log
+//! entry per revision. Several jobs (client writes) may run in one view, one after the other:
+//! each job that writes is sealed as its own revision, and the next job sees it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use cairn_backend::exec::TxnView;
 use cairn_backend::*;
@@ -106,16 +108,29 @@ pub(crate) struct View {
     compact: Revision,
     /// PD time (ms) of the attempt's start timestamp: the lease clock.
     pub(crate) now_ms: i64,
-    /// New live state of keys written by this attempt (`None`: deleted).
-    overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    /// Every TiKV write of this attempt besides the counter and the log (`None`: delete).
+    /// Reads through the view see them, so later jobs of a batch see earlier jobs' writes.
+    pub(crate) staged: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// How to undo `staged` back to a checkpoint: (key, its previous staged state).
+    undo: Vec<Undo>,
+    /// Events of the job running now (its revision is `base + 1`).
     pub(crate) events: Vec<Event>,
-    /// TiKV mutations besides the counter and the log, in order (`None`: delete).
-    pub(crate) mutations: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Revisions written by earlier jobs of this attempt.
+    pub(crate) sealed: Vec<ChangeBatch>,
     /// Write the counter (unchanged) even without events, to conflict with every writer.
     pub(crate) touch_counter: bool,
-    leases: HashMap<LeaseId, Option<LeaseRec>>,
     /// The first TiKV error of this attempt: the attempt is retried.
     pub(crate) failed: Option<tikv_client::Error>,
+}
+
+/// A staged key and its staged state before (`None`: it was not staged).
+type Undo = (Vec<u8>, Option<Option<Vec<u8>>>);
+
+/// Where a job started, to undo it when it fails.
+pub(crate) struct Checkpoint {
+    undo: usize,
+    events: usize,
+    touch_counter: bool,
 }
 
 impl View {
@@ -137,13 +152,44 @@ impl View {
             base,
             compact,
             now_ms,
-            overlay: BTreeMap::new(),
+            staged: BTreeMap::new(),
+            undo: Vec::new(),
             events: Vec::new(),
-            mutations: Vec::new(),
+            sealed: Vec::new(),
             touch_counter: false,
-            leases: HashMap::new(),
             failed: None,
         })
+    }
+
+    pub(crate) fn checkpoint(&self) -> Checkpoint {
+        Checkpoint { undo: self.undo.len(), events: self.events.len(), touch_counter: self.touch_counter }
+    }
+
+    /// Undoes everything staged since `cp` (a job that failed has no effect).
+    pub(crate) fn restore(&mut self, cp: Checkpoint) {
+        while self.undo.len() > cp.undo {
+            let (k, prev) = self.undo.pop().expect("undo entry");
+            match prev {
+                None => {
+                    self.staged.remove(&k);
+                }
+                Some(p) => {
+                    self.staged.insert(k, p);
+                }
+            }
+        }
+        self.events.truncate(cp.events);
+        self.touch_counter = cp.touch_counter;
+    }
+
+    /// Ends a job that succeeded: if it wrote, its events become revision `base + 1`, and the
+    /// next job runs on top of it.
+    pub(crate) fn seal(&mut self) {
+        if !self.events.is_empty() {
+            self.base += 1;
+            self.sealed.push(ChangeBatch { revision: self.base, events: std::mem::take(&mut self.events) });
+        }
+        self.undo.clear();
     }
 
     fn io<T>(&mut self, r: tikv_client::Result<T>) -> Result<T> {
@@ -156,17 +202,37 @@ impl View {
         })
     }
 
+    /// A key's value, staged writes included.
     pub(crate) fn get_raw(&mut self, key: Vec<u8>) -> Result<Option<Vec<u8>>> {
+        if let Some(v) = self.staged.get(&key) {
+            return Ok(v.clone());
+        }
         let r = self.rt.block_on(self.reader.get(key));
         self.io(r)
     }
 
+    /// Every pair in `[start, end)`, staged writes included.
     pub(crate) fn scan_raw(&mut self, start: Vec<u8>, end: Vec<u8>) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let r = self.rt.block_on(scan_all(&mut self.reader, start, end));
-        self.io(r)
+        let r = self.rt.block_on(scan_all(&mut self.reader, start.clone(), end.clone()));
+        let pairs = self.io(r)?;
+        if self.staged.range(start.clone()..end.clone()).next().is_none() {
+            return Ok(pairs);
+        }
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = pairs.into_iter().collect();
+        for (k, v) in self.staged.range(start..end) {
+            match v {
+                Some(v) => {
+                    merged.insert(k.clone(), v.clone());
+                }
+                None => {
+                    merged.remove(k);
+                }
+            }
+        }
+        Ok(merged.into_iter().collect())
     }
 
-    /// At most `limit` pairs of `[start, end)`.
+    /// At most `limit` pairs of `[start, end)` as stored in TiKV (staged writes not included).
     pub(crate) fn scan_raw_limit(
         &mut self,
         start: Vec<u8>,
@@ -177,29 +243,27 @@ impl View {
         self.io(r)
     }
 
+    fn stage(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let prev = self.staged.insert(key.clone(), value);
+        self.undo.push((key, prev));
+    }
+
     pub(crate) fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.mutations.push((key, Some(value)));
+        self.stage(key, Some(value));
     }
 
     pub(crate) fn delete_raw(&mut self, key: Vec<u8>) {
-        self.mutations.push((key, None));
+        self.stage(key, None);
     }
 
     pub(crate) fn lease(&mut self, id: LeaseId) -> Result<Option<LeaseRec>> {
-        if let Some(l) = self.leases.get(&id) {
-            return Ok(*l);
+        match self.get_raw(self.keys.lease(id))? {
+            Some(b) => Ok(Some(dec::<LeaseRec>(&b)?)),
+            None => Ok(None),
         }
-        let raw = self.get_raw(self.keys.lease(id))?;
-        let rec = match raw {
-            Some(b) => Some(dec::<LeaseRec>(&b)?),
-            None => None,
-        };
-        self.leases.insert(id, rec);
-        Ok(rec)
     }
 
     pub(crate) fn set_lease(&mut self, id: LeaseId, rec: Option<LeaseRec>) {
-        self.leases.insert(id, rec);
         match rec {
             Some(r) => self.put_raw(self.keys.lease(id), enc(&r)),
             None => self.delete_raw(self.keys.lease(id)),
@@ -233,28 +297,15 @@ impl TxnView for View {
             return Ok((Vec::new(), 0));
         };
         let pairs = self.scan_raw(s, e)?;
-        let mut live: BTreeMap<Vec<u8>, KeyValue> = BTreeMap::new();
+        let mut live: Vec<KeyValue> = Vec::with_capacity(pairs.len());
         for (_, v) in pairs {
-            let kv: KeyValue = dec(&v)?;
-            live.insert(kv.key.clone(), kv);
-        }
-        for (k, v) in &self.overlay {
-            if range.contains(k) {
-                match v {
-                    Some(kv) => {
-                        live.insert(k.clone(), kv.clone());
-                    }
-                    None => {
-                        live.remove(k);
-                    }
-                }
-            }
+            live.push(dec(&v)?);
         }
         let count = live.len() as i64;
         if count_only {
             return Ok((Vec::new(), count));
         }
-        Ok((live.into_values().take(limit.unwrap_or(usize::MAX)).collect(), count))
+        Ok((live.into_iter().take(limit.unwrap_or(usize::MAX)).collect(), count))
     }
 
     fn range_at(
@@ -304,7 +355,6 @@ impl TxnView for View {
         }
         self.put_raw(self.keys.current(&key), enc(&kv));
         self.put_raw(self.keys.history(&key, kv.mod_revision), enc(&Some(kv.clone())));
-        self.overlay.insert(key, Some(kv.clone()));
         self.events.push(Event { kind: EventKind::Put, kv, prev_kv: prev });
         Ok(())
     }
@@ -316,7 +366,6 @@ impl TxnView for View {
         }
         self.delete_raw(self.keys.current(&key));
         self.put_raw(self.keys.history(&key, rev), enc(&None::<KeyValue>));
-        self.overlay.insert(key.clone(), None);
         self.events.push(Event {
             kind: EventKind::Delete,
             kv: KeyValue { key, mod_revision: rev, ..KeyValue::default() },

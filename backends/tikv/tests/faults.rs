@@ -228,3 +228,61 @@ async fn pd_unavailable_fails_unavailable_then_recovers() {
     }
     assert_eq!(seen, (7..=after).collect::<Vec<_>>(), "the watch saw every revision after the outage, once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_writes_keep_each_txn_apart() {
+    let fake = FakeTikv::start().await.unwrap();
+    let b = backend(&fake, Duration::from_secs(30)).await;
+    let lease = b.lease_grant(0, 600).await.unwrap().id;
+    let before = fake.prewrites();
+    // Many concurrent writes from one process share TiKV transactions; a txn that fails
+    // (unknown lease) must have no effect on the others, and each gets its own revision.
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = format!("k{i:02}");
+            let lease = match i % 6 {
+                0 => 999_999,
+                1 => lease,
+                _ => 0,
+            };
+            let r = b
+                .txn(TxnRequest::unconditional(vec![
+                    RequestOp::Put(PutRequest {
+                        key: key.clone().into_bytes(),
+                        value: b"v".to_vec(),
+                        lease,
+                        ..PutRequest::default()
+                    }),
+                    get_op(KeyRange::single(key.into_bytes())),
+                ]))
+                .await;
+            (i, r)
+        }));
+    }
+    let mut revs = Vec::new();
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        match r {
+            Ok(resp) => {
+                assert_ne!(i % 6, 0, "a put with an unknown lease must fail");
+                let ResponseOp::Range(got) = &resp.responses[1] else { panic!("range response") };
+                assert_eq!(got.kvs.len(), 1, "a txn reads its own write");
+                assert_eq!(got.kvs[0].mod_revision, resp.revision, "at its own revision");
+                revs.push(resp.revision);
+            }
+            Err(BackendError::LeaseNotFound) => assert_eq!(i % 6, 0),
+            Err(e) => panic!("txn {i}: {e:?}"),
+        }
+    }
+    revs.sort();
+    assert_eq!(revs, (2..52).collect::<Vec<_>>(), "50 successful txns, 50 unique gap-free revisions");
+    assert!(fake.prewrites() - before < 50, "writes were batched ({} TiKV transactions)", fake.prewrites() - before);
+    let all = get_all(&*b).await;
+    assert_eq!(all.len(), 50, "failed txns left nothing behind");
+    // Revoking the lease deletes exactly its 10 keys, at one revision.
+    assert_eq!(b.lease_revoke(lease).await.unwrap(), 52);
+    assert_eq!(get_all(&*b).await.len(), 40);
+    check_log(&*b).await;
+}

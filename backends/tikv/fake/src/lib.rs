@@ -248,6 +248,7 @@ struct State {
     commit_faults: Mutex<Vec<CommitFault>>,
     kv_requests: AtomicU32,
     conflicts: AtomicU32,
+    prewrites: AtomicU32,
     addr: SocketAddr,
 }
 
@@ -275,6 +276,7 @@ impl FakeTikv {
             commit_faults: Mutex::new(Vec::new()),
             kv_requests: AtomicU32::new(0),
             conflicts: AtomicU32::new(0),
+            prewrites: AtomicU32::new(0),
             addr,
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -327,6 +329,11 @@ impl FakeTikv {
     /// Commit faults injected but not yet used.
     pub fn pending_commit_faults(&self) -> usize {
         self.state.commit_faults.lock().len()
+    }
+
+    /// Prewrite requests answered so far (one per transaction in a one-region cluster).
+    pub fn prewrites(&self) -> u32 {
+        self.state.prewrites.load(Ordering::Relaxed)
     }
 
     /// Write conflicts answered to prewrites so far.
@@ -690,6 +697,7 @@ impl tikvpb::tikv_server::Tikv for Kv {
             return Ok(Response::new(resp));
         }
         let req = r.into_inner();
+        self.0.prewrites.fetch_add(1, Ordering::Relaxed);
         if req.try_one_pc || req.use_async_commit || !req.pessimistic_actions.is_empty() {
             return Err(Status::unimplemented("fake tikv: only optimistic 2PC prewrite"));
         }
