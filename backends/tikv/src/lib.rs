@@ -57,6 +57,13 @@ pub struct TikvOptions {
     pub compaction_batch: usize,
     /// tikv-client's per-RPC timeout.
     pub rpc_timeout: Duration,
+    /// When set, this process advances TiKV's GC safe point this often (resolving every lock
+    /// older than it, in the whole cluster), so TiKV drops old MVCC versions. Only for a TiKV
+    /// cluster that Cairn has to itself: with TiDB (or anything else with a GC worker) on it,
+    /// leave this `None` and let that worker do GC.
+    pub gc_interval: Option<Duration>,
+    /// How far behind PD's clock the safe point stays (reads older than this fail in TiKV).
+    pub gc_life_time: Duration,
 }
 
 impl Default for TikvOptions {
@@ -68,6 +75,8 @@ impl Default for TikvOptions {
             lease_sweep_interval: Duration::from_millis(250),
             compaction_batch: 1000,
             rpc_timeout: Duration::from_secs(2),
+            gc_interval: None,
+            gc_life_time: Duration::from_secs(600),
         }
     }
 }
@@ -358,6 +367,9 @@ impl TikvBackend {
             tokio::spawn(feed::tailer(inner.clone(), rev)),
             tokio::spawn(sweeper(inner.clone())),
         ];
+        if inner.opts.gc_interval.is_some() {
+            tasks.push(tokio::spawn(gc_loop(inner.clone())));
+        }
         if through < compact {
             tracing::info!(
                 compact_revision = compact,
@@ -439,6 +451,34 @@ async fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriteItem>) {
                     let _ = item.reply.send(Err(e.clone()));
                 }
             }
+        }
+    }
+}
+
+/// Advances TiKV's GC safe point to `gc_life_time` behind PD's clock, every `gc_interval`.
+async fn gc_loop(inner: Arc<Inner>) {
+    let Some(every) = inner.opts.gc_interval else { return };
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let r = async {
+            let now = inner.timestamp().await?;
+            let physical = now.physical - inner.opts.gc_life_time.as_millis() as i64;
+            if physical <= 0 {
+                return Ok(false);
+            }
+            let safe_point = tikv_client::Timestamp { physical, logical: 0, suffix_bits: 0 };
+            inner.client.gc(safe_point).await
+        }
+        .await;
+        match r {
+            Ok(_) => tracing::debug!("tikv: GC safe point advanced"),
+            Err(e) => tracing::warn!(error = %e, "tikv: advancing the GC safe point failed; retrying later"),
         }
     }
 }

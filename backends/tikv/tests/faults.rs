@@ -286,3 +286,27 @@ async fn batched_writes_keep_each_txn_apart() {
     assert_eq!(get_all(&*b).await.len(), 40);
     check_log(&*b).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gc_safe_point_prunes_old_versions() {
+    let fake = FakeTikv::start().await.unwrap();
+    let opts = TikvOptions {
+        gc_interval: Some(Duration::from_millis(200)),
+        gc_life_time: Duration::from_millis(100),
+        ..opts(Duration::from_secs(10))
+    };
+    let b = TikvBackend::connect(vec![fake.endpoint()], opts).await.unwrap();
+    for i in 0..20 {
+        put(&*b, "hot", &i.to_string()).await;
+    }
+    let before = fake.mvcc_versions();
+    eventually(Duration::from_secs(10), "the GC safe point passes the writes", || async {
+        fake.gc_safe_point() > 0 && fake.mvcc_versions() < before
+    })
+    .await;
+    // TiKV's versions are gone; Cairn's own history (its keys) is untouched by TiKV GC.
+    let kv = get(&*b, "hot").await.unwrap();
+    assert_eq!((kv.value, kv.version, kv.mod_revision), (bytes("19"), 20, 21));
+    assert_eq!(get_all_at(&*b, 5).await.unwrap()[0].value, bytes("3"), "Cairn's history is Cairn keys, kept");
+    check_log(&*b).await;
+}

@@ -235,6 +235,23 @@ impl Mvcc {
     }
 }
 
+impl Mvcc {
+    /// TiKV's GC, done at once when PD's safe point moves: below `safe_point` only each key's
+    /// newest version stays (and not even that if it is a deletion); rollback and lock records
+    /// below it go.
+    fn gc(&mut self, safe_point: u64) {
+        self.writes.retain(|_, versions| {
+            let newest_below = versions
+                .range(..=safe_point)
+                .rev()
+                .find(|(_, w)| matches!(w.kind, WriteKind::Put(_) | WriteKind::Delete))
+                .map(|(c, w)| (*c, matches!(w.kind, WriteKind::Delete)));
+            versions.retain(|c, _| *c > safe_point || matches!(newest_below, Some((n, false)) if n == *c));
+            !versions.is_empty()
+        });
+    }
+}
+
 struct Tso {
     physical: u64,
     logical: u64,
@@ -249,6 +266,7 @@ struct State {
     kv_requests: AtomicU32,
     conflicts: AtomicU32,
     prewrites: AtomicU32,
+    safe_point: Mutex<u64>,
     addr: SocketAddr,
 }
 
@@ -277,6 +295,7 @@ impl FakeTikv {
             kv_requests: AtomicU32::new(0),
             conflicts: AtomicU32::new(0),
             prewrites: AtomicU32::new(0),
+            safe_point: Mutex::new(0),
             addr,
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -334,6 +353,16 @@ impl FakeTikv {
     /// Prewrite requests answered so far (one per transaction in a one-region cluster).
     pub fn prewrites(&self) -> u32 {
         self.state.prewrites.load(Ordering::Relaxed)
+    }
+
+    /// Write records (versions, tombstones, rollback records) stored, over every key.
+    pub fn mvcc_versions(&self) -> usize {
+        self.state.mvcc.lock().writes.values().map(|v| v.len()).sum()
+    }
+
+    /// PD's GC safe point (0 until a client sets one).
+    pub fn gc_safe_point(&self) -> u64 {
+        *self.state.safe_point.lock()
     }
 
     /// Write conflicts answered to prewrites so far.
@@ -528,6 +557,21 @@ impl pdpb::pd_server::Pd for Pd {
     async fn get_store(&self, _r: Request<pdpb::GetStoreRequest>) -> Result<Response<pdpb::GetStoreResponse>, Status> {
         self.check()?;
         Ok(Response::new(pdpb::GetStoreResponse { header: header(), store: Some(self.store()), ..Default::default() }))
+    }
+
+    async fn update_gc_safe_point(
+        &self,
+        r: Request<pdpb::UpdateGcSafePointRequest>,
+    ) -> Result<Response<pdpb::UpdateGcSafePointResponse>, Status> {
+        self.check()?;
+        let asked = r.get_ref().safe_point;
+        let new = {
+            let mut sp = self.0.safe_point.lock();
+            *sp = (*sp).max(asked);
+            *sp
+        };
+        self.0.mvcc.lock().gc(new);
+        Ok(Response::new(pdpb::UpdateGcSafePointResponse { header: header(), new_safe_point: new }))
     }
 
     async fn get_all_stores(
@@ -909,6 +953,28 @@ impl tikvpb::tikv_server::Tikv for Kv {
                 }
             }
         }
+        Ok(Response::new(resp))
+    }
+
+    async fn kv_scan_lock(
+        &self,
+        r: Request<kvrpcpb::ScanLockRequest>,
+    ) -> Result<Response<kvrpcpb::ScanLockResponse>, Status> {
+        let mut resp = kvrpcpb::ScanLockResponse::default();
+        if let Some(e) = self.region_error() {
+            resp.region_error = Some(e);
+            return Ok(Response::new(resp));
+        }
+        let req = r.into_inner();
+        let limit = if req.limit == 0 { usize::MAX } else { req.limit as usize };
+        let m = self.0.mvcc.lock();
+        resp.locks = m
+            .locks
+            .iter()
+            .filter(|(k, l)| in_range(k, &req.start_key, &req.end_key) && l.start_ts <= req.max_version)
+            .take(limit)
+            .map(|(k, l)| Mvcc::lock_info(k, l))
+            .collect();
         Ok(Response::new(resp))
     }
 
