@@ -46,6 +46,10 @@ async fn write_conflicts_between_two_processes_retry() {
     let fake = FakeTikv::start().await.unwrap();
     let a = backend(&fake, Duration::from_secs(30)).await;
     let b = backend(&fake, Duration::from_secs(30)).await;
+    // A watch on each process, opened before the writes: each sees every revision, including
+    // the other process's (through the change log in TiKV).
+    let mut watch_a = a.watch(0).await.unwrap();
+    let mut watch_b = b.watch(0).await.unwrap();
     // Plain puts from both processes, and compare-and-swap increments of one counter key.
     let mut tasks = Vec::new();
     for (p, be) in [a.clone(), b.clone()].into_iter().enumerate() {
@@ -100,6 +104,10 @@ async fn write_conflicts_between_two_processes_retry() {
         "the two processes did conflict in TiKV ({} conflicts)",
         fake.write_conflicts()
     );
+    for w in [&mut watch_a, &mut watch_b] {
+        let seen = collect_until(w, 1 + n).await;
+        assert_eq!(revs(&seen), (2..2 + n).collect::<Vec<_>>(), "a live watch saw both processes' revisions once");
+    }
     let last = check_log(&*b).await;
     assert_eq!(last.len() as i64, n / 2 + 1, "every acknowledged key is in the log");
     assert_eq!(get_all(&*a).await.len() as i64, n / 2 + 1, "and in the store");
@@ -309,4 +317,22 @@ async fn gc_safe_point_prunes_old_versions() {
     assert_eq!((kv.value, kv.version, kv.mod_revision), (bytes("19"), 20, 21));
     assert_eq!(get_all_at(&*b, 5).await.unwrap()[0].value, bytes("3"), "Cairn's history is Cairn keys, kept");
     check_log(&*b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lease_expiry_happens_once_across_processes() {
+    let fake = FakeTikv::start().await.unwrap();
+    let a = backend(&fake, Duration::from_secs(10)).await;
+    let b = backend(&fake, Duration::from_secs(10)).await;
+    let lease = a.lease_grant(0, 1).await.unwrap().id;
+    put_lease(&*a, "k1", "v", lease).await; // 2
+    put_lease(&*b, "k2", "v", lease).await; // 3
+    let bb: &dyn Backend = &*b;
+    eventually(Duration::from_secs(10), "the 1 s lease expires", || async move { get(bb, "k1").await.is_none() }).await;
+    tokio::time::sleep(Duration::from_millis(600)).await; // both sweepers had their chance
+    assert_eq!(rev(&*a).await, 4, "both processes sweep, one expiry: one revision");
+    let batches = collect_until(&mut a.watch(4).await.unwrap(), 4).await;
+    assert_eq!(batches.len(), 1);
+    assert_eq!(batches[0].events.len(), 2, "both keys deleted in that revision");
+    assert_err(b.lease_keep_alive(lease).await, BackendError::LeaseNotFound, "expired for the other process too");
 }
