@@ -127,11 +127,19 @@ pub(crate) async fn range_with_count(
         return Ok((Vec::new(), count_range(conn, r, at).await?));
     }
     let kvs = fetch_range(conn, r, at, limit).await?;
-    let count = match limit {
-        Some(l) if kvs.len() >= l => count_range(conn, r, at).await?,
-        _ => kvs.len() as i64,
-    };
+    let count = if needs_count_query(r, limit, kvs.len()) { count_range(conn, r, at).await? } else { kvs.len() as i64 };
     Ok((kvs, count))
+}
+
+/// Whether the rows fetched for `r` under `limit` may be fewer than the live keys in `r`, so
+/// that the count needs a query of its own: only when the limit cut the answer, and never for a
+/// single key, which has at most one live version (a txn's put reads its key with limit 1:
+/// without this, every put of an existing key cost a `count(*)` round trip).
+pub(crate) fn needs_count_query(r: &KeyRange, limit: Option<usize>, fetched: usize) -> bool {
+    match limit {
+        Some(l) if fetched >= l => !(r.is_single() && l >= 1),
+        _ => false,
+    }
 }
 
 /// (revision, compact revision) as of the caller's snapshot.
@@ -233,5 +241,26 @@ pub(crate) fn db_err(e: sqlx::Error) -> BackendError {
         e if is_transient(&e) => BackendError::Unavailable(format!("postgres: {e}")),
         sqlx::Error::Protocol(_) => BackendError::Unavailable(format!("postgres: {e}")),
         e => BackendError::Internal(format!("postgres: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_query_only_when_the_limit_may_have_cut_a_multi_key_answer() {
+        let one = KeyRange::single(b"k".to_vec());
+        let prefix = KeyRange::prefix(b"k".to_vec());
+        // A txn's put reads its key with limit 1 and finds it: the one row is the count.
+        assert!(!needs_count_query(&one, Some(1), 1));
+        assert!(!needs_count_query(&one, Some(2), 1));
+        assert!(!needs_count_query(&one, None, 1));
+        // limit 0 fetches nothing, so even a single key needs the count.
+        assert!(needs_count_query(&one, Some(0), 0));
+        // Ranges: only when the limit was reached.
+        assert!(needs_count_query(&prefix, Some(3), 3));
+        assert!(!needs_count_query(&prefix, Some(3), 2));
+        assert!(!needs_count_query(&prefix, None, 500));
     }
 }
