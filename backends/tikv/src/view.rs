@@ -75,6 +75,28 @@ impl Reader {
         };
         Ok(it.into_iter().map(|p| (Vec::<u8>::from(p.0), p.1)).collect())
     }
+
+    /// The number of keys in `[start, end)`, reading keys only, in pages.
+    async fn count(&mut self, start: Vec<u8>, end: Vec<u8>) -> tikv_client::Result<usize> {
+        const PAGE: u32 = 8192;
+        let mut n = 0;
+        let mut from = start;
+        loop {
+            let keys: Vec<tikv_client::Key> = match self {
+                Reader::Txn(t) => t.scan_keys(from.clone()..end.clone(), PAGE).await?.collect(),
+                Reader::Snap(s) => s.scan_keys(from.clone()..end.clone(), PAGE).await?.collect(),
+                Reader::Gone => return Err(tikv_client::Error::StringError("tikv: read after commit".into())),
+            };
+            n += keys.len();
+            match keys.into_iter().last() {
+                Some(last) if n % PAGE as usize == 0 => {
+                    from = Vec::<u8>::from(last);
+                    from.push(0);
+                }
+                _ => return Ok(n),
+            }
+        }
+    }
 }
 
 /// Reads a whole TiKV range, in pages.
@@ -296,6 +318,22 @@ impl TxnView for View {
         let Some((s, e)) = self.keys.current_range(range) else {
             return Ok((Vec::new(), 0));
         };
+        // Without staged writes in the range, the count needs keys only and the kvs only the
+        // first `limit`.
+        if (limit.is_some() || count_only) && self.staged.range(s.clone()..e.clone()).next().is_none() {
+            let r = self.rt.block_on(self.reader.count(s.clone(), e.clone()));
+            let count = self.io(r)? as i64;
+            if count_only {
+                return Ok((Vec::new(), count));
+            }
+            let want = limit.unwrap_or(usize::MAX).min(u32::MAX as usize) as u32;
+            let r = self.rt.block_on(self.reader.scan(s, e, want));
+            let mut live = Vec::new();
+            for (_, v) in self.io(r)? {
+                live.push(dec(&v)?);
+            }
+            return Ok((live, count));
+        }
         let pairs = self.scan_raw(s, e)?;
         let mut live: Vec<KeyValue> = Vec::with_capacity(pairs.len());
         for (_, v) in pairs {
