@@ -43,10 +43,7 @@ pub struct Case {
 
 macro_rules! case {
     ($name:literal, $f:ident) => {
-        Case {
-            name: $name,
-            run: |c| Box::pin($f(c)),
-        }
+        Case { name: $name, run: |c| Box::pin($f(c)) }
     };
 }
 
@@ -102,11 +99,7 @@ pub async fn run(endpoint: &str, allow_compact: bool, filter: &str) -> anyhow::R
     let c = connect(endpoint).await?;
     let mut rows = Vec::new();
     for case in cases().into_iter().filter(|c| c.name.contains(filter)) {
-        let ctx = Ctx {
-            c: c.clone(),
-            p: random_prefix(),
-            allow_compact,
-        };
+        let ctx = Ctx { c: c.clone(), p: random_prefix(), allow_compact };
         let prefix = ctx.p.clone();
         let out = tokio::time::timeout(Duration::from_secs(30), (case.run)(ctx)).await;
         let (outcome, detail) = match out {
@@ -116,11 +109,7 @@ pub async fn run(endpoint: &str, allow_compact: bool, filter: &str) -> anyhow::R
             Ok(Err(e)) => (Outcome::Fail, format!("{e:#}")),
         };
         let _ = c.kv.clone().delete_range(del_prefix(&prefix)).await;
-        rows.push(Row {
-            case: case.name,
-            outcome,
-            detail,
-        });
+        rows.push(Row { case: case.name, outcome, detail });
     }
     Ok(rows)
 }
@@ -137,12 +126,7 @@ pub fn render(endpoint: &str, rows: &[Row]) -> String {
             Outcome::Fail => "FAIL",
             Outcome::Skip => "skip",
         };
-        s += &format!(
-            "{:<w$}  {:<6}  {}\n",
-            r.case,
-            o,
-            r.detail.replace('\n', " ")
-        );
+        s += &format!("{:<w$}  {:<6}  {}\n", r.case, o, r.detail.replace('\n', " "));
     }
     let passed = rows.iter().filter(|r| r.outcome == Outcome::Pass).count();
     let failed = rows.iter().filter(|r| r.outcome == Outcome::Fail).count();
@@ -178,9 +162,7 @@ fn expect_status<T: std::fmt::Debug>(
 }
 
 fn keys(kvs: &[cairn_proto::mvccpb::KeyValue], p: &str) -> Vec<String> {
-    kvs.iter()
-        .map(|kv| lossy(&kv.key).strip_prefix(p).unwrap_or("?").to_string())
-        .collect()
+    kvs.iter().map(|kv| lossy(&kv.key).strip_prefix(p).unwrap_or("?").to_string()).collect()
 }
 
 async fn put_rev(c: &mut Clients, r: PutRequest) -> anyhow::Result<i64> {
@@ -195,77 +177,31 @@ async fn kv_put_get_delete(x: Ctx) -> anyhow::Result<String> {
     let k = format!("{}k", x.p);
     let r1 = put_rev(c, put(k.clone(), "v1")).await?;
     let g = c.kv.range(get(k.clone())).await?.into_inner();
-    ensure!(
-        g.count == 1 && g.kvs.len() == 1 && !g.more,
-        "get after put: {g:?}"
-    );
+    ensure!(g.count == 1 && g.kvs.len() == 1 && !g.more, "get after put: {g:?}");
     let kv = &g.kvs[0];
     ensure!(
-        (
-            kv.key.as_slice(),
-            kv.value.as_slice(),
-            kv.version,
-            kv.create_revision,
-            kv.mod_revision,
-            kv.lease
-        ) == (k.as_bytes(), &b"v1"[..], 1, r1, r1, 0),
+        (kv.key.as_slice(), kv.value.as_slice(), kv.version, kv.create_revision, kv.mod_revision, kv.lease)
+            == (k.as_bytes(), &b"v1"[..], 1, r1, r1, 0),
         "stored key-value after put at revision {r1}: {kv:?}"
     );
-    ensure!(
-        rev(&g.header) == r1,
-        "read header revision {} != {r1}",
-        rev(&g.header)
-    );
-    let p =
-        c.kv.put(PutRequest {
-            prev_kv: true,
-            ..put(k.clone(), "v2")
-        })
-        .await?
-        .into_inner();
+    ensure!(rev(&g.header) == r1, "read header revision {} != {r1}", rev(&g.header));
+    let p = c.kv.put(PutRequest { prev_kv: true, ..put(k.clone(), "v2") }).await?.into_inner();
     let r2 = rev(&p.header);
-    ensure!(
-        r2 == r1 + 1,
-        "second put revision {r2}, expected {}",
-        r1 + 1
-    );
-    ensure!(
-        p.prev_kv.as_ref().map(|kv| kv.value.as_slice()) == Some(b"v1"),
-        "prev_kv: {:?}",
-        p.prev_kv
-    );
+    ensure!(r2 == r1 + 1, "second put revision {r2}, expected {}", r1 + 1);
+    ensure!(p.prev_kv.as_ref().map(|kv| kv.value.as_slice()) == Some(b"v1"), "prev_kv: {:?}", p.prev_kv);
     let kv = c.kv.range(get(k.clone())).await?.into_inner().kvs.remove(0);
-    ensure!(
-        (kv.version, kv.create_revision, kv.mod_revision) == (2, r1, r2),
-        "after overwrite: {kv:?}"
-    );
-    let d =
-        c.kv.delete_range(DeleteRangeRequest {
-            prev_kv: true,
-            ..del(k.clone())
-        })
-        .await?
-        .into_inner();
+    ensure!((kv.version, kv.create_revision, kv.mod_revision) == (2, r1, r2), "after overwrite: {kv:?}");
+    let d = c.kv.delete_range(DeleteRangeRequest { prev_kv: true, ..del(k.clone()) }).await?.into_inner();
     ensure!(d.deleted == 1 && rev(&d.header) == r2 + 1, "delete: {d:?}");
-    ensure!(
-        d.prev_kvs.len() == 1 && d.prev_kvs[0].value == b"v2",
-        "delete prev_kvs: {:?}",
-        d.prev_kvs
-    );
+    ensure!(d.prev_kvs.len() == 1 && d.prev_kvs[0].value == b"v2", "delete prev_kvs: {:?}", d.prev_kvs);
     let g = c.kv.range(get(k.clone())).await?.into_inner();
     ensure!(g.count == 0 && g.kvs.is_empty(), "get after delete: {g:?}");
     let d = c.kv.delete_range(del(k.clone())).await?.into_inner();
-    ensure!(
-        d.deleted == 0 && rev(&d.header) == r2 + 1,
-        "deleting a missing key: {d:?}"
-    );
+    ensure!(d.deleted == 0 && rev(&d.header) == r2 + 1, "deleting a missing key: {d:?}");
     // Put after delete starts a new generation: version 1, new create revision.
     let r4 = put_rev(c, put(k.clone(), "v3")).await?;
     let kv = c.kv.range(get(k.clone())).await?.into_inner().kvs.remove(0);
-    ensure!(
-        (kv.version, kv.create_revision) == (1, r4),
-        "recreated key: {kv:?}"
-    );
+    ensure!((kv.version, kv.create_revision) == (1, r4), "recreated key: {kv:?}");
     Ok(format!("revisions {r1}..{r4}"))
 }
 
@@ -283,65 +219,17 @@ async fn range_limit_more_count(mut x: Ctx) -> anyhow::Result<String> {
     let p = x.p.clone();
     let mut cl = x.c.clone();
     let c = &mut cl;
-    let r =
-        c.kv.range(RangeRequest {
-            limit: 2,
-            ..get_prefix(&p)
-        })
-        .await?
-        .into_inner();
-    ensure!(
-        (r.count, r.more, keys(&r.kvs, &p)) == (4, true, vec!["a".into(), "b".into()]),
-        "limit 2: {r:?}"
-    );
-    let r =
-        c.kv.range(RangeRequest {
-            limit: 4,
-            ..get_prefix(&p)
-        })
-        .await?
-        .into_inner();
-    ensure!(
-        (r.count, r.more, r.kvs.len()) == (4, false, 4),
-        "limit 4: count {} more {}",
-        r.count,
-        r.more
-    );
-    let r =
-        c.kv.range(RangeRequest {
-            limit: 10,
-            ..get_prefix(&p)
-        })
-        .await?
-        .into_inner();
-    ensure!(
-        (r.count, r.more, r.kvs.len()) == (4, false, 4),
-        "limit 10: count {} more {}",
-        r.count,
-        r.more
-    );
+    let r = c.kv.range(RangeRequest { limit: 2, ..get_prefix(&p) }).await?.into_inner();
+    ensure!((r.count, r.more, keys(&r.kvs, &p)) == (4, true, vec!["a".into(), "b".into()]), "limit 2: {r:?}");
+    let r = c.kv.range(RangeRequest { limit: 4, ..get_prefix(&p) }).await?.into_inner();
+    ensure!((r.count, r.more, r.kvs.len()) == (4, false, 4), "limit 4: count {} more {}", r.count, r.more);
+    let r = c.kv.range(RangeRequest { limit: 10, ..get_prefix(&p) }).await?.into_inner();
+    ensure!((r.count, r.more, r.kvs.len()) == (4, false, 4), "limit 10: count {} more {}", r.count, r.more);
     // [b, d): half-open.
-    let r =
-        c.kv.range(RangeRequest {
-            key: x.k("b"),
-            range_end: x.k("d"),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    ensure!(
-        keys(&r.kvs, &p) == ["b", "c"],
-        "range [b, d): {:?}",
-        keys(&r.kvs, &p)
-    );
+    let r = c.kv.range(RangeRequest { key: x.k("b"), range_end: x.k("d"), ..Default::default() }).await?.into_inner();
+    ensure!(keys(&r.kvs, &p) == ["b", "c"], "range [b, d): {:?}", keys(&r.kvs, &p));
     // limit 0 is no limit.
-    let r =
-        c.kv.range(RangeRequest {
-            limit: 0,
-            ..get_prefix(&p)
-        })
-        .await?
-        .into_inner();
+    let r = c.kv.range(RangeRequest { limit: 0, ..get_prefix(&p) }).await?.into_inner();
     ensure!(r.kvs.len() == 4 && !r.more, "limit 0: {} keys", r.kvs.len());
     Ok("limit/more/count, half-open ranges".into())
 }
@@ -351,44 +239,13 @@ async fn range_keys_only_count_only(mut x: Ctx) -> anyhow::Result<String> {
     let p = x.p.clone();
     let mut cl = x.c.clone();
     let c = &mut cl;
-    let r =
-        c.kv.range(RangeRequest {
-            keys_only: true,
-            ..get_prefix(&p)
-        })
-        .await?
-        .into_inner();
+    let r = c.kv.range(RangeRequest { keys_only: true, ..get_prefix(&p) }).await?.into_inner();
     ensure!(r.count == 3 && r.kvs.len() == 3, "keys_only: {r:?}");
-    ensure!(
-        r.kvs
-            .iter()
-            .all(|kv| kv.value.is_empty() && kv.version == 1),
-        "keys_only values: {:?}",
-        r.kvs
-    );
-    let r =
-        c.kv.range(RangeRequest {
-            count_only: true,
-            ..get_prefix(&p)
-        })
-        .await?
-        .into_inner();
-    ensure!(
-        r.count == 3 && r.kvs.is_empty() && !r.more,
-        "count_only: {r:?}"
-    );
-    let r =
-        c.kv.range(RangeRequest {
-            count_only: true,
-            limit: 1,
-            ..get_prefix(&p)
-        })
-        .await?
-        .into_inner();
-    ensure!(
-        r.count == 3 && r.kvs.is_empty(),
-        "count_only with limit: {r:?}"
-    );
+    ensure!(r.kvs.iter().all(|kv| kv.value.is_empty() && kv.version == 1), "keys_only values: {:?}", r.kvs);
+    let r = c.kv.range(RangeRequest { count_only: true, ..get_prefix(&p) }).await?.into_inner();
+    ensure!(r.count == 3 && r.kvs.is_empty() && !r.more, "count_only: {r:?}");
+    let r = c.kv.range(RangeRequest { count_only: true, limit: 1, ..get_prefix(&p) }).await?.into_inner();
+    ensure!(r.count == 3 && r.kvs.is_empty(), "count_only with limit: {r:?}");
     Ok("keys_only, count_only".into())
 }
 
@@ -409,29 +266,15 @@ async fn range_sort(mut x: Ctx) -> anyhow::Result<String> {
         (SortOrder::Descend, SortTarget::Version, &["b", "a", "c"]),
     ];
     for (order, target, want) in cases {
-        let req = RangeRequest {
-            sort_order: *order as i32,
-            sort_target: *target as i32,
-            ..get_prefix(&p)
-        };
+        let req = RangeRequest { sort_order: *order as i32, sort_target: *target as i32, ..get_prefix(&p) };
         let r = x.c.kv.range(req.clone()).await?.into_inner();
         let got = keys(&r.kvs, &p);
         // Version descending: b has version 2, a and c tie (their order is unspecified).
-        let ok = if *target == SortTarget::Version {
-            got.first().map(String::as_str) == Some("b")
-        } else {
-            got == *want
-        };
-        ensure!(
-            ok,
-            "sort {order:?} by {target:?}: got {got:?}, want {want:?}"
-        );
+        let ok =
+            if *target == SortTarget::Version { got.first().map(String::as_str) == Some("b") } else { got == *want };
+        ensure!(ok, "sort {order:?} by {target:?}: got {got:?}, want {want:?}");
         // With a limit the sort applies before the limit.
-        let r =
-            x.c.kv
-                .range(RangeRequest { limit: 1, ..req })
-                .await?
-                .into_inner();
+        let r = x.c.kv.range(RangeRequest { limit: 1, ..req }).await?.into_inner();
         ensure!(
             keys(&r.kvs, &p).first().map(String::as_str) == Some(want[0]) && r.more && r.count == 3,
             "sort {order:?} by {target:?} with limit 1: {:?} more {} count {}",
@@ -450,43 +293,17 @@ async fn range_revision_reads(mut x: Ctx) -> anyhow::Result<String> {
     let mut cl = x.c.clone();
     let c = &mut cl;
     let d = rev(&c.kv.delete_range(del(k.clone())).await?.into_inner().header);
-    for (at, want) in [
-        (revs[0], Some("v1")),
-        (revs[1], Some("v2")),
-        (revs[2], Some("v2")),
-        (d, None),
-        (revs[0] - 1, None),
-    ] {
-        let r =
-            c.kv.range(RangeRequest {
-                revision: at,
-                ..get(k.clone())
-            })
-            .await?
-            .into_inner();
+    for (at, want) in
+        [(revs[0], Some("v1")), (revs[1], Some("v2")), (revs[2], Some("v2")), (d, None), (revs[0] - 1, None)]
+    {
+        let r = c.kv.range(RangeRequest { revision: at, ..get(k.clone()) }).await?.into_inner();
         let got = r.kvs.first().map(|kv| lossy(&kv.value));
-        ensure!(
-            got.as_deref() == want,
-            "read at revision {at}: {got:?}, want {want:?}"
-        );
-        ensure!(
-            rev(&r.header) == d,
-            "header of a read at {at} is the current revision {d}, got {}",
-            rev(&r.header)
-        );
+        ensure!(got.as_deref() == want, "read at revision {at}: {got:?}, want {want:?}");
+        ensure!(rev(&r.header) == d, "header of a read at {at} is the current revision {d}, got {}", rev(&r.header));
     }
-    let r =
-        c.kv.range(RangeRequest {
-            revision: revs[1],
-            ..get(k.clone())
-        })
-        .await?
-        .into_inner();
+    let r = c.kv.range(RangeRequest { revision: revs[1], ..get(k.clone()) }).await?.into_inner();
     let kv = &r.kvs[0];
-    ensure!(
-        (kv.version, kv.create_revision, kv.mod_revision) == (2, revs[0], revs[1]),
-        "historic kv: {kv:?}"
-    );
+    ensure!((kv.version, kv.create_revision, kv.mod_revision) == (2, revs[0], revs[1]), "historic kv: {kv:?}");
     Ok(format!("reads at {}..{d}", revs[0] - 1))
 }
 
@@ -497,54 +314,17 @@ async fn range_mod_create_filters(mut x: Ctx) -> anyhow::Result<String> {
     let mut cl = x.c.clone();
     let c = &mut cl;
     let cases: Vec<(RangeRequest, Vec<&str>, String)> = vec![
+        (RangeRequest { min_mod_revision: rc, ..get_prefix(&p) }, vec!["a", "c"], format!("min_mod {rc}")),
+        (RangeRequest { max_mod_revision: rc, ..get_prefix(&p) }, vec!["b", "c"], format!("max_mod {rc}")),
+        (RangeRequest { min_create_revision: rb, ..get_prefix(&p) }, vec!["b", "c"], format!("min_create {rb}")),
+        (RangeRequest { max_create_revision: rb, ..get_prefix(&p) }, vec!["a", "b"], format!("max_create {rb}")),
         (
-            RangeRequest {
-                min_mod_revision: rc,
-                ..get_prefix(&p)
-            },
-            vec!["a", "c"],
-            format!("min_mod {rc}"),
-        ),
-        (
-            RangeRequest {
-                max_mod_revision: rc,
-                ..get_prefix(&p)
-            },
-            vec!["b", "c"],
-            format!("max_mod {rc}"),
-        ),
-        (
-            RangeRequest {
-                min_create_revision: rb,
-                ..get_prefix(&p)
-            },
-            vec!["b", "c"],
-            format!("min_create {rb}"),
-        ),
-        (
-            RangeRequest {
-                max_create_revision: rb,
-                ..get_prefix(&p)
-            },
-            vec!["a", "b"],
-            format!("max_create {rb}"),
-        ),
-        (
-            RangeRequest {
-                min_mod_revision: rb,
-                max_mod_revision: rc,
-                ..get_prefix(&p)
-            },
+            RangeRequest { min_mod_revision: rb, max_mod_revision: rc, ..get_prefix(&p) },
             vec!["b", "c"],
             format!("mod in [{rb}, {rc}]"),
         ),
         (
-            RangeRequest {
-                min_create_revision: ra,
-                max_create_revision: ra,
-                min_mod_revision: ra2,
-                ..get_prefix(&p)
-            },
+            RangeRequest { min_create_revision: ra, max_create_revision: ra, min_mod_revision: ra2, ..get_prefix(&p) },
             vec!["a"],
             "create = a's, mod >= a's second".into(),
         ),
@@ -552,11 +332,7 @@ async fn range_mod_create_filters(mut x: Ctx) -> anyhow::Result<String> {
     let n = cases.len();
     for (req, want, what) in cases {
         let r = c.kv.range(req).await?.into_inner();
-        ensure!(
-            keys(&r.kvs, &p) == want,
-            "{what}: got {:?}, want {want:?}",
-            keys(&r.kvs, &p)
-        );
+        ensure!(keys(&r.kvs, &p) == want, "{what}: got {:?}, want {want:?}", keys(&r.kvs, &p));
     }
     Ok(format!("{n} filters"))
 }
@@ -565,45 +341,20 @@ async fn put_ignore_value_lease(x: Ctx) -> anyhow::Result<String> {
     let k = x.k("k");
     let mut cl = x.c.clone();
     let c = &mut cl;
-    let lease = c
-        .lease
-        .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
-        .await?
-        .into_inner()
-        .id;
+    let lease = c.lease.lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }).await?.into_inner().id;
     let cleanup = LeaseRevokeRequest { id: lease };
     let res: anyhow::Result<()> = async {
         c.kv.put(put(k.clone(), "v1")).await?;
         // ignore_value: keeps the value, attaches the lease.
         let p =
-            c.kv.put(PutRequest {
-                ignore_value: true,
-                lease,
-                prev_kv: true,
-                ..put(k.clone(), "")
-            })
-            .await?
-            .into_inner();
-        ensure!(
-            p.prev_kv.as_ref().map(|kv| (kv.value.as_slice(), kv.lease)) == Some((b"v1", 0)),
-            "prev: {p:?}"
-        );
+            c.kv.put(PutRequest { ignore_value: true, lease, prev_kv: true, ..put(k.clone(), "") }).await?.into_inner();
+        ensure!(p.prev_kv.as_ref().map(|kv| (kv.value.as_slice(), kv.lease)) == Some((b"v1", 0)), "prev: {p:?}");
         let kv = c.kv.range(get(k.clone())).await?.into_inner().kvs.remove(0);
-        ensure!(
-            (kv.value.as_slice(), kv.lease, kv.version) == (&b"v1"[..], lease, 2),
-            "after ignore_value: {kv:?}"
-        );
+        ensure!((kv.value.as_slice(), kv.lease, kv.version) == (&b"v1"[..], lease, 2), "after ignore_value: {kv:?}");
         // ignore_lease: keeps the lease, changes the value.
-        c.kv.put(PutRequest {
-            ignore_lease: true,
-            ..put(k.clone(), "v2")
-        })
-        .await?;
+        c.kv.put(PutRequest { ignore_lease: true, ..put(k.clone(), "v2") }).await?;
         let kv = c.kv.range(get(k.clone())).await?.into_inner().kvs.remove(0);
-        ensure!(
-            (kv.value.as_slice(), kv.lease, kv.version) == (&b"v2"[..], lease, 3),
-            "after ignore_lease: {kv:?}"
-        );
+        ensure!((kv.value.as_slice(), kv.lease, kv.version) == (&b"v2"[..], lease, 3), "after ignore_lease: {kv:?}");
         // A plain put detaches the lease.
         c.kv.put(put(k.clone(), "v3")).await?;
         let kv = c.kv.range(get(k.clone())).await?.into_inner().kvs.remove(0);
@@ -622,49 +373,17 @@ async fn txn_compare_targets(x: Ctx) -> anyhow::Result<String> {
     let k = x.k("k");
     let mut cl = x.c.clone();
     let c = &mut cl;
-    let lease = c
-        .lease
-        .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
-        .await?
-        .into_inner()
-        .id;
+    let lease = c.lease.lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }).await?.into_inner().id;
     let res: anyhow::Result<usize> = async {
         let r1 = put_rev(c, put(k.clone(), "m")).await?;
-        let r2 = put_rev(
-            c,
-            PutRequest {
-                lease,
-                ..put(k.clone(), "m")
-            },
-        )
-        .await?;
+        let r2 = put_rev(c, PutRequest { lease, ..put(k.clone(), "m") }).await?;
         // version 2, create r1, mod r2, value "m", lease `lease`.
         let vals: Vec<(T, CmpVal, CmpVal, CmpVal)> = vec![
             (T::Version, CmpVal::Int(2), CmpVal::Int(1), CmpVal::Int(3)),
-            (
-                T::Create,
-                CmpVal::Int(r1),
-                CmpVal::Int(r1 - 1),
-                CmpVal::Int(r1 + 1),
-            ),
-            (
-                T::Mod,
-                CmpVal::Int(r2),
-                CmpVal::Int(r2 - 1),
-                CmpVal::Int(r2 + 1),
-            ),
-            (
-                T::Value,
-                CmpVal::Bytes(b"m".to_vec()),
-                CmpVal::Bytes(b"a".to_vec()),
-                CmpVal::Bytes(b"z".to_vec()),
-            ),
-            (
-                T::Lease,
-                CmpVal::Int(lease),
-                CmpVal::Int(lease - 1),
-                CmpVal::Int(lease + 1),
-            ),
+            (T::Create, CmpVal::Int(r1), CmpVal::Int(r1 - 1), CmpVal::Int(r1 + 1)),
+            (T::Mod, CmpVal::Int(r2), CmpVal::Int(r2 - 1), CmpVal::Int(r2 + 1)),
+            (T::Value, CmpVal::Bytes(b"m".to_vec()), CmpVal::Bytes(b"a".to_vec()), CmpVal::Bytes(b"z".to_vec())),
+            (T::Lease, CmpVal::Int(lease), CmpVal::Int(lease - 1), CmpVal::Int(lease + 1)),
         ];
         let mut n = 0;
         for (t, eq, below, above) in vals {
@@ -680,21 +399,10 @@ async fn txn_compare_targets(x: Ctx) -> anyhow::Result<String> {
                 (R::Less, &eq, false),
             ];
             for (res, v, want) in rows {
-                let txn = TxnRequest {
-                    compare: vec![cmp(k.clone(), t, res, v.clone())],
-                    ..Default::default()
-                };
+                let txn = TxnRequest { compare: vec![cmp(k.clone(), t, res, v.clone())], ..Default::default() };
                 let r = c.kv.txn(txn).await?.into_inner();
-                ensure!(
-                    r.succeeded == want,
-                    "{t:?} {res:?} {v:?}: succeeded {}, want {want}",
-                    r.succeeded
-                );
-                ensure!(
-                    rev(&r.header) == r2,
-                    "an empty txn took a revision ({} != {r2})",
-                    rev(&r.header)
-                );
+                ensure!(r.succeeded == want, "{t:?} {res:?} {v:?}: succeeded {}, want {want}", r.succeeded);
+                ensure!(rev(&r.header) == r2, "an empty txn took a revision ({} != {r2})", rev(&r.header));
                 n += 1;
             }
         }
@@ -703,13 +411,7 @@ async fn txn_compare_targets(x: Ctx) -> anyhow::Result<String> {
             cmp(k.clone(), T::Version, R::Equal, CmpVal::Int(2)),
             cmp(k.clone(), T::Value, R::Equal, CmpVal::Bytes(b"x".to_vec())),
         ];
-        let r =
-            c.kv.txn(TxnRequest {
-                compare: both,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let r = c.kv.txn(TxnRequest { compare: both, ..Default::default() }).await?.into_inner();
         ensure!(!r.succeeded, "one false compare of two must fail the txn");
         Ok(n + 1)
     }
@@ -734,16 +436,9 @@ async fn txn_missing_key(x: Ctx) -> anyhow::Result<String> {
     ];
     let n = rows.len();
     for (t, res, v, want) in rows {
-        let txn = TxnRequest {
-            compare: vec![cmp(k.clone(), t, res, v.clone())],
-            ..Default::default()
-        };
+        let txn = TxnRequest { compare: vec![cmp(k.clone(), t, res, v.clone())], ..Default::default() };
         let r = c.kv.txn(txn).await?.into_inner();
-        ensure!(
-            r.succeeded == want,
-            "missing key, {t:?} {res:?} {v:?}: succeeded {}, want {want}",
-            r.succeeded
-        );
+        ensure!(r.succeeded == want, "missing key, {t:?} {res:?} {v:?}: succeeded {}, want {want}", r.succeeded);
     }
     // The usual create-if-absent shape.
     let create = TxnRequest {
@@ -752,18 +447,10 @@ async fn txn_missing_key(x: Ctx) -> anyhow::Result<String> {
         failure: vec![op_get(get(k.clone()))],
     };
     let r = c.kv.txn(create.clone()).await?.into_inner();
-    ensure!(
-        r.succeeded && matches!(r.responses[0].response, Some(OpResp::ResponsePut(_))),
-        "create-if-absent: {r:?}"
-    );
+    ensure!(r.succeeded && matches!(r.responses[0].response, Some(OpResp::ResponsePut(_))), "create-if-absent: {r:?}");
     let r = c.kv.txn(create).await?.into_inner();
-    let Some(OpResp::ResponseRange(g)) = &r.responses[0].response else {
-        bail!("second create-if-absent: {r:?}")
-    };
-    ensure!(
-        !r.succeeded && g.kvs[0].value == b"new",
-        "second create-if-absent: {r:?}"
-    );
+    let Some(OpResp::ResponseRange(g)) = &r.responses[0].response else { bail!("second create-if-absent: {r:?}") };
+    ensure!(!r.succeeded && g.kvs[0].value == b"new", "second create-if-absent: {r:?}");
     Ok(format!("{} compares on a missing key", n + 2))
 }
 
@@ -775,40 +462,17 @@ async fn txn_compare_range(mut x: Ctx) -> anyhow::Result<String> {
     let mk = |t: T, res: R, v: CmpVal| {
         let mut cm = cmp(p.clone(), t, res, v);
         cm.range_end = prefix_end(p.as_bytes());
-        TxnRequest {
-            compare: vec![cm],
-            ..Default::default()
-        }
+        TxnRequest { compare: vec![cm], ..Default::default() }
     };
     let rows = [
-        (
-            mk(T::Version, R::Equal, CmpVal::Int(1)),
-            true,
-            "all versions 1",
-        ),
-        (
-            mk(T::Value, R::Equal, CmpVal::Bytes(b"1".to_vec())),
-            false,
-            "not all values 1",
-        ),
-        (
-            mk(T::Value, R::Less, CmpVal::Bytes(b"3".to_vec())),
-            true,
-            "all values < 3",
-        ),
-        (
-            mk(T::Create, R::Greater, CmpVal::Int(0)),
-            true,
-            "all created",
-        ),
+        (mk(T::Version, R::Equal, CmpVal::Int(1)), true, "all versions 1"),
+        (mk(T::Value, R::Equal, CmpVal::Bytes(b"1".to_vec())), false, "not all values 1"),
+        (mk(T::Value, R::Less, CmpVal::Bytes(b"3".to_vec())), true, "all values < 3"),
+        (mk(T::Create, R::Greater, CmpVal::Int(0)), true, "all created"),
     ];
     for (txn, want, what) in rows {
         let r = c.kv.txn(txn).await?.into_inner();
-        ensure!(
-            r.succeeded == want,
-            "range compare {what}: succeeded {}, want {want}",
-            r.succeeded
-        );
+        ensure!(r.succeeded == want, "range compare {what}: succeeded {}, want {want}", r.succeeded);
     }
     Ok("compares over a key range".into())
 }
@@ -819,12 +483,7 @@ async fn txn_nested(x: Ctx) -> anyhow::Result<String> {
     let c = &mut cl;
     let r0 = put_rev(c, put(a.clone(), "1")).await?;
     let inner = TxnRequest {
-        compare: vec![cmp(
-            a.clone(),
-            T::Value,
-            R::Equal,
-            CmpVal::Bytes(b"1".to_vec()),
-        )],
+        compare: vec![cmp(a.clone(), T::Value, R::Equal, CmpVal::Bytes(b"1".to_vec()))],
         success: vec![op_put(put(b.clone(), "in")), op_get(get(a.clone()))],
         failure: vec![op_put(put(cc.clone(), "bad"))],
     };
@@ -835,33 +494,15 @@ async fn txn_nested(x: Ctx) -> anyhow::Result<String> {
     };
     let r = c.kv.txn(outer).await?.into_inner();
     ensure!(r.succeeded && r.responses.len() == 2, "outer: {r:?}");
-    ensure!(
-        rev(&r.header) == r0 + 1,
-        "a nested txn is one revision: {} != {}",
-        rev(&r.header),
-        r0 + 1
-    );
-    let Some(OpResp::ResponseTxn(t)) = &r.responses[1].response else {
-        bail!("second response is not a txn: {r:?}")
-    };
+    ensure!(rev(&r.header) == r0 + 1, "a nested txn is one revision: {} != {}", rev(&r.header), r0 + 1);
+    let Some(OpResp::ResponseTxn(t)) = &r.responses[1].response else { bail!("second response is not a txn: {r:?}") };
     // etcd evaluates every compare, nested ones included, against the state before the txn:
     // the inner compare sees "1", not the outer put's "2". Its reads see the outer writes.
-    ensure!(
-        t.succeeded,
-        "inner compares see the state before the txn, so the inner success branch runs: {t:?}"
-    );
-    let Some(OpResp::ResponseRange(inner_get)) = &t.responses[1].response else {
-        bail!("inner get: {t:?}")
-    };
-    ensure!(
-        inner_get.kvs.first().map(|kv| kv.value.as_slice()) == Some(b"2"),
-        "inner read sees the outer put: {t:?}"
-    );
+    ensure!(t.succeeded, "inner compares see the state before the txn, so the inner success branch runs: {t:?}");
+    let Some(OpResp::ResponseRange(inner_get)) = &t.responses[1].response else { bail!("inner get: {t:?}") };
+    ensure!(inner_get.kvs.first().map(|kv| kv.value.as_slice()) == Some(b"2"), "inner read sees the outer put: {t:?}");
     let g = c.kv.range(get(b.clone())).await?.into_inner();
-    ensure!(
-        g.kvs.first().map(|kv| kv.mod_revision) == Some(r0 + 1),
-        "inner success put: {g:?}"
-    );
+    ensure!(g.kvs.first().map(|kv| kv.mod_revision) == Some(r0 + 1), "inner success put: {g:?}");
     let g = c.kv.range(get(cc.clone())).await?.into_inner();
     ensure!(g.count == 0, "inner failure branch must not run: {g:?}");
     Ok("nested txn: one revision, compares see the state before it".into())
@@ -875,27 +516,14 @@ async fn revisions(x: Ctx) -> anyhow::Result<String> {
     let r1 = put_rev(c, put(a.clone(), "1")).await?;
     ensure!(r1 == r0 + 1, "put: {r0} -> {r1}");
     let t = TxnRequest {
-        success: vec![
-            op_put(put(a.clone(), "2")),
-            op_put(put(b.clone(), "2")),
-            op_del(del(x.p.clone() + "zz")),
-        ],
+        success: vec![op_put(put(a.clone(), "2")), op_put(put(b.clone(), "2")), op_del(del(x.p.clone() + "zz"))],
         ..Default::default()
     };
     let r2 = rev(&c.kv.txn(t).await?.into_inner().header);
-    ensure!(
-        r2 == r1 + 1,
-        "a txn of two puts takes one revision: {r1} -> {r2}"
-    );
+    ensure!(r2 == r1 + 1, "a txn of two puts takes one revision: {r1} -> {r2}");
     let g = c.kv.range(get(b.clone())).await?.into_inner();
-    ensure!(
-        g.kvs[0].mod_revision == r2 && rev(&g.header) == r2,
-        "put in txn has its revision: {g:?}"
-    );
-    let t = TxnRequest {
-        success: vec![op_get(get(a.clone()))],
-        ..Default::default()
-    };
+    ensure!(g.kvs[0].mod_revision == r2 && rev(&g.header) == r2, "put in txn has its revision: {g:?}");
+    let t = TxnRequest { success: vec![op_get(get(a.clone()))], ..Default::default() };
     let r = rev(&c.kv.txn(t).await?.into_inner().header);
     ensure!(r == r2, "a read-only txn took a revision: {r2} -> {r}");
     let t = TxnRequest {
@@ -904,36 +532,14 @@ async fn revisions(x: Ctx) -> anyhow::Result<String> {
         failure: vec![],
     };
     let r = rev(&c.kv.txn(t).await?.into_inner().header);
-    ensure!(
-        r == r2,
-        "a failed txn with an empty failure branch took a revision: {r2} -> {r}"
-    );
-    let r = rev(&c
-        .kv
-        .delete_range(del(x.p.clone() + "nothing"))
-        .await?
-        .into_inner()
-        .header);
+    ensure!(r == r2, "a failed txn with an empty failure branch took a revision: {r2} -> {r}");
+    let r = rev(&c.kv.delete_range(del(x.p.clone() + "nothing")).await?.into_inner().header);
     ensure!(r == r2, "deleting nothing took a revision: {r2} -> {r}");
-    let t = TxnRequest {
-        success: vec![op_del(del(x.p.clone() + "nothing"))],
-        ..Default::default()
-    };
+    let t = TxnRequest { success: vec![op_del(del(x.p.clone() + "nothing"))], ..Default::default() };
     let r = rev(&c.kv.txn(t).await?.into_inner().header);
-    ensure!(
-        r == r2,
-        "a txn deleting nothing took a revision: {r2} -> {r}"
-    );
-    let r3 = rev(&c
-        .kv
-        .delete_range(del_prefix(&x.p))
-        .await?
-        .into_inner()
-        .header);
-    ensure!(
-        r3 == r2 + 1,
-        "deleting two keys takes one revision: {r2} -> {r3}"
-    );
+    ensure!(r == r2, "a txn deleting nothing took a revision: {r2} -> {r}");
+    let r3 = rev(&c.kv.delete_range(del_prefix(&x.p)).await?.into_inner().header);
+    ensure!(r3 == r2 + 1, "deleting two keys takes one revision: {r2} -> {r3}");
     Ok(format!("revisions {r0}..{r3}"))
 }
 
@@ -944,93 +550,29 @@ const EMPTY_KEY: &str = "etcdserver: key is not provided";
 async fn err_empty_key(x: Ctx) -> anyhow::Result<String> {
     let mut cl = x.c.clone();
     let c = &mut cl;
-    expect_status(
-        "Range",
-        c.kv.range(get("")).await,
-        Code::InvalidArgument,
-        EMPTY_KEY,
-    )?;
-    expect_status(
-        "Put",
-        c.kv.put(put("", "v")).await,
-        Code::InvalidArgument,
-        EMPTY_KEY,
-    )?;
-    expect_status(
-        "DeleteRange",
-        c.kv.delete_range(del("")).await,
-        Code::InvalidArgument,
-        EMPTY_KEY,
-    )?;
-    let t = TxnRequest {
-        success: vec![op_put(put("", "v"))],
-        ..Default::default()
-    };
-    expect_status(
-        "Txn put",
-        c.kv.txn(t).await,
-        Code::InvalidArgument,
-        EMPTY_KEY,
-    )?;
-    let t = TxnRequest {
-        failure: vec![op_get(get(""))],
-        ..Default::default()
-    };
-    expect_status(
-        "Txn range in failure",
-        c.kv.txn(t).await,
-        Code::InvalidArgument,
-        EMPTY_KEY,
-    )?;
+    expect_status("Range", c.kv.range(get("")).await, Code::InvalidArgument, EMPTY_KEY)?;
+    expect_status("Put", c.kv.put(put("", "v")).await, Code::InvalidArgument, EMPTY_KEY)?;
+    expect_status("DeleteRange", c.kv.delete_range(del("")).await, Code::InvalidArgument, EMPTY_KEY)?;
+    let t = TxnRequest { success: vec![op_put(put("", "v"))], ..Default::default() };
+    expect_status("Txn put", c.kv.txn(t).await, Code::InvalidArgument, EMPTY_KEY)?;
+    let t = TxnRequest { failure: vec![op_get(get(""))], ..Default::default() };
+    expect_status("Txn range in failure", c.kv.txn(t).await, Code::InvalidArgument, EMPTY_KEY)?;
     Ok("Range, Put, DeleteRange, Txn".into())
 }
 
 async fn err_too_many_ops(x: Ctx) -> anyhow::Result<String> {
     let msg = "etcdserver: too many operations in txn request";
-    let ops = |n: usize, p: &str| {
-        (0..n)
-            .map(|i| op_put(put(format!("{p}{i}"), "v")))
-            .collect::<Vec<_>>()
-    };
+    let ops = |n: usize, p: &str| (0..n).map(|i| op_put(put(format!("{p}{i}"), "v"))).collect::<Vec<_>>();
     let mut cl = x.c.clone();
     let c = &mut cl;
-    let t = TxnRequest {
-        success: ops(129, &x.p),
-        ..Default::default()
-    };
-    expect_status(
-        "129 puts (default --max-txn-ops 128)",
-        c.kv.txn(t).await,
-        Code::InvalidArgument,
-        msg,
-    )?;
-    let t = TxnRequest {
-        success: ops(128, &x.p),
-        ..Default::default()
-    };
-    let r =
-        c.kv.txn(t)
-            .await
-            .context("128 puts must be accepted")?
-            .into_inner();
-    ensure!(
-        r.responses.len() == 128,
-        "128 puts: {} responses",
-        r.responses.len()
-    );
-    let cmps = (0..129)
-        .map(|i| cmp(format!("{}{i}", x.p), T::Version, R::Equal, CmpVal::Int(1)))
-        .collect();
-    let t = TxnRequest {
-        compare: cmps,
-        ..Default::default()
-    };
-    expect_status(
-        "129 compares",
-        c.kv.txn(t).await,
-        Code::InvalidArgument,
-        msg,
-    )?;
+    let t = TxnRequest { success: ops(129, &x.p), ..Default::default() };
+    expect_status("129 puts (default --max-txn-ops 128)", c.kv.txn(t).await, Code::InvalidArgument, msg)?;
+    let t = TxnRequest { success: ops(128, &x.p), ..Default::default() };
+    let r = c.kv.txn(t).await.context("128 puts must be accepted")?.into_inner();
+    ensure!(r.responses.len() == 128, "128 puts: {} responses", r.responses.len());
+    let cmps = (0..129).map(|i| cmp(format!("{}{i}", x.p), T::Version, R::Equal, CmpVal::Int(1))).collect();
+    let t = TxnRequest { compare: cmps, ..Default::default() };
+    expect_status("129 compares", c.kv.txn(t).await, Code::InvalidArgument, msg)?;
     Ok("129 ops rejected, 128 accepted".into())
 }
 
@@ -1039,39 +581,18 @@ async fn err_duplicate_key(x: Ctx) -> anyhow::Result<String> {
     let (a, b) = (x.k("a"), x.k("b"));
     let mut cl = x.c.clone();
     let c = &mut cl;
-    let t = TxnRequest {
-        success: vec![op_put(put(a.clone(), "1")), op_put(put(a.clone(), "2"))],
-        ..Default::default()
-    };
-    expect_status(
-        "two puts of one key",
-        c.kv.txn(t).await,
-        Code::InvalidArgument,
-        msg,
-    )?;
-    let t = TxnRequest {
-        success: vec![op_del(del_prefix(&x.p)), op_put(put(b.clone(), "1"))],
-        ..Default::default()
-    };
-    expect_status(
-        "put inside a deleted range",
-        c.kv.txn(t).await,
-        Code::InvalidArgument,
-        msg,
-    )?;
+    let t =
+        TxnRequest { success: vec![op_put(put(a.clone(), "1")), op_put(put(a.clone(), "2"))], ..Default::default() };
+    expect_status("two puts of one key", c.kv.txn(t).await, Code::InvalidArgument, msg)?;
+    let t = TxnRequest { success: vec![op_del(del_prefix(&x.p)), op_put(put(b.clone(), "1"))], ..Default::default() };
+    expect_status("put inside a deleted range", c.kv.txn(t).await, Code::InvalidArgument, msg)?;
     // Two reads of one key, and a put in success with the same key in failure, are fine.
     let t = TxnRequest {
-        success: vec![
-            op_get(get(a.clone())),
-            op_get(get(a.clone())),
-            op_put(put(a.clone(), "1")),
-        ],
+        success: vec![op_get(get(a.clone())), op_get(get(a.clone())), op_put(put(a.clone(), "1"))],
         failure: vec![op_put(put(a.clone(), "2"))],
         compare: vec![],
     };
-    c.kv.txn(t)
-        .await
-        .context("reads of a written key and the same key in both branches are allowed")?;
+    c.kv.txn(t).await.context("reads of a written key and the same key in both branches are allowed")?;
     Ok("puts and put-over-delete".into())
 }
 
@@ -1079,32 +600,13 @@ async fn err_invalid_sort(x: Ctx) -> anyhow::Result<String> {
     let msg = "etcdserver: invalid sort option";
     let mut cl = x.c.clone();
     let c = &mut cl;
-    let r = RangeRequest {
-        sort_order: 7,
-        ..get(x.k("a"))
-    };
+    let r = RangeRequest { sort_order: 7, ..get(x.k("a")) };
     if c.kv.range(r.clone()).await.is_ok() {
-        return Ok(
-            "skipped: out-of-range sort options are accepted (etcd 3.4 does; 3.5 rejects them)"
-                .into(),
-        );
+        return Ok("skipped: out-of-range sort options are accepted (etcd 3.4 does; 3.5 rejects them)".into());
     }
-    expect_status(
-        "sort_order 7",
-        c.kv.range(r).await,
-        Code::InvalidArgument,
-        msg,
-    )?;
-    let r = RangeRequest {
-        sort_target: 9,
-        ..get(x.k("a"))
-    };
-    expect_status(
-        "sort_target 9",
-        c.kv.range(r).await,
-        Code::InvalidArgument,
-        msg,
-    )?;
+    expect_status("sort_order 7", c.kv.range(r).await, Code::InvalidArgument, msg)?;
+    let r = RangeRequest { sort_target: 9, ..get(x.k("a")) };
+    expect_status("sort_target 9", c.kv.range(r).await, Code::InvalidArgument, msg)?;
     Ok("out-of-range sort order and target".into())
 }
 
@@ -1113,23 +615,10 @@ async fn err_future_revision(x: Ctx) -> anyhow::Result<String> {
     let mut cl = x.c.clone();
     let c = &mut cl;
     let r = current_rev(c).await?;
-    let req = RangeRequest {
-        revision: r + 1000,
-        ..get(x.k("a"))
-    };
-    expect_status(
-        "Range at current + 1000",
-        c.kv.range(req).await,
-        Code::OutOfRange,
-        msg,
-    )?;
-    let req = RangeRequest {
-        revision: r,
-        ..get(x.k("a"))
-    };
-    c.kv.range(req)
-        .await
-        .context("Range at the current revision")?;
+    let req = RangeRequest { revision: r + 1000, ..get(x.k("a")) };
+    expect_status("Range at current + 1000", c.kv.range(req).await, Code::OutOfRange, msg)?;
+    let req = RangeRequest { revision: r, ..get(x.k("a")) };
+    c.kv.range(req).await.context("Range at the current revision")?;
     Ok(format!("Range at {}", r + 1000))
 }
 
@@ -1143,64 +632,28 @@ async fn err_compacted(x: Ctx) -> anyhow::Result<String> {
     let c = &mut cl;
     let r1 = put_rev(c, put(k.clone(), "1")).await?;
     let r2 = put_rev(c, put(k.clone(), "2")).await?;
-    c.kv.compact(CompactionRequest {
-        revision: r2,
-        physical: true,
-    })
-    .await
-    .context("Compact")?;
-    let req = RangeRequest {
-        revision: r1,
-        ..get(k.clone())
-    };
-    expect_status(
-        "Range below the compaction",
-        c.kv.range(req).await,
-        Code::OutOfRange,
-        msg,
-    )?;
-    let req = RangeRequest {
-        revision: r2,
-        ..get(k.clone())
-    };
-    let g =
-        c.kv.range(req)
-            .await
-            .context("Range at the compaction revision")?
-            .into_inner();
-    ensure!(
-        g.kvs.first().map(|kv| kv.value.as_slice()) == Some(b"2"),
-        "read at the compaction revision: {g:?}"
-    );
+    c.kv.compact(CompactionRequest { revision: r2, physical: true }).await.context("Compact")?;
+    let req = RangeRequest { revision: r1, ..get(k.clone()) };
+    expect_status("Range below the compaction", c.kv.range(req).await, Code::OutOfRange, msg)?;
+    let req = RangeRequest { revision: r2, ..get(k.clone()) };
+    let g = c.kv.range(req).await.context("Range at the compaction revision")?.into_inner();
+    ensure!(g.kvs.first().map(|kv| kv.value.as_slice()) == Some(b"2"), "read at the compaction revision: {g:?}");
     expect_status(
         "Compact again at the same revision",
-        c.kv.compact(CompactionRequest {
-            revision: r2,
-            physical: false,
-        })
-        .await,
+        c.kv.compact(CompactionRequest { revision: r2, physical: false }).await,
         Code::OutOfRange,
         msg,
     )?;
     let cur = current_rev(c).await?;
     expect_status(
         "Compact beyond the current revision",
-        c.kv.compact(CompactionRequest {
-            revision: cur + 100,
-            physical: false,
-        })
-        .await,
+        c.kv.compact(CompactionRequest { revision: cur + 100, physical: false }).await,
         Code::OutOfRange,
         "etcdserver: mvcc: required revision is a future revision",
     )?;
     // A watch from a compacted revision is canceled with the compact revision, not an RPC error.
     let mut w = WatchStream::open(c).await?;
-    w.create(WatchCreateRequest {
-        key: k.clone(),
-        start_revision: r1,
-        ..Default::default()
-    })
-    .await?;
+    w.create(WatchCreateRequest { key: k.clone(), start_revision: r1, ..Default::default() }).await?;
     let mut got = Vec::new();
     while let Some(r) = w.next(Duration::from_secs(3)).await? {
         let done = r.canceled;
@@ -1212,9 +665,7 @@ async fn err_compacted(x: Ctx) -> anyhow::Result<String> {
     let last = got.last().context("no watch response")?;
     // etcd 3.5 gives the reason; 3.4 leaves cancel_reason empty.
     ensure!(
-        last.canceled
-            && last.compact_revision == r2
-            && (last.cancel_reason == msg || last.cancel_reason.is_empty()),
+        last.canceled && last.compact_revision == r2 && (last.cancel_reason == msg || last.cancel_reason.is_empty()),
         "watch from {r1} after compaction at {r2}: {got:?}"
     );
     Ok(format!("compacted at {r2}"))
@@ -1225,50 +676,19 @@ async fn err_lease_not_found(x: Ctx) -> anyhow::Result<String> {
     let mut cl = x.c.clone();
     let c = &mut cl;
     let id = 0x0c0f_fee0_0000_0000 | (rand::random::<u32>() as i64);
-    let p = PutRequest {
-        lease: id,
-        ..put(x.k("a"), "v")
-    };
-    expect_status(
-        "Put with an unknown lease",
-        c.kv.put(p).await,
-        Code::NotFound,
-        msg,
-    )?;
-    let t = TxnRequest {
-        success: vec![op_put(PutRequest {
-            lease: id,
-            ..put(x.k("a"), "v")
-        })],
-        ..Default::default()
-    };
-    expect_status(
-        "Txn put with an unknown lease",
-        c.kv.txn(t).await,
-        Code::NotFound,
-        msg,
-    )?;
+    let p = PutRequest { lease: id, ..put(x.k("a"), "v") };
+    expect_status("Put with an unknown lease", c.kv.put(p).await, Code::NotFound, msg)?;
+    let t = TxnRequest { success: vec![op_put(PutRequest { lease: id, ..put(x.k("a"), "v") })], ..Default::default() };
+    expect_status("Txn put with an unknown lease", c.kv.txn(t).await, Code::NotFound, msg)?;
     expect_status(
         "LeaseRevoke of an unknown lease",
         c.lease.lease_revoke(LeaseRevokeRequest { id }).await,
         Code::NotFound,
         msg,
     )?;
-    let t = c
-        .lease
-        .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: true })
-        .await?
-        .into_inner();
-    ensure!(
-        t.ttl == -1 && t.id == id,
-        "TimeToLive of an unknown lease: TTL {} ID {}",
-        t.ttl,
-        t.id
-    );
-    let g = LeaseGrantRequest {
-        ttl: 9_000_000_001,
-        id: 0,
-    };
+    let t = c.lease.lease_time_to_live(LeaseTimeToLiveRequest { id, keys: true }).await?.into_inner();
+    ensure!(t.ttl == -1 && t.id == id, "TimeToLive of an unknown lease: TTL {} ID {}", t.ttl, t.id);
+    let g = LeaseGrantRequest { ttl: 9_000_000_001, id: 0 };
     expect_status(
         "LeaseGrant over the max TTL",
         c.lease.lease_grant(g).await,
@@ -1282,41 +702,28 @@ async fn err_ignore_rules(x: Ctx) -> anyhow::Result<String> {
     let k = x.k("k");
     let mut cl = x.c.clone();
     let c = &mut cl;
-    let p = PutRequest {
-        ignore_value: true,
-        ..put(k.clone(), "")
-    };
+    let p = PutRequest { ignore_value: true, ..put(k.clone(), "") };
     expect_status(
         "ignore_value on a missing key",
         c.kv.put(p).await,
         Code::InvalidArgument,
         "etcdserver: key not found",
     )?;
-    let p = PutRequest {
-        ignore_lease: true,
-        ..put(k.clone(), "v")
-    };
+    let p = PutRequest { ignore_lease: true, ..put(k.clone(), "v") };
     expect_status(
         "ignore_lease on a missing key",
         c.kv.put(p).await,
         Code::InvalidArgument,
         "etcdserver: key not found",
     )?;
-    let p = PutRequest {
-        ignore_value: true,
-        ..put(k.clone(), "v")
-    };
+    let p = PutRequest { ignore_value: true, ..put(k.clone(), "v") };
     expect_status(
         "ignore_value with a value",
         c.kv.put(p).await,
         Code::InvalidArgument,
         "etcdserver: value is provided",
     )?;
-    let p = PutRequest {
-        ignore_lease: true,
-        lease: 5,
-        ..put(k.clone(), "v")
-    };
+    let p = PutRequest { ignore_lease: true, lease: 5, ..put(k.clone(), "v") };
     expect_status(
         "ignore_lease with a lease",
         c.kv.put(p).await,
@@ -1324,10 +731,7 @@ async fn err_ignore_rules(x: Ctx) -> anyhow::Result<String> {
         "etcdserver: lease is provided",
     )?;
     let t = TxnRequest {
-        success: vec![op_put(PutRequest {
-            ignore_value: true,
-            ..put(k.clone(), "")
-        })],
+        success: vec![op_put(PutRequest { ignore_value: true, ..put(k.clone(), "") })],
         ..Default::default()
     };
     expect_status(
@@ -1345,16 +749,8 @@ fn ev_summary(evs: &[cairn_proto::mvccpb::Event], p: &str) -> Vec<String> {
     evs.iter()
         .map(|e| {
             let kv = e.kv.clone().unwrap_or_default();
-            let t = if e.r#type == EventType::Delete as i32 {
-                "DELETE"
-            } else {
-                "PUT"
-            };
-            let prev = e
-                .prev_kv
-                .as_ref()
-                .map(|p| format!(" prev={}", lossy(&p.value)))
-                .unwrap_or_default();
+            let t = if e.r#type == EventType::Delete as i32 { "DELETE" } else { "PUT" };
+            let prev = e.prev_kv.as_ref().map(|p| format!(" prev={}", lossy(&p.value))).unwrap_or_default();
             format!(
                 "{t} {}={}@{}{prev}",
                 lossy(&kv.key).strip_prefix(p).unwrap_or("?"),
@@ -1366,14 +762,8 @@ fn ev_summary(evs: &[cairn_proto::mvccpb::Event], p: &str) -> Vec<String> {
 }
 
 async fn created(w: &mut WatchStream) -> anyhow::Result<WatchResponse> {
-    let r = w
-        .next(Duration::from_secs(5))
-        .await?
-        .context("no created response within 5 s")?;
-    ensure!(
-        r.created && !r.canceled && r.events.is_empty(),
-        "first response must be 'created': {r:?}"
-    );
+    let r = w.next(Duration::from_secs(5)).await?.context("no created response within 5 s")?;
+    ensure!(r.created && !r.canceled && r.events.is_empty(), "first response must be 'created': {r:?}");
     Ok(r)
 }
 
@@ -1386,38 +776,17 @@ async fn watch_history(x: Ctx) -> anyhow::Result<String> {
     let r2 = put_rev(c, put(k.clone(), "v2")).await?;
     let r3 = rev(&c.kv.delete_range(del(k.clone())).await?.into_inner().header);
     let mut w = WatchStream::open(c).await?;
-    w.create(WatchCreateRequest {
-        key: k.clone(),
-        start_revision: r1,
-        prev_kv: true,
-        ..Default::default()
-    })
-    .await?;
+    w.create(WatchCreateRequest { key: k.clone(), start_revision: r1, prev_kv: true, ..Default::default() }).await?;
     let cr = created(&mut w).await?;
     let evs = w.events(3, Duration::from_secs(5)).await?;
-    let want = vec![
-        format!("PUT k=v1@{r1}"),
-        format!("PUT k=v2@{r2} prev=v1"),
-        format!("DELETE k=@{r3} prev=v2"),
-    ];
-    ensure!(
-        ev_summary(&evs, &p) == want,
-        "replay from {r1}: {:?}, want {want:?}",
-        ev_summary(&evs, &p)
-    );
+    let want = vec![format!("PUT k=v1@{r1}"), format!("PUT k=v2@{r2} prev=v1"), format!("DELETE k=@{r3} prev=v2")];
+    ensure!(ev_summary(&evs, &p) == want, "replay from {r1}: {:?}, want {want:?}", ev_summary(&evs, &p));
     let del = &evs[2].kv.clone().unwrap_or_default();
-    ensure!(
-        (del.version, del.create_revision) == (0, 0),
-        "a delete event's kv has version 0, create 0: {del:?}"
-    );
+    ensure!((del.version, del.create_revision) == (0, 0), "a delete event's kv has version 0, create 0: {del:?}");
     // A live event after the replay, on the same watch.
     let r4 = put_rev(c, put(k.clone(), "v3")).await?;
     let evs = w.events(1, Duration::from_secs(5)).await?;
-    ensure!(
-        ev_summary(&evs, &p) == [format!("PUT k=v3@{r4}")],
-        "live event: {:?}",
-        ev_summary(&evs, &p)
-    );
+    ensure!(ev_summary(&evs, &p) == [format!("PUT k=v3@{r4}")], "live event: {:?}", ev_summary(&evs, &p));
     Ok(format!("watch id {}, replay of 3 + 1 live", cr.watch_id))
 }
 
@@ -1431,10 +800,7 @@ async fn watch_filters(x: Ctx) -> anyhow::Result<String> {
     let r3 = put_rev(c, put(k.clone(), "v2")).await?;
     for (filter, want) in [
         (FilterType::Noput, vec![format!("DELETE k=@{r2}")]),
-        (
-            FilterType::Nodelete,
-            vec![format!("PUT k=v1@{r1}"), format!("PUT k=v2@{r3}")],
-        ),
+        (FilterType::Nodelete, vec![format!("PUT k=v1@{r1}"), format!("PUT k=v2@{r3}")]),
     ] {
         let mut w = WatchStream::open(c).await?;
         let req = WatchCreateRequest {
@@ -1446,18 +812,10 @@ async fn watch_filters(x: Ctx) -> anyhow::Result<String> {
         w.create(req).await?;
         created(&mut w).await?;
         let evs = w.events(want.len(), Duration::from_secs(5)).await?;
-        ensure!(
-            ev_summary(&evs, &p) == want,
-            "{filter:?}: {:?}, want {want:?}",
-            ev_summary(&evs, &p)
-        );
+        ensure!(ev_summary(&evs, &p) == want, "{filter:?}: {:?}, want {want:?}", ev_summary(&evs, &p));
         // Nothing more arrives.
         let more = w.events(1, Duration::from_millis(400)).await?;
-        ensure!(
-            more.is_empty(),
-            "{filter:?}: unexpected {:?}",
-            ev_summary(&more, &p)
-        );
+        ensure!(more.is_empty(), "{filter:?}: unexpected {:?}", ev_summary(&more, &p));
     }
     Ok("NOPUT, NODELETE".into())
 }
@@ -1481,30 +839,13 @@ async fn watch_prefix_cancel(x: Ctx) -> anyhow::Result<String> {
     let r3 = put_rev(c, put(format!("{wp}b"), "2")).await?;
     let evs = w.events(2, Duration::from_secs(5)).await?;
     let want = [format!("PUT w/a=1@{r1}"), format!("PUT w/b=2@{r3}")];
-    ensure!(
-        ev_summary(&evs, &p) == want,
-        "prefix watch: {:?}, want {want:?}",
-        ev_summary(&evs, &p)
-    );
-    w.send(watch_request::RequestUnion::CancelRequest(
-        WatchCancelRequest { watch_id: id },
-    ))
-    .await?;
-    let r = w
-        .next(Duration::from_secs(5))
-        .await?
-        .context("no cancel response")?;
-    ensure!(
-        r.canceled && r.watch_id == id && r.events.is_empty(),
-        "cancel response: {r:?}"
-    );
+    ensure!(ev_summary(&evs, &p) == want, "prefix watch: {:?}, want {want:?}", ev_summary(&evs, &p));
+    w.send(watch_request::RequestUnion::CancelRequest(WatchCancelRequest { watch_id: id })).await?;
+    let r = w.next(Duration::from_secs(5)).await?.context("no cancel response")?;
+    ensure!(r.canceled && r.watch_id == id && r.events.is_empty(), "cancel response: {r:?}");
     put_rev(c, put(format!("{wp}c"), "3")).await?;
     let more = w.events(1, Duration::from_millis(500)).await?;
-    ensure!(
-        more.is_empty(),
-        "events after cancel: {:?}",
-        ev_summary(&more, &p)
-    );
+    ensure!(more.is_empty(), "events after cancel: {:?}", ev_summary(&more, &p));
     Ok(format!("watch id {id}"))
 }
 
@@ -1514,32 +855,17 @@ async fn watch_progress(x: Ctx) -> anyhow::Result<String> {
     let c = &mut cl;
     let r1 = put_rev(c, put(k.clone(), "v")).await?;
     let mut w = WatchStream::open(c).await?;
-    w.create(WatchCreateRequest {
-        key: k.clone(),
-        ..Default::default()
-    })
-    .await?;
+    w.create(WatchCreateRequest { key: k.clone(), ..Default::default() }).await?;
     created(&mut w).await?;
-    w.send(watch_request::RequestUnion::ProgressRequest(
-        WatchProgressRequest {},
-    ))
-    .await?;
+    w.send(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})).await?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         let Some(r) = w.next(Duration::from_secs(5)).await? else {
             break;
         };
         if r.events.is_empty() && !r.created && !r.canceled {
-            ensure!(
-                rev(&r.header) >= r1,
-                "progress revision {} < {r1}",
-                rev(&r.header)
-            );
-            return Ok(format!(
-                "progress at {} (watch id {})",
-                rev(&r.header),
-                r.watch_id
-            ));
+            ensure!(rev(&r.header) >= r1, "progress revision {} < {r1}", rev(&r.header));
+            return Ok(format!("progress at {} (watch id {})", rev(&r.header), r.watch_id));
         }
     }
     bail!("no progress response to a WatchProgressRequest within 5 s")
@@ -1552,99 +878,45 @@ async fn lease_grant(x: Ctx) -> anyhow::Result<String> {
     let mut cl = x.c.clone();
     let c = &mut cl;
     let id = 0x3a00_0000_0000_0000 | (rand::random::<u32>() as i64);
-    let g = c
-        .lease
-        .lease_grant(LeaseGrantRequest { ttl: 60, id })
-        .await?
-        .into_inner();
+    let g = c.lease.lease_grant(LeaseGrantRequest { ttl: 60, id }).await?.into_inner();
     let res: anyhow::Result<()> = async {
-        ensure!(
-            (g.id, g.ttl, g.error.as_str()) == (id, 60, ""),
-            "grant with an ID: {g:?}"
-        );
+        ensure!((g.id, g.ttl, g.error.as_str()) == (id, 60, ""), "grant with an ID: {g:?}");
         expect_status(
             "granting an existing ID",
             c.lease.lease_grant(LeaseGrantRequest { ttl: 60, id }).await,
             Code::FailedPrecondition,
             "etcdserver: lease already exists",
         )?;
-        c.kv.put(PutRequest {
-            lease: id,
-            ..put(a.clone(), "1")
-        })
-        .await?;
-        c.kv.put(PutRequest {
-            lease: id,
-            ..put(b.clone(), "2")
-        })
-        .await?;
-        let t = c
-            .lease
-            .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: true })
-            .await?
-            .into_inner();
+        c.kv.put(PutRequest { lease: id, ..put(a.clone(), "1") }).await?;
+        c.kv.put(PutRequest { lease: id, ..put(b.clone(), "2") }).await?;
+        let t = c.lease.lease_time_to_live(LeaseTimeToLiveRequest { id, keys: true }).await?.into_inner();
         let mut ks = t.keys.clone();
         ks.sort();
-        ensure!(
-            t.id == id && t.granted_ttl == 60 && (58..=60).contains(&t.ttl),
-            "TimeToLive: {t:?}"
-        );
+        ensure!(t.id == id && t.granted_ttl == 60 && (58..=60).contains(&t.ttl), "TimeToLive: {t:?}");
         ensure!(
             ks == vec![a.clone(), b.clone()],
             "TimeToLive keys: {:?}",
             t.keys.iter().map(|k| lossy(k)).collect::<Vec<_>>()
         );
-        let t = c
-            .lease
-            .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false })
-            .await?
-            .into_inner();
-        ensure!(
-            t.keys.is_empty(),
-            "TimeToLive without keys lists keys: {t:?}"
-        );
-        let l = c
-            .lease
-            .lease_leases(LeaseLeasesRequest {})
-            .await?
-            .into_inner();
-        ensure!(
-            l.leases.iter().any(|s| s.id == id),
-            "LeaseLeases does not list {id}"
-        );
+        let t = c.lease.lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false }).await?.into_inner();
+        ensure!(t.keys.is_empty(), "TimeToLive without keys lists keys: {t:?}");
+        let l = c.lease.lease_leases(LeaseLeasesRequest {}).await?.into_inner();
+        ensure!(l.leases.iter().any(|s| s.id == id), "LeaseLeases does not list {id}");
         let r0 = current_rev(c).await?;
-        let rv = c
-            .lease
-            .lease_revoke(LeaseRevokeRequest { id })
-            .await?
-            .into_inner();
+        let rv = c.lease.lease_revoke(LeaseRevokeRequest { id }).await?.into_inner();
         ensure!(
             rev(&rv.header) == r0 + 1,
             "revoking a lease with keys takes one revision: {r0} -> {}",
             rev(&rv.header)
         );
         let g = c.kv.range(get_prefix(&x.p)).await?.into_inner();
-        ensure!(
-            g.count == 0,
-            "keys of a revoked lease remain: {:?}",
-            keys(&g.kvs, &x.p)
-        );
-        let t = c
-            .lease
-            .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: true })
-            .await?
-            .into_inner();
+        ensure!(g.count == 0, "keys of a revoked lease remain: {:?}", keys(&g.kvs, &x.p));
+        let t = c.lease.lease_time_to_live(LeaseTimeToLiveRequest { id, keys: true }).await?.into_inner();
         ensure!(t.ttl == -1, "TimeToLive after revoke: {t:?}");
         // A server-chosen ID is positive.
-        let g = c
-            .lease
-            .lease_grant(LeaseGrantRequest { ttl: 30, id: 0 })
-            .await?
-            .into_inner();
+        let g = c.lease.lease_grant(LeaseGrantRequest { ttl: 30, id: 0 }).await?.into_inner();
         ensure!(g.id > 0 && g.ttl == 30, "grant without ID: {g:?}");
-        c.lease
-            .lease_revoke(LeaseRevokeRequest { id: g.id })
-            .await?;
+        c.lease.lease_revoke(LeaseRevokeRequest { id: g.id }).await?;
         Ok(())
     }
     .await;
@@ -1656,40 +928,21 @@ async fn lease_grant(x: Ctx) -> anyhow::Result<String> {
 async fn lease_keepalive(x: Ctx) -> anyhow::Result<String> {
     let mut cl = x.c.clone();
     let c = &mut cl;
-    let id = c
-        .lease
-        .lease_grant(LeaseGrantRequest { ttl: 20, id: 0 })
-        .await?
-        .into_inner()
-        .id;
+    let id = c.lease.lease_grant(LeaseGrantRequest { ttl: 20, id: 0 }).await?.into_inner().id;
     let res: anyhow::Result<()> = async {
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        let t = c
-            .lease
-            .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false })
-            .await?
-            .into_inner();
+        let t = c.lease.lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false }).await?.into_inner();
         ensure!(t.ttl < 20, "TTL did not go down after 1.1 s: {t:?}");
         let mut ka = KeepAlive::open(c).await?;
         let r = ka.ping(id).await?;
         ensure!((r.id, r.ttl) == (id, 20), "keep-alive response: {r:?}");
-        let t = c
-            .lease
-            .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false })
-            .await?
-            .into_inner();
+        let t = c.lease.lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false }).await?.into_inner();
         ensure!((19..=20).contains(&t.ttl), "TTL after keep-alive: {t:?}");
         let r = ka.ping(id).await?;
-        ensure!(
-            (r.id, r.ttl) == (id, 20),
-            "second keep-alive on the stream: {r:?}"
-        );
+        ensure!((r.id, r.ttl) == (id, 20), "second keep-alive on the stream: {r:?}");
         let unknown = 0x0dea_d000_0000_0000 | (rand::random::<u32>() as i64);
         let r = ka.ping(unknown).await?;
-        ensure!(
-            (r.id, r.ttl) == (unknown, 0),
-            "keep-alive of an unknown lease answers TTL 0: {r:?}"
-        );
+        ensure!((r.id, r.ttl) == (unknown, 0), "keep-alive of an unknown lease answers TTL 0: {r:?}");
         Ok(())
     }
     .await;
@@ -1703,26 +956,10 @@ async fn lease_expiry(x: Ctx) -> anyhow::Result<String> {
     let p = x.p.clone();
     let mut cl = x.c.clone();
     let c = &mut cl;
-    let g = c
-        .lease
-        .lease_grant(LeaseGrantRequest { ttl: 2, id: 0 })
-        .await?
-        .into_inner();
-    let r1 = put_rev(
-        c,
-        PutRequest {
-            lease: g.id,
-            ..put(k.clone(), "v")
-        },
-    )
-    .await?;
+    let g = c.lease.lease_grant(LeaseGrantRequest { ttl: 2, id: 0 }).await?.into_inner();
+    let r1 = put_rev(c, PutRequest { lease: g.id, ..put(k.clone(), "v") }).await?;
     let mut w = WatchStream::open(c).await?;
-    w.create(WatchCreateRequest {
-        key: k.clone(),
-        start_revision: r1 + 1,
-        ..Default::default()
-    })
-    .await?;
+    w.create(WatchCreateRequest { key: k.clone(), start_revision: r1 + 1, ..Default::default() }).await?;
     created(&mut w).await?;
     let start = Instant::now();
     let evs = w.events(1, Duration::from_secs(12)).await?;
@@ -1734,18 +971,7 @@ async fn lease_expiry(x: Ctx) -> anyhow::Result<String> {
     );
     let g2 = c.kv.range(get(k.clone())).await?.into_inner();
     ensure!(g2.count == 0, "key of an expired lease remains");
-    let t = c
-        .lease
-        .lease_time_to_live(LeaseTimeToLiveRequest {
-            id: g.id,
-            keys: false,
-        })
-        .await?
-        .into_inner();
+    let t = c.lease.lease_time_to_live(LeaseTimeToLiveRequest { id: g.id, keys: false }).await?.into_inner();
     ensure!(t.ttl == -1, "TimeToLive of an expired lease: {t:?}");
-    Ok(format!(
-        "granted TTL {}, key deleted after {:.1} s",
-        g.ttl,
-        took.as_secs_f64()
-    ))
+    Ok(format!("granted TTL {}, key deleted after {:.1} s", g.ttl, took.as_secs_f64()))
 }

@@ -65,71 +65,40 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 }
 
 pub fn put(k: impl Into<Vec<u8>>, v: impl Into<Vec<u8>>) -> PutRequest {
-    PutRequest {
-        key: k.into(),
-        value: v.into(),
-        ..Default::default()
-    }
+    PutRequest { key: k.into(), value: v.into(), ..Default::default() }
 }
 
 pub fn get(k: impl Into<Vec<u8>>) -> RangeRequest {
-    RangeRequest {
-        key: k.into(),
-        ..Default::default()
-    }
+    RangeRequest { key: k.into(), ..Default::default() }
 }
 
 pub fn get_prefix(p: &str) -> RangeRequest {
-    RangeRequest {
-        key: p.into(),
-        range_end: prefix_end(p.as_bytes()),
-        ..Default::default()
-    }
+    RangeRequest { key: p.into(), range_end: prefix_end(p.as_bytes()), ..Default::default() }
 }
 
 pub fn del(k: impl Into<Vec<u8>>) -> DeleteRangeRequest {
-    DeleteRangeRequest {
-        key: k.into(),
-        ..Default::default()
-    }
+    DeleteRangeRequest { key: k.into(), ..Default::default() }
 }
 
 pub fn del_prefix(p: &str) -> DeleteRangeRequest {
-    DeleteRangeRequest {
-        key: p.into(),
-        range_end: prefix_end(p.as_bytes()),
-        ..Default::default()
-    }
+    DeleteRangeRequest { key: p.into(), range_end: prefix_end(p.as_bytes()), ..Default::default() }
 }
 
 pub fn op_put(r: PutRequest) -> RequestOp {
-    RequestOp {
-        request: Some(Op::RequestPut(r)),
-    }
+    RequestOp { request: Some(Op::RequestPut(r)) }
 }
 pub fn op_get(r: RangeRequest) -> RequestOp {
-    RequestOp {
-        request: Some(Op::RequestRange(r)),
-    }
+    RequestOp { request: Some(Op::RequestRange(r)) }
 }
 pub fn op_del(r: DeleteRangeRequest) -> RequestOp {
-    RequestOp {
-        request: Some(Op::RequestDeleteRange(r)),
-    }
+    RequestOp { request: Some(Op::RequestDeleteRange(r)) }
 }
 pub fn op_txn(r: TxnRequest) -> RequestOp {
-    RequestOp {
-        request: Some(Op::RequestTxn(r)),
-    }
+    RequestOp { request: Some(Op::RequestTxn(r)) }
 }
 
 /// A compare of `target` on `key` with `result`; the value goes into the target's union member.
-pub fn cmp(
-    key: impl Into<Vec<u8>>,
-    target: CompareTarget,
-    result: CompareResult,
-    v: CmpVal,
-) -> Compare {
+pub fn cmp(key: impl Into<Vec<u8>>, target: CompareTarget, result: CompareResult, v: CmpVal) -> Compare {
     let union = match (target, v) {
         (CompareTarget::Value, CmpVal::Bytes(b)) => TargetUnion::Value(b),
         (CompareTarget::Version, CmpVal::Int(n)) => TargetUnion::Version(n),
@@ -160,10 +129,7 @@ pub fn rev(h: &Option<ResponseHeader>) -> i64 {
 
 /// The current revision of the endpoint, read with a one-key Range (a read takes no revision).
 pub async fn current_rev(c: &mut Clients) -> anyhow::Result<i64> {
-    let r =
-        c.kv.range(get("/cairn-compat/rev-probe"))
-            .await?
-            .into_inner();
+    let r = c.kv.range(get("/cairn-compat/rev-probe")).await?.into_inner();
     Ok(rev(&r.header))
 }
 
@@ -175,9 +141,7 @@ pub fn lossy(b: &[u8]) -> String {
 /// (grpc-go) sends nothing until it has something to say, so the call runs in a task and the
 /// first read waits for it.
 struct Bidi<Resp> {
-    pending: Option<
-        tokio::task::JoinHandle<Result<tonic::Response<tonic::Streaming<Resp>>, tonic::Status>>,
-    >,
+    pending: Option<tokio::task::JoinHandle<Result<tonic::Response<tonic::Streaming<Resp>>, tonic::Status>>>,
     rx: Option<tonic::Streaming<Resp>>,
 }
 
@@ -190,13 +154,8 @@ impl<Resp: Send + 'static> Bidi<Resp> {
                 self.pending = None;
                 self.rx = Some(r?.into_inner());
             }
-            let rx = self
-                .rx
-                .as_mut()
-                .ok_or_else(|| anyhow::anyhow!("stream failed to open"))?;
-            rx.message()
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("stream ended"))
+            let rx = self.rx.as_mut().ok_or_else(|| anyhow::anyhow!("stream failed to open"))?;
+            rx.message().await?.ok_or_else(|| anyhow::anyhow!("stream ended"))
         };
         match tokio::time::timeout(wait, fut).await {
             Err(_) => Ok(None),
@@ -215,32 +174,16 @@ impl WatchStream {
     pub async fn open(c: &mut Clients) -> anyhow::Result<Self> {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let mut client = c.watch.clone();
-        let h = tokio::spawn(async move {
-            client
-                .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-        });
-        Ok(Self {
-            tx,
-            rx: Bidi {
-                pending: Some(h),
-                rx: None,
-            },
-        })
+        let h = tokio::spawn(async move { client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+        Ok(Self { tx, rx: Bidi { pending: Some(h), rx: None } })
     }
 
     pub async fn send(&self, r: watch_request::RequestUnion) -> anyhow::Result<()> {
-        self.tx
-            .send(WatchRequest {
-                request_union: Some(r),
-            })
-            .await
-            .map_err(|_| anyhow::anyhow!("watch stream closed"))
+        self.tx.send(WatchRequest { request_union: Some(r) }).await.map_err(|_| anyhow::anyhow!("watch stream closed"))
     }
 
     pub async fn create(&self, r: WatchCreateRequest) -> anyhow::Result<()> {
-        self.send(watch_request::RequestUnion::CreateRequest(r))
-            .await
+        self.send(watch_request::RequestUnion::CreateRequest(r)).await
     }
 
     /// The next response, `None` when nothing arrives within `wait`.
@@ -249,11 +192,7 @@ impl WatchStream {
     }
 
     /// Responses until `n` events were seen in total (or `wait` passed without a response).
-    pub async fn events(
-        &mut self,
-        n: usize,
-        wait: Duration,
-    ) -> anyhow::Result<Vec<cairn_proto::mvccpb::Event>> {
+    pub async fn events(&mut self, n: usize, wait: Duration) -> anyhow::Result<Vec<cairn_proto::mvccpb::Event>> {
         let mut out = Vec::new();
         while out.len() < n {
             match self.next(wait).await? {
@@ -275,28 +214,13 @@ impl KeepAlive {
     pub async fn open(c: &mut Clients) -> anyhow::Result<Self> {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let mut client = c.lease.clone();
-        let h = tokio::spawn(async move {
-            client
-                .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-        });
-        Ok(Self {
-            tx,
-            rx: Bidi {
-                pending: Some(h),
-                rx: None,
-            },
-        })
+        let h =
+            tokio::spawn(async move { client.lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+        Ok(Self { tx, rx: Bidi { pending: Some(h), rx: None } })
     }
 
     pub async fn ping(&mut self, id: i64) -> anyhow::Result<LeaseKeepAliveResponse> {
-        self.tx
-            .send(LeaseKeepAliveRequest { id })
-            .await
-            .map_err(|_| anyhow::anyhow!("keep-alive stream closed"))?;
-        self.rx
-            .next(Duration::from_secs(5))
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("no keep-alive response within 5 s"))
+        self.tx.send(LeaseKeepAliveRequest { id }).await.map_err(|_| anyhow::anyhow!("keep-alive stream closed"))?;
+        self.rx.next(Duration::from_secs(5)).await?.ok_or_else(|| anyhow::anyhow!("no keep-alive response within 5 s"))
     }
 }

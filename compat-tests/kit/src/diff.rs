@@ -76,10 +76,7 @@ impl Rec {
     }
 
     fn record(&mut self, name: &str, value: Value) {
-        self.steps.push(Step {
-            name: name.to_string(),
-            value,
-        });
+        self.steps.push(Step { name: name.to_string(), value });
     }
 
     // ---- normalisation ----
@@ -160,11 +157,7 @@ impl Rec {
     }
 
     fn n_event(&mut self, e: &mvccpb::Event) -> Value {
-        let t = if e.r#type == mvccpb::event::EventType::Delete as i32 {
-            "DELETE"
-        } else {
-            "PUT"
-        };
+        let t = if e.r#type == mvccpb::event::EventType::Delete as i32 { "DELETE" } else { "PUT" };
         let kv = e.kv.as_ref().map(|kv| self.n_kv(kv));
         let prev = e.prev_kv.as_ref().map(|kv| self.n_kv(kv));
         json!({ "type": t, "kv": kv, "prev_kv": prev })
@@ -241,12 +234,7 @@ impl Rec {
     }
 
     pub async fn ttl(&mut self, step: &str, id: i64, keys: bool) {
-        let v = match self
-            .c
-            .lease
-            .lease_time_to_live(LeaseTimeToLiveRequest { id, keys })
-            .await
-        {
+        let v = match self.c.lease.lease_time_to_live(LeaseTimeToLiveRequest { id, keys }).await {
             Ok(x) => {
                 let x = x.into_inner();
                 let mut ks: Vec<Value> = x.keys.iter().map(|k| self.n_key(k)).collect();
@@ -269,11 +257,8 @@ impl Rec {
         let v = match self.c.lease.lease_leases(LeaseLeasesRequest {}).await {
             Ok(x) => {
                 let x = x.into_inner();
-                let mut ids: Vec<String> = x
-                    .leases
-                    .iter()
-                    .filter_map(|l| self.leases.get(&l.id).map(|i| format!("lease#{i}")))
-                    .collect();
+                let mut ids: Vec<String> =
+                    x.leases.iter().filter_map(|l| self.leases.get(&l.id).map(|i| format!("lease#{i}"))).collect();
                 ids.sort();
                 json!({ "header": self.n_header(&x.header), "leases": ids })
             }
@@ -339,11 +324,7 @@ impl Rec {
         let mut raw = Vec::new();
         if let Some(s) = self.watches.get_mut(w) {
             loop {
-                let wait = if items_len(&raw) >= n {
-                    Duration::from_millis(300)
-                } else {
-                    Duration::from_secs(5)
-                };
+                let wait = if items_len(&raw) >= n { Duration::from_millis(300) } else { Duration::from_secs(5) };
                 match s.next(wait).await {
                     Ok(Some(r)) => raw.push(Ok(r)),
                     Ok(None) => break,
@@ -367,8 +348,7 @@ impl Rec {
                     // etcd 3.5 explains a compaction cancel in cancel_reason, 3.4 leaves it empty.
                     let reason = if r.compact_revision != 0
                         && (r.cancel_reason.is_empty()
-                            || r.cancel_reason
-                                == "etcdserver: mvcc: required revision has been compacted")
+                            || r.cancel_reason == "etcdserver: mvcc: required revision has been compacted")
                     {
                         "<empty or compacted>".to_string()
                     } else {
@@ -388,19 +368,13 @@ impl Rec {
         }
         // Different watchers' responses may interleave differently (etcd walks a Go map); keep
         // each watcher's own order.
-        items.sort_by_key(|v| {
-            v.get("watch_id")
-                .and_then(Value::as_i64)
-                .unwrap_or(i64::MIN)
-        });
+        items.sort_by_key(|v| v.get("watch_id").and_then(Value::as_i64).unwrap_or(i64::MIN));
         self.record(step, Value::Array(items));
     }
 }
 
 fn items_len(raw: &[Result<WatchResponse, String>]) -> usize {
-    raw.iter()
-        .map(|r| r.as_ref().map_or(1, |r| r.events.len().max(1)))
-        .sum()
+    raw.iter().map(|r| r.as_ref().map_or(1, |r| r.events.len().max(1))).sum()
 }
 
 // ---- comparison ----
@@ -457,8 +431,7 @@ pub struct Report {
     pub differences: Vec<Difference>,
 }
 
-type ScriptFn =
-    for<'a> fn(&'a mut Rec) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+type ScriptFn = for<'a> fn(&'a mut Rec) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
 macro_rules! script {
     ($name:literal, $f:ident) => {
@@ -482,21 +455,12 @@ pub fn scripts() -> Vec<(&'static str, ScriptFn)> {
 /// Runs every script (whose name contains `filter`) against `a` and `b` and compares.
 pub async fn run(a: &str, b: &str, allow_compact: bool, filter: &str) -> anyhow::Result<Report> {
     let (ca, cb) = (connect(a).await?, connect(b).await?);
-    let mut report = Report {
-        steps: 0,
-        differences: Vec::new(),
-    };
+    let mut report = Report { steps: 0, differences: Vec::new() };
     for (name, f) in scripts().into_iter().filter(|(n, _)| n.contains(filter)) {
-        let (mut ra, mut rb) = (
-            Rec::new(ca.clone(), allow_compact).await?,
-            Rec::new(cb.clone(), allow_compact).await?,
-        );
+        let (mut ra, mut rb) = (Rec::new(ca.clone(), allow_compact).await?, Rec::new(cb.clone(), allow_compact).await?);
         // The two endpoints run the script concurrently: lease TTLs then age alike.
         let limit = Duration::from_secs(60);
-        let (xa, xb) = tokio::join!(
-            tokio::time::timeout(limit, f(&mut ra)),
-            tokio::time::timeout(limit, f(&mut rb))
-        );
+        let (xa, xb) = tokio::join!(tokio::time::timeout(limit, f(&mut ra)), tokio::time::timeout(limit, f(&mut rb)));
         for (x, ep) in [(xa, a), (xb, b)] {
             if x.is_err() {
                 report.differences.push(Difference {
@@ -520,18 +484,10 @@ pub async fn run(a: &str, b: &str, allow_compact: bool, filter: &str) -> anyhow:
                     out.push(format!("step names differ: {} / {}", x.name, y.name))
                 }
                 (Some(x), Some(y)) => compare(&x.value, &y.value, "", &mut out),
-                (x, y) => out.push(format!(
-                    "step only on one side: a={:?} b={:?}",
-                    x.is_some(),
-                    y.is_some()
-                )),
+                (x, y) => out.push(format!("step only on one side: a={:?} b={:?}", x.is_some(), y.is_some())),
             }
             for what in out {
-                report.differences.push(Difference {
-                    script: name,
-                    step: format!("{:02} {step}", i + 1),
-                    what,
-                });
+                report.differences.push(Difference { script: name, step: format!("{:02} {step}", i + 1), what });
             }
         }
     }
@@ -546,11 +502,7 @@ pub fn render(a: &str, b: &str, r: &Report) -> String {
     if !r.differences.is_empty() {
         s += "\n";
     }
-    s += &format!(
-        "{} steps compared, {} differences\n",
-        r.steps,
-        r.differences.len()
-    );
+    s += &format!("{} steps compared, {} differences\n", r.steps, r.differences.len());
     s
 }
 
@@ -562,291 +514,79 @@ fn pr(r: &Rec, k: &str) -> PutRequest {
 
 async fn s_kv(r: &mut Rec) {
     r.put("put a", put(r.k("a"), "1")).await;
-    r.put(
-        "put a again, prev_kv",
-        PutRequest {
-            prev_kv: true,
-            ..put(r.k("a"), "2")
-        },
-    )
-    .await;
+    r.put("put a again, prev_kv", PutRequest { prev_kv: true, ..put(r.k("a"), "2") }).await;
     r.put("put b", put(r.k("b"), "")).await;
     r.range("get a", get(r.k("a"))).await;
     r.range("get b (empty value)", get(r.k("b"))).await;
     r.range("get missing", get(r.k("zz"))).await;
-    r.range(
-        "get a at first revision",
-        RangeRequest {
-            revision: r.rev(1),
-            ..get(r.k("a"))
-        },
-    )
-    .await;
-    r.range(
-        "get a at revision 0 (latest)",
-        RangeRequest {
-            revision: 0,
-            ..get(r.k("a"))
-        },
-    )
-    .await;
-    r.range(
-        "serializable get",
-        RangeRequest {
-            serializable: true,
-            ..get(r.k("a"))
-        },
-    )
-    .await;
-    r.del(
-        "delete a, prev_kv",
-        DeleteRangeRequest {
-            prev_kv: true,
-            ..del(r.k("a"))
-        },
-    )
-    .await;
-    r.del(
-        "delete a again",
-        DeleteRangeRequest {
-            prev_kv: true,
-            ..del(r.k("a"))
-        },
-    )
-    .await;
-    r.put(
-        "recreate a",
-        PutRequest {
-            prev_kv: true,
-            ..put(r.k("a"), "3")
-        },
-    )
-    .await;
+    r.range("get a at first revision", RangeRequest { revision: r.rev(1), ..get(r.k("a")) }).await;
+    r.range("get a at revision 0 (latest)", RangeRequest { revision: 0, ..get(r.k("a")) }).await;
+    r.range("serializable get", RangeRequest { serializable: true, ..get(r.k("a")) }).await;
+    r.del("delete a, prev_kv", DeleteRangeRequest { prev_kv: true, ..del(r.k("a")) }).await;
+    r.del("delete a again", DeleteRangeRequest { prev_kv: true, ..del(r.k("a")) }).await;
+    r.put("recreate a", PutRequest { prev_kv: true, ..put(r.k("a"), "3") }).await;
     r.range("get a after recreate", get(r.k("a"))).await;
-    r.range(
-        "get a before its delete",
-        RangeRequest {
-            revision: r.rev(3),
-            ..get(r.k("a"))
-        },
-    )
-    .await;
+    r.range("get a before its delete", RangeRequest { revision: r.rev(3), ..get(r.k("a")) }).await;
     r.del(
         "delete prefix",
-        DeleteRangeRequest {
-            prev_kv: true,
-            key: r.k(""),
-            range_end: r.end(""),
-            ..Default::default()
-        },
+        DeleteRangeRequest { prev_kv: true, key: r.k(""), range_end: r.end(""), ..Default::default() },
     )
     .await;
-    r.put(
-        "binary key and value",
-        put([r.k("bin"), vec![0, 0xff, 1]].concat(), vec![0u8, 0xfe]),
-    )
-    .await;
-    r.range("get binary", get([r.k("bin"), vec![0, 0xff, 1]].concat()))
-        .await;
-    r.put(
-        "large value (100 KiB)",
-        put(r.k("big"), vec![b'x'; 100 * 1024]),
-    )
-    .await;
-    r.range(
-        "count big keys_only",
-        RangeRequest {
-            keys_only: true,
-            ..get(r.k("big"))
-        },
-    )
-    .await;
+    r.put("binary key and value", put([r.k("bin"), vec![0, 0xff, 1]].concat(), vec![0u8, 0xfe])).await;
+    r.range("get binary", get([r.k("bin"), vec![0, 0xff, 1]].concat())).await;
+    r.put("large value (100 KiB)", put(r.k("big"), vec![b'x'; 100 * 1024])).await;
+    r.range("count big keys_only", RangeRequest { keys_only: true, ..get(r.k("big")) }).await;
 }
 
 async fn s_range(r: &mut Rec) {
     // Versions and revisions differ per key so every sort target orders differently.
-    for (k, v) in [
-        ("d", "4"),
-        ("b", "9"),
-        ("a", "7"),
-        ("c", "1"),
-        ("e", "5"),
-        ("b", "2"),
-        ("e", "3"),
-        ("e", "8"),
-    ] {
+    for (k, v) in [("d", "4"), ("b", "9"), ("a", "7"), ("c", "1"), ("e", "5"), ("b", "2"), ("e", "3"), ("e", "8")] {
         r.put(&format!("put {k}={v}"), put(r.k(k), v)).await;
     }
     r.del("delete c", del(r.k("c"))).await;
     r.put("put c again", put(r.k("c"), "6")).await;
-    let all = RangeRequest {
-        key: r.k(""),
-        range_end: r.end(""),
-        ..Default::default()
-    };
+    let all = RangeRequest { key: r.k(""), range_end: r.end(""), ..Default::default() };
     r.range("all", all.clone()).await;
     for limit in [0, 1, 2, 5, 6, -1] {
-        r.range(
-            &format!("limit {limit}"),
-            RangeRequest {
-                limit,
-                ..all.clone()
-            },
-        )
-        .await;
+        r.range(&format!("limit {limit}"), RangeRequest { limit, ..all.clone() }).await;
     }
     let orders = [SortOrder::None, SortOrder::Ascend, SortOrder::Descend];
-    let targets = [
-        SortTarget::Key,
-        SortTarget::Version,
-        SortTarget::Create,
-        SortTarget::Mod,
-        SortTarget::Value,
-    ];
+    let targets = [SortTarget::Key, SortTarget::Version, SortTarget::Create, SortTarget::Mod, SortTarget::Value];
     for o in orders {
         for t in targets {
             for limit in [0, 2] {
-                let req = RangeRequest {
-                    sort_order: o as i32,
-                    sort_target: t as i32,
-                    limit,
-                    ..all.clone()
-                };
-                r.range(&format!("sort {o:?} by {t:?} limit {limit}"), req)
-                    .await;
+                let req = RangeRequest { sort_order: o as i32, sort_target: t as i32, limit, ..all.clone() };
+                r.range(&format!("sort {o:?} by {t:?} limit {limit}"), req).await;
             }
         }
     }
-    r.range(
-        "keys_only",
-        RangeRequest {
-            keys_only: true,
-            ..all.clone()
-        },
-    )
-    .await;
-    r.range(
-        "count_only",
-        RangeRequest {
-            count_only: true,
-            ..all.clone()
-        },
-    )
-    .await;
-    r.range(
-        "count_only + limit",
-        RangeRequest {
-            count_only: true,
-            limit: 1,
-            ..all.clone()
-        },
-    )
-    .await;
-    r.range(
-        "keys_only + count_only",
-        RangeRequest {
-            count_only: true,
-            keys_only: true,
-            ..all.clone()
-        },
-    )
-    .await;
-    r.range(
-        "[b, d)",
-        RangeRequest {
-            key: r.k("b"),
-            range_end: r.k("d"),
-            ..Default::default()
-        },
-    )
-    .await;
-    r.range(
-        "[d, b) (empty)",
-        RangeRequest {
-            key: r.k("d"),
-            range_end: r.k("b"),
-            ..Default::default()
-        },
-    )
-    .await;
+    r.range("keys_only", RangeRequest { keys_only: true, ..all.clone() }).await;
+    r.range("count_only", RangeRequest { count_only: true, ..all.clone() }).await;
+    r.range("count_only + limit", RangeRequest { count_only: true, limit: 1, ..all.clone() }).await;
+    r.range("keys_only + count_only", RangeRequest { count_only: true, keys_only: true, ..all.clone() }).await;
+    r.range("[b, d)", RangeRequest { key: r.k("b"), range_end: r.k("d"), ..Default::default() }).await;
+    r.range("[d, b) (empty)", RangeRequest { key: r.k("d"), range_end: r.k("b"), ..Default::default() }).await;
     for n in [1, 3, 5, 8, 9, 10] {
-        r.range(
-            &format!("all at +{n}"),
-            RangeRequest {
-                revision: r.rev(n),
-                ..all.clone()
-            },
-        )
-        .await;
-        r.range(
-            &format!("count_only at +{n}"),
-            RangeRequest {
-                revision: r.rev(n),
-                count_only: true,
-                ..all.clone()
-            },
-        )
-        .await;
+        r.range(&format!("all at +{n}"), RangeRequest { revision: r.rev(n), ..all.clone() }).await;
+        r.range(&format!("count_only at +{n}"), RangeRequest { revision: r.rev(n), count_only: true, ..all.clone() })
+            .await;
     }
     for n in [2, 4, 6, 8] {
-        r.range(
-            &format!("min_mod +{n}"),
-            RangeRequest {
-                min_mod_revision: r.rev(n),
-                ..all.clone()
-            },
-        )
-        .await;
-        r.range(
-            &format!("max_mod +{n}"),
-            RangeRequest {
-                max_mod_revision: r.rev(n),
-                ..all.clone()
-            },
-        )
-        .await;
-        r.range(
-            &format!("min_create +{n}"),
-            RangeRequest {
-                min_create_revision: r.rev(n),
-                ..all.clone()
-            },
-        )
-        .await;
-        r.range(
-            &format!("max_create +{n}"),
-            RangeRequest {
-                max_create_revision: r.rev(n),
-                ..all.clone()
-            },
-        )
-        .await;
-        r.range(
-            &format!("min_mod +{n} limit 1"),
-            RangeRequest {
-                min_mod_revision: r.rev(n),
-                limit: 1,
-                ..all.clone()
-            },
-        )
-        .await;
+        r.range(&format!("min_mod +{n}"), RangeRequest { min_mod_revision: r.rev(n), ..all.clone() }).await;
+        r.range(&format!("max_mod +{n}"), RangeRequest { max_mod_revision: r.rev(n), ..all.clone() }).await;
+        r.range(&format!("min_create +{n}"), RangeRequest { min_create_revision: r.rev(n), ..all.clone() }).await;
+        r.range(&format!("max_create +{n}"), RangeRequest { max_create_revision: r.rev(n), ..all.clone() }).await;
+        r.range(&format!("min_mod +{n} limit 1"), RangeRequest { min_mod_revision: r.rev(n), limit: 1, ..all.clone() })
+            .await;
         r.range(
             &format!("max_create +{n} count_only"),
-            RangeRequest {
-                max_create_revision: r.rev(n),
-                count_only: true,
-                ..all.clone()
-            },
+            RangeRequest { max_create_revision: r.rev(n), count_only: true, ..all.clone() },
         )
         .await;
     }
     r.range(
         "mod filters at an old revision",
-        RangeRequest {
-            revision: r.rev(7),
-            min_mod_revision: r.rev(3),
-            ..all.clone()
-        },
+        RangeRequest { revision: r.rev(7), min_mod_revision: r.rev(3), ..all.clone() },
     )
     .await;
     r.range(
@@ -870,52 +610,14 @@ async fn s_txn(r: &mut Rec) {
     r.put("put a", pr(r, "a")).await; // +1
     r.put("put a", pr(r, "a")).await; // +2
     r.put("put b", pr(r, "b")).await; // +3
-    let lease = r
-        .grant("grant", LeaseGrantRequest { ttl: 100, id: 0 })
-        .await;
-    r.put(
-        "put l with lease",
-        PutRequest {
-            lease,
-            ..pr(r, "l")
-        },
-    )
-    .await; // +4
+    let lease = r.grant("grant", LeaseGrantRequest { ttl: 100, id: 0 }).await;
+    r.put("put l with lease", PutRequest { lease, ..pr(r, "l") }).await; // +4
     let operands: Vec<(T, Vec<CmpVal>)> = vec![
-        (
-            T::Version,
-            vec![
-                CmpVal::Int(0),
-                CmpVal::Int(1),
-                CmpVal::Int(2),
-                CmpVal::Int(3),
-            ],
-        ),
-        (
-            T::Create,
-            vec![CmpVal::Int(0), CmpVal::Int(r.rev(1)), CmpVal::Int(r.rev(2))],
-        ),
-        (
-            T::Mod,
-            vec![
-                CmpVal::Int(0),
-                CmpVal::Int(r.rev(1)),
-                CmpVal::Int(r.rev(2)),
-                CmpVal::Int(r.rev(3)),
-            ],
-        ),
-        (
-            T::Value,
-            vec![
-                CmpVal::Bytes(vec![]),
-                CmpVal::Bytes(b"val-a".to_vec()),
-                CmpVal::Bytes(b"val-b".to_vec()),
-            ],
-        ),
-        (
-            T::Lease,
-            vec![CmpVal::Int(0), CmpVal::Int(lease), CmpVal::Int(lease + 1)],
-        ),
+        (T::Version, vec![CmpVal::Int(0), CmpVal::Int(1), CmpVal::Int(2), CmpVal::Int(3)]),
+        (T::Create, vec![CmpVal::Int(0), CmpVal::Int(r.rev(1)), CmpVal::Int(r.rev(2))]),
+        (T::Mod, vec![CmpVal::Int(0), CmpVal::Int(r.rev(1)), CmpVal::Int(r.rev(2)), CmpVal::Int(r.rev(3))]),
+        (T::Value, vec![CmpVal::Bytes(vec![]), CmpVal::Bytes(b"val-a".to_vec()), CmpVal::Bytes(b"val-b".to_vec())]),
+        (T::Lease, vec![CmpVal::Int(0), CmpVal::Int(lease), CmpVal::Int(lease + 1)]),
     ];
     let results = [R::Equal, R::NotEqual, R::Greater, R::Less];
     for key in ["a", "l", "missing"] {
@@ -927,8 +629,7 @@ async fn s_txn(r: &mut Rec) {
                         success: vec![op_get(get(r.k("a")))],
                         failure: vec![op_get(get(r.k("b")))],
                     };
-                    r.txn(&format!("{key} {t:?} {res:?} operand#{vi}"), txn)
-                        .await;
+                    r.txn(&format!("{key} {t:?} {res:?} operand#{vi}"), txn).await;
                 }
             }
         }
@@ -936,49 +637,22 @@ async fn s_txn(r: &mut Rec) {
     for (name, t, res, v) in [
         ("range version = 2", T::Version, R::Equal, CmpVal::Int(2)),
         ("range version > 0", T::Version, R::Greater, CmpVal::Int(0)),
-        (
-            "range value < zzz",
-            T::Value,
-            R::Less,
-            CmpVal::Bytes(b"zzz".to_vec()),
-        ),
+        ("range value < zzz", T::Value, R::Less, CmpVal::Bytes(b"zzz".to_vec())),
         ("range mod < +3", T::Mod, R::Less, CmpVal::Int(r.rev(3))),
     ] {
         let mut cm = c(r.k(""), t, res, v);
         cm.range_end = r.end("");
-        r.txn(
-            name,
-            TxnRequest {
-                compare: vec![cm],
-                ..Default::default()
-            },
-        )
-        .await;
+        r.txn(name, TxnRequest { compare: vec![cm], ..Default::default() }).await;
     }
     let writes = TxnRequest {
         compare: vec![c(r.k("a"), T::Version, R::Equal, CmpVal::Int(2))],
         success: vec![
-            op_put(PutRequest {
-                prev_kv: true,
-                ..put(r.k("a"), "t1")
-            }),
+            op_put(PutRequest { prev_kv: true, ..put(r.k("a"), "t1") }),
             op_put(put(r.k("n"), "new")),
-            op_del(DeleteRangeRequest {
-                prev_kv: true,
-                ..del(r.k("b"))
-            }),
-            op_get(RangeRequest {
-                key: r.k(""),
-                range_end: r.end(""),
-                ..Default::default()
-            }),
+            op_del(DeleteRangeRequest { prev_kv: true, ..del(r.k("b")) }),
+            op_get(RangeRequest { key: r.k(""), range_end: r.end(""), ..Default::default() }),
             op_txn(TxnRequest {
-                compare: vec![c(
-                    r.k("a"),
-                    T::Value,
-                    R::Equal,
-                    CmpVal::Bytes(b"t1".to_vec()),
-                )],
+                compare: vec![c(r.k("a"), T::Value, R::Equal, CmpVal::Bytes(b"t1".to_vec()))],
                 success: vec![op_put(put(r.k("nested"), "yes")), op_get(get(r.k("n")))],
                 failure: vec![op_put(put(r.k("nested"), "no"))],
             }),
@@ -988,45 +662,18 @@ async fn s_txn(r: &mut Rec) {
     r.txn("writes with nested txn", writes.clone()).await;
     r.txn("same txn again (failure branch)", writes).await;
     r.txn("empty txn", TxnRequest::default()).await;
-    r.txn(
-        "delete nothing in txn",
-        TxnRequest {
-            success: vec![op_del(del(r.k("none")))],
-            ..Default::default()
-        },
-    )
-    .await;
+    r.txn("delete nothing in txn", TxnRequest { success: vec![op_del(del(r.k("none")))], ..Default::default() }).await;
     r.txn(
         "put with ignore_value in txn",
         TxnRequest {
-            success: vec![op_put(PutRequest {
-                ignore_value: true,
-                prev_kv: true,
-                ..put(r.k("a"), "")
-            })],
+            success: vec![op_put(PutRequest { ignore_value: true, prev_kv: true, ..put(r.k("a"), "") })],
             ..Default::default()
         },
     )
     .await;
-    r.range(
-        "everything",
-        RangeRequest {
-            key: r.k(""),
-            range_end: r.end(""),
-            ..Default::default()
-        },
-    )
-    .await;
+    r.range("everything", RangeRequest { key: r.k(""), range_end: r.end(""), ..Default::default() }).await;
     r.revoke("revoke", lease).await;
-    r.range(
-        "after revoke",
-        RangeRequest {
-            key: r.k(""),
-            range_end: r.end(""),
-            ..Default::default()
-        },
-    )
-    .await;
+    r.range("after revoke", RangeRequest { key: r.k(""), range_end: r.end(""), ..Default::default() }).await;
 }
 
 async fn s_errors(r: &mut Rec) {
@@ -1034,68 +681,23 @@ async fn s_errors(r: &mut Rec) {
     r.range("empty key range", get("")).await;
     r.put("empty key put", put("", "v")).await;
     r.del("empty key delete", del("")).await;
-    r.txn(
-        "empty key in txn",
-        TxnRequest {
-            success: vec![op_put(put("", "v"))],
-            ..Default::default()
-        },
-    )
-    .await;
+    r.txn("empty key in txn", TxnRequest { success: vec![op_put(put("", "v"))], ..Default::default() }).await;
     r.txn(
         "empty key in compare",
-        TxnRequest {
-            compare: vec![c(vec![], T::Version, R::Equal, CmpVal::Int(0))],
-            ..Default::default()
-        },
+        TxnRequest { compare: vec![c(vec![], T::Version, R::Equal, CmpVal::Int(0))], ..Default::default() },
     )
     .await;
-    let many = |r: &Rec, n: usize| {
-        (0..n)
-            .map(|i| op_put(put(r.k(&format!("m{i}")), "v")))
-            .collect::<Vec<_>>()
-    };
-    r.txn(
-        "129 puts",
-        TxnRequest {
-            success: many(r, 129),
-            ..Default::default()
-        },
-    )
-    .await;
-    r.txn(
-        "129 puts in failure",
-        TxnRequest {
-            failure: many(r, 129),
-            ..Default::default()
-        },
-    )
-    .await;
-    r.txn(
-        "128 puts",
-        TxnRequest {
-            success: many(r, 128),
-            ..Default::default()
-        },
-    )
-    .await;
-    r.txn(
-        "duplicate put",
-        TxnRequest {
-            success: vec![op_put(pr(r, "d")), op_put(pr(r, "d"))],
-            ..Default::default()
-        },
-    )
-    .await;
+    let many = |r: &Rec, n: usize| (0..n).map(|i| op_put(put(r.k(&format!("m{i}")), "v"))).collect::<Vec<_>>();
+    r.txn("129 puts", TxnRequest { success: many(r, 129), ..Default::default() }).await;
+    r.txn("129 puts in failure", TxnRequest { failure: many(r, 129), ..Default::default() }).await;
+    r.txn("128 puts", TxnRequest { success: many(r, 128), ..Default::default() }).await;
+    r.txn("duplicate put", TxnRequest { success: vec![op_put(pr(r, "d")), op_put(pr(r, "d"))], ..Default::default() })
+        .await;
     r.txn(
         "put in deleted range",
         TxnRequest {
             success: vec![
-                op_del(DeleteRangeRequest {
-                    key: r.k(""),
-                    range_end: r.end(""),
-                    ..Default::default()
-                }),
+                op_del(DeleteRangeRequest { key: r.k(""), range_end: r.end(""), ..Default::default() }),
                 op_put(pr(r, "x")),
             ],
             ..Default::default()
@@ -1107,10 +709,7 @@ async fn s_errors(r: &mut Rec) {
         TxnRequest {
             success: vec![
                 op_put(pr(r, "d")),
-                op_txn(TxnRequest {
-                    success: vec![op_put(pr(r, "d"))],
-                    ..Default::default()
-                }),
+                op_txn(TxnRequest { success: vec![op_put(pr(r, "d"))], ..Default::default() }),
             ],
             ..Default::default()
         },
@@ -1130,91 +729,19 @@ async fn s_errors(r: &mut Rec) {
     .await;
     // Out-of-range sort options: etcd 3.4 accepts them, 3.5 answers "invalid sort option" (the
     // check case covers them).
-    r.range(
-        "future revision",
-        RangeRequest {
-            revision: r.rev(100_000),
-            ..get(r.k("a"))
-        },
-    )
-    .await;
-    r.range(
-        "negative revision",
-        RangeRequest {
-            revision: -5,
-            ..get(r.k("a"))
-        },
-    )
-    .await;
-    r.put(
-        "unknown lease",
-        PutRequest {
-            lease: 0x0bad_1ea5e,
-            ..pr(r, "l")
-        },
-    )
-    .await;
-    r.put(
-        "ignore_value on missing",
-        PutRequest {
-            ignore_value: true,
-            ..put(r.k("missing"), "")
-        },
-    )
-    .await;
-    r.put(
-        "ignore_lease on missing",
-        PutRequest {
-            ignore_lease: true,
-            ..put(r.k("missing"), "v")
-        },
-    )
-    .await;
-    r.put(
-        "ignore_value with value",
-        PutRequest {
-            ignore_value: true,
-            ..pr(r, "a")
-        },
-    )
-    .await;
-    r.put(
-        "ignore_lease with lease",
-        PutRequest {
-            ignore_lease: true,
-            lease: 7,
-            ..pr(r, "a")
-        },
-    )
-    .await;
-    r.put(
-        "ignore_value and ignore_lease",
-        PutRequest {
-            ignore_value: true,
-            ignore_lease: true,
-            ..put(r.k("a"), "")
-        },
-    )
-    .await;
-    r.revoke("revoke unknown lease", 0x0bad_1ea5e).await;
-    r.grant(
-        "too large TTL",
-        LeaseGrantRequest {
-            ttl: 9_000_000_001,
-            id: 0,
-        },
-    )
-    .await;
-    r.grant("negative lease ID", LeaseGrantRequest { ttl: 10, id: -5 })
+    r.range("future revision", RangeRequest { revision: r.rev(100_000), ..get(r.k("a")) }).await;
+    r.range("negative revision", RangeRequest { revision: -5, ..get(r.k("a")) }).await;
+    r.put("unknown lease", PutRequest { lease: 0x0bad_1ea5e, ..pr(r, "l") }).await;
+    r.put("ignore_value on missing", PutRequest { ignore_value: true, ..put(r.k("missing"), "") }).await;
+    r.put("ignore_lease on missing", PutRequest { ignore_lease: true, ..put(r.k("missing"), "v") }).await;
+    r.put("ignore_value with value", PutRequest { ignore_value: true, ..pr(r, "a") }).await;
+    r.put("ignore_lease with lease", PutRequest { ignore_lease: true, lease: 7, ..pr(r, "a") }).await;
+    r.put("ignore_value and ignore_lease", PutRequest { ignore_value: true, ignore_lease: true, ..put(r.k("a"), "") })
         .await;
-    r.compact(
-        "compact in the future",
-        CompactionRequest {
-            revision: r.rev(100_000),
-            physical: false,
-        },
-    )
-    .await;
+    r.revoke("revoke unknown lease", 0x0bad_1ea5e).await;
+    r.grant("too large TTL", LeaseGrantRequest { ttl: 9_000_000_001, id: 0 }).await;
+    r.grant("negative lease ID", LeaseGrantRequest { ttl: 10, id: -5 }).await;
+    r.compact("compact in the future", CompactionRequest { revision: r.rev(100_000), physical: false }).await;
 }
 
 async fn s_compaction(r: &mut Rec) {
@@ -1224,46 +751,11 @@ async fn s_compaction(r: &mut Rec) {
     r.put("put a", pr(r, "a")).await;
     r.put("put a", pr(r, "a")).await;
     r.put("put a", pr(r, "a")).await;
-    r.compact(
-        "compact at +2",
-        CompactionRequest {
-            revision: r.rev(2),
-            physical: true,
-        },
-    )
-    .await;
-    r.range(
-        "read at +1",
-        RangeRequest {
-            revision: r.rev(1),
-            ..get(r.k("a"))
-        },
-    )
-    .await;
-    r.range(
-        "read at +2",
-        RangeRequest {
-            revision: r.rev(2),
-            ..get(r.k("a"))
-        },
-    )
-    .await;
-    r.compact(
-        "compact at +2 again",
-        CompactionRequest {
-            revision: r.rev(2),
-            physical: false,
-        },
-    )
-    .await;
-    r.compact(
-        "compact at +1",
-        CompactionRequest {
-            revision: r.rev(1),
-            physical: false,
-        },
-    )
-    .await;
+    r.compact("compact at +2", CompactionRequest { revision: r.rev(2), physical: true }).await;
+    r.range("read at +1", RangeRequest { revision: r.rev(1), ..get(r.k("a")) }).await;
+    r.range("read at +2", RangeRequest { revision: r.rev(2), ..get(r.k("a")) }).await;
+    r.compact("compact at +2 again", CompactionRequest { revision: r.rev(2), physical: false }).await;
+    r.compact("compact at +1", CompactionRequest { revision: r.rev(1), physical: false }).await;
     let w = r.watch_open("watch").await;
     r.watch_send(
         w,
@@ -1285,31 +777,17 @@ async fn s_watch(r: &mut Rec) {
     r.put("put x/c", pr(r, "x/c")).await; // +5
     let w = r.watch_open("watch").await;
     let create = |r: &Rec, f: &dyn Fn(WatchCreateRequest) -> WatchCreateRequest| {
-        watch_request::RequestUnion::CreateRequest(f(WatchCreateRequest {
-            key: r.k("a"),
-            ..Default::default()
-        }))
+        watch_request::RequestUnion::CreateRequest(f(WatchCreateRequest { key: r.k("a"), ..Default::default() }))
     };
-    let history = create(r, &|w| WatchCreateRequest {
-        start_revision: r.rev(1),
-        prev_kv: true,
-        ..w
-    });
+    let history = create(r, &|w| WatchCreateRequest { start_revision: r.rev(1), prev_kv: true, ..w });
     r.watch_send(w, history).await;
     r.watch_read("history of a with prev_kv", w, 4).await;
-    let prefix = create(r, &|w| WatchCreateRequest {
-        key: r.k(""),
-        range_end: r.end(""),
-        start_revision: r.rev(1),
-        ..w
-    });
+    let prefix =
+        create(r, &|w| WatchCreateRequest { key: r.k(""), range_end: r.end(""), start_revision: r.rev(1), ..w });
     r.watch_send(w, prefix).await;
     r.watch_read("prefix history", w, 6).await;
-    let noput = create(r, &|w| WatchCreateRequest {
-        start_revision: r.rev(1),
-        filters: vec![FilterType::Noput as i32],
-        ..w
-    });
+    let noput =
+        create(r, &|w| WatchCreateRequest { start_revision: r.rev(1), filters: vec![FilterType::Noput as i32], ..w });
     r.watch_send(w, noput).await;
     r.watch_read("NOPUT", w, 2).await;
     let nodel = create(r, &|w| WatchCreateRequest {
@@ -1321,12 +799,7 @@ async fn s_watch(r: &mut Rec) {
     });
     r.watch_send(w, nodel).await;
     r.watch_read("NODELETE prefix", w, 5).await;
-    let chosen = create(r, &|w| WatchCreateRequest {
-        key: r.k("x/"),
-        range_end: r.end("x/"),
-        watch_id: 100,
-        ..w
-    });
+    let chosen = create(r, &|w| WatchCreateRequest { key: r.k("x/"), range_end: r.end("x/"), watch_id: 100, ..w });
     r.watch_send(w, chosen).await;
     r.watch_read("client-chosen watch id", w, 1).await;
     let dup = create(r, &|w| WatchCreateRequest { watch_id: 100, ..w });
@@ -1335,136 +808,53 @@ async fn s_watch(r: &mut Rec) {
     r.put("live put a", put(r.k("a"), "live")).await; // +6
     r.put("live put x/d", put(r.k("x/d"), "d")).await; // +7
     r.watch_read("live events to every watcher", w, 6).await;
-    r.watch_send(
-        w,
-        watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {}),
-    )
-    .await;
+    r.watch_send(w, watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})).await;
     r.watch_read("progress request", w, 1).await;
-    r.watch_send(
-        w,
-        watch_request::RequestUnion::CancelRequest(WatchCancelRequest { watch_id: 100 }),
-    )
-    .await;
+    r.watch_send(w, watch_request::RequestUnion::CancelRequest(WatchCancelRequest { watch_id: 100 })).await;
     r.watch_read("cancel 100", w, 1).await;
-    r.watch_send(
-        w,
-        watch_request::RequestUnion::CancelRequest(WatchCancelRequest { watch_id: 555 }),
-    )
-    .await;
+    r.watch_send(w, watch_request::RequestUnion::CancelRequest(WatchCancelRequest { watch_id: 555 })).await;
     r.watch_read("cancel unknown id", w, 1).await;
-    r.put("live put x/e after cancel", put(r.k("x/e"), "e"))
-        .await; // +8
-    r.watch_read("after cancel: prefix watchers only", w, 2)
-        .await;
+    r.put("live put x/e after cancel", put(r.k("x/e"), "e")).await; // +8
+    r.watch_read("after cancel: prefix watchers only", w, 2).await;
     let w2 = r.watch_open("watch 2").await;
-    let future = create(r, &|w| WatchCreateRequest {
-        start_revision: r.rev(10),
-        ..w
-    });
+    let future = create(r, &|w| WatchCreateRequest { start_revision: r.rev(10), ..w });
     r.watch_send(w2, future).await;
     r.watch_read("watch from a future revision", w2, 1).await;
     r.put("put a +9", put(r.k("a"), "9")).await; // +9
     r.put("put a +10", put(r.k("a"), "10")).await; // +10
     r.watch_read("future watch starts at +10", w2, 1).await;
-    let txnw = create(r, &|w| WatchCreateRequest {
-        key: r.k(""),
-        range_end: r.end(""),
-        prev_kv: true,
-        ..w
-    });
+    let txnw = create(r, &|w| WatchCreateRequest { key: r.k(""), range_end: r.end(""), prev_kv: true, ..w });
     r.watch_send(w2, txnw).await;
     r.watch_read("prefix watch on stream 2", w2, 1).await;
     r.txn(
         "txn of three writes",
         TxnRequest {
-            success: vec![
-                op_put(put(r.k("t1"), "1")),
-                op_put(put(r.k("t2"), "2")),
-                op_del(del(r.k("b"))),
-            ],
+            success: vec![op_put(put(r.k("t1"), "1")), op_put(put(r.k("t2"), "2")), op_del(del(r.k("b")))],
             ..Default::default()
         },
     )
     .await; // +11
     r.watch_read("events of one txn", w2, 3).await;
-    r.del(
-        "delete prefix",
-        DeleteRangeRequest {
-            key: r.k(""),
-            range_end: r.end(""),
-            ..Default::default()
-        },
-    )
-    .await;
+    r.del("delete prefix", DeleteRangeRequest { key: r.k(""), range_end: r.end(""), ..Default::default() }).await;
     r.watch_read("events of a range delete", w2, 6).await;
 }
 
 async fn s_lease(r: &mut Rec) {
-    let l1 = r
-        .grant("grant 60", LeaseGrantRequest { ttl: 60, id: 0 })
-        .await;
+    let l1 = r.grant("grant 60", LeaseGrantRequest { ttl: 60, id: 0 }).await;
     let chosen = 0x2c00_0000_0000_0000 | (rand::random::<u32>() as i64);
-    let l2 = r
-        .grant(
-            "grant with ID",
-            LeaseGrantRequest {
-                ttl: 30,
-                id: chosen,
-            },
-        )
-        .await;
-    r.grant(
-        "grant existing ID",
-        LeaseGrantRequest {
-            ttl: 30,
-            id: chosen,
-        },
-    )
-    .await;
-    r.grant(
-        "grant TTL 1 (raised to the minimum)",
-        LeaseGrantRequest { ttl: 1, id: 0 },
-    )
-    .await;
-    r.put(
-        "put a with lease 1",
-        PutRequest {
-            lease: l1,
-            ..pr(r, "a")
-        },
-    )
-    .await;
-    r.put(
-        "put b with lease 1",
-        PutRequest {
-            lease: l1,
-            ..pr(r, "b")
-        },
-    )
-    .await;
-    r.put(
-        "put c with lease 2",
-        PutRequest {
-            lease: l2,
-            ..pr(r, "c")
-        },
-    )
-    .await;
+    let l2 = r.grant("grant with ID", LeaseGrantRequest { ttl: 30, id: chosen }).await;
+    r.grant("grant existing ID", LeaseGrantRequest { ttl: 30, id: chosen }).await;
+    r.grant("grant TTL 1 (raised to the minimum)", LeaseGrantRequest { ttl: 1, id: 0 }).await;
+    r.put("put a with lease 1", PutRequest { lease: l1, ..pr(r, "a") }).await;
+    r.put("put b with lease 1", PutRequest { lease: l1, ..pr(r, "b") }).await;
+    r.put("put c with lease 2", PutRequest { lease: l2, ..pr(r, "c") }).await;
     r.range("get a", get(r.k("a"))).await;
     r.ttl("ttl 1 with keys", l1, true).await;
     r.ttl("ttl 1 without keys", l1, false).await;
     r.ttl("ttl 2 with keys", l2, true).await;
     r.ttl("ttl unknown", 0x0bad_1ea5e, true).await;
     r.leases("leases").await;
-    r.put(
-        "move b to lease 2",
-        PutRequest {
-            lease: l2,
-            ..pr(r, "b")
-        },
-    )
-    .await;
+    r.put("move b to lease 2", PutRequest { lease: l2, ..pr(r, "b") }).await;
     r.put("detach a", pr(r, "a")).await;
     r.ttl("ttl 1 after moves", l1, true).await;
     r.ttl("ttl 2 after moves", l2, true).await;
@@ -1474,15 +864,7 @@ async fn s_lease(r: &mut Rec) {
     r.keepalive("keep-alive unknown", ka, 0x0bad_1ea5e).await;
     r.ttl("ttl 2 after keep-alive", l2, false).await;
     r.revoke("revoke 2", l2).await;
-    r.range(
-        "keys after revoke",
-        RangeRequest {
-            key: r.k(""),
-            range_end: r.end(""),
-            ..Default::default()
-        },
-    )
-    .await;
+    r.range("keys after revoke", RangeRequest { key: r.k(""), range_end: r.end(""), ..Default::default() }).await;
     r.ttl("ttl 2 after revoke", l2, true).await;
     r.keepalive("keep-alive revoked", ka, l2).await;
     r.revoke("revoke 2 again", l2).await;

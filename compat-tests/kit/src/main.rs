@@ -77,58 +77,26 @@ fn split(s: &str) -> Vec<String> {
 
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.cmd {
-        Cmd::Check {
-            endpoints,
-            allow_compact,
-            only,
-        } => {
-            let ep = endpoints
-                .split(',')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_string();
+        Cmd::Check { endpoints, allow_compact, only } => {
+            let ep = endpoints.split(',').next().unwrap_or_default().trim().to_string();
             let rows = cairn_compat::check::run(&ep, allow_compact, &only).await?;
             print!("{}", cairn_compat::check::render(&ep, &rows));
-            Ok(rows
-                .iter()
-                .all(|r| r.outcome != cairn_compat::check::Outcome::Fail))
+            Ok(rows.iter().all(|r| r.outcome != cairn_compat::check::Outcome::Fail))
         }
-        Cmd::Diff {
-            a,
-            b,
-            spawn_etcd,
-            spawn_cairn,
-            cairn_args,
-            etcd_args,
-            allow_compact,
-            only,
-        } => {
+        Cmd::Diff { a, b, spawn_etcd, spawn_cairn, cairn_args, etcd_args, allow_compact, only } => {
             let ready = Duration::from_secs(60);
             let sa = match &spawn_etcd {
-                Some(bin) => Some(
-                    cairn_compat::spawn::Server::start(bin, "etcd-a", &split(&etcd_args), ready)
-                        .await?,
-                ),
+                Some(bin) => Some(cairn_compat::spawn::Server::start(bin, "etcd-a", &split(&etcd_args), ready).await?),
                 None => None,
             };
             let sb = match &spawn_cairn {
-                Some(bin) => Some(
-                    cairn_compat::spawn::Server::start(bin, "cairn-b", &split(&cairn_args), ready)
-                        .await?,
-                ),
+                Some(bin) => {
+                    Some(cairn_compat::spawn::Server::start(bin, "cairn-b", &split(&cairn_args), ready).await?)
+                }
                 None => None,
             };
-            let a = sa
-                .as_ref()
-                .map(|s| s.endpoint.clone())
-                .or(a)
-                .unwrap_or_default();
-            let b = sb
-                .as_ref()
-                .map(|s| s.endpoint.clone())
-                .or(b)
-                .unwrap_or_default();
+            let a = sa.as_ref().map(|s| s.endpoint.clone()).or(a).unwrap_or_default();
+            let b = sb.as_ref().map(|s| s.endpoint.clone()).or(b).unwrap_or_default();
             // Fresh servers of our own: compaction harms nobody.
             let allow_compact = allow_compact || (sa.is_some() && sb.is_some());
             let report = cairn_compat::diff::run(&a, &b, allow_compact, &only).await?;

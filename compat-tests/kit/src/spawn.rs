@@ -31,20 +31,9 @@ impl Server {
     /// Starts `bin` with etcd's flags for a one-member cluster on free 127.0.0.1 ports and a
     /// fresh data dir, plus `extra` arguments, and polls until a Range succeeds (at most
     /// `ready_within`).
-    pub async fn start(
-        bin: &Path,
-        name: &str,
-        extra: &[String],
-        ready_within: Duration,
-    ) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            bin.exists(),
-            "server binary {} does not exist",
-            bin.display()
-        );
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("cairn-compat-{name}-"))
-            .tempdir()?;
+    pub async fn start(bin: &Path, name: &str, extra: &[String], ready_within: Duration) -> anyhow::Result<Self> {
+        anyhow::ensure!(bin.exists(), "server binary {} does not exist", bin.display());
+        let dir = tempfile::Builder::new().prefix(&format!("cairn-compat-{name}-")).tempdir()?;
         let (cp, pp) = (free_port()?, free_port()?);
         let client = format!("http://127.0.0.1:{cp}");
         let peer = format!("http://127.0.0.1:{pp}");
@@ -53,45 +42,21 @@ impl Server {
         let child = Command::new(bin)
             .args(["--name", name])
             .args(["--data-dir", &dir.path().join("data").to_string_lossy()])
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("{name}={peer}")])
             .args(extra)
-            .env(
-                "ETCD_UNSUPPORTED_ARCH",
-                std::env::consts::ARCH
-                    .replace("x86_64", "amd64")
-                    .replace("aarch64", "arm64"),
-            )
+            .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let mut s = Server {
-            child,
-            endpoint: format!("127.0.0.1:{cp}"),
-            log,
-            _dir: dir,
-        };
+        let mut s = Server { child, endpoint: format!("127.0.0.1:{cp}"), log, _dir: dir };
         let deadline = Instant::now() + ready_within;
         loop {
             if let Some(status) = s.child.try_wait()? {
-                bail!(
-                    "{} exited with {status} before it was ready:\n{}",
-                    bin.display(),
-                    s.log_tail()
-                );
+                bail!("{} exited with {status} before it was ready:\n{}", bin.display(), s.log_tail());
             }
             if let Ok(mut c) = crate::client::connect(&s.endpoint).await {
                 if crate::client::current_rev(&mut c).await.is_ok() {
@@ -99,11 +64,7 @@ impl Server {
                 }
             }
             if Instant::now() > deadline {
-                bail!(
-                    "{} not ready within {ready_within:?}:\n{}",
-                    bin.display(),
-                    s.log_tail()
-                );
+                bail!("{} not ready within {ready_within:?}:\n{}", bin.display(), s.log_tail());
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
