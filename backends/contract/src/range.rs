@@ -60,7 +60,7 @@ pub fn finish_range(req: &RangeRequest, mut kvs: Vec<KeyValue>) -> (Vec<KeyValue
         SortOrder::Descend => {
             // A stable descending sort: equal elements stay in key order, as Go's sort.Sort
             // (insertion sort on etcd's small ranges) leaves them.
-            kvs.sort_by(|a, b| key_of(b).cmp(&key_of(a)));
+            kvs.sort_by_cached_key(|kv| std::cmp::Reverse(key_of(kv)));
         }
     }
     let mut more = false;

@@ -527,11 +527,7 @@ async fn s_kv(r: &mut Rec) {
     r.put("recreate a", PutRequest { prev_kv: true, ..put(r.k("a"), "3") }).await;
     r.range("get a after recreate", get(r.k("a"))).await;
     r.range("get a before its delete", RangeRequest { revision: r.rev(3), ..get(r.k("a")) }).await;
-    r.del(
-        "delete prefix",
-        DeleteRangeRequest { prev_kv: true, key: r.k(""), range_end: r.end(""), ..Default::default() },
-    )
-    .await;
+    r.del("delete prefix", DeleteRangeRequest { prev_kv: true, key: r.k(""), range_end: r.end("") }).await;
     r.put("binary key and value", put([r.k("bin"), vec![0, 0xff, 1]].concat(), vec![0u8, 0xfe])).await;
     r.range("get binary", get([r.k("bin"), vec![0, 0xff, 1]].concat())).await;
     r.put("large value (100 KiB)", put(r.k("big"), vec![b'x'; 100 * 1024])).await;

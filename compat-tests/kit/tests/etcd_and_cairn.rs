@@ -38,7 +38,7 @@ fn compat(args: &[&str]) -> (bool, String) {
 }
 
 fn last_line(s: &str) -> &str {
-    s.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("")
+    s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
 }
 
 async fn start(bin: PathBuf, name: &str, extra: &[&str]) -> Server {
