@@ -189,7 +189,10 @@ const DASH: (u32, u32) = (0x16, 6);
 fn fix_authority(value: &mut [u8], huffman: bool) {
     if !huffman {
         for scheme in [&b"http"[..], b"https"] {
-            if value.len() > scheme.len() + 3 && value.starts_with(scheme) && &value[scheme.len()..scheme.len() + 3] == b"://" {
+            if value.len() > scheme.len() + 3
+                && value.starts_with(scheme)
+                && &value[scheme.len()..scheme.len() + 3] == b"://"
+            {
                 value[scheme.len()..scheme.len() + 3].copy_from_slice(b"B--");
                 return;
             }
@@ -309,13 +312,31 @@ mod tests {
     /// RFC 7541 Huffman encoding of `s`, for the few symbols these tests use.
     fn huffman(s: &str) -> Vec<u8> {
         let table = |c: char| match c {
-            'h' => H, 't' => T, 'p' => P, 's' => S, ':' => COLON, '/' => SLASH, 'B' => UPPER_B, '-' => DASH,
-            'l' => (0x28, 6), 'o' => (0x7, 5), 'c' => (0x4, 5), 'a' => (0x3, 5), '1' => (0x1, 5),
-            '2' => (0x2, 5), '3' => (0x19, 6), '7' => (0x1d, 6), '9' => (0x1f, 6), '0' => (0x0, 5),
+            'h' => H,
+            't' => T,
+            'p' => P,
+            's' => S,
+            ':' => COLON,
+            '/' => SLASH,
+            'B' => UPPER_B,
+            '-' => DASH,
+            'l' => (0x28, 6),
+            'o' => (0x7, 5),
+            'c' => (0x4, 5),
+            'a' => (0x3, 5),
+            '1' => (0x1, 5),
+            '2' => (0x2, 5),
+            '3' => (0x19, 6),
+            '7' => (0x1d, 6),
+            '9' => (0x1f, 6),
+            '0' => (0x0, 5),
             _ => panic!("no code for {c}"),
         };
         let mut bits = Bits::default();
-        s.chars().for_each(|c| { let (code, n) = table(c); bits.push(code, n) });
+        s.chars().for_each(|c| {
+            let (code, n) = table(c);
+            bits.push(code, n)
+        });
         let mut out = vec![0xffu8; bits.0.len().div_ceil(8)];
         bits.write_at(&mut out, 0);
         out

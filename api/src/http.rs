@@ -80,7 +80,9 @@ where
                 Box::pin(async move { Ok(state.answer(&path, &query).await) })
             }
             // Go's default answer for a path nothing serves.
-            _ => Box::pin(async { Ok(reply(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "404 page not found\n".into())) }),
+            _ => Box::pin(async {
+                Ok(reply(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "404 page not found\n".into()))
+            }),
         }
     }
 }
