@@ -1,0 +1,68 @@
+//! A real `cairn` process (the built binary) and the real `etcdctl` against it.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub const ETCDCTL: &str = "/usr/bin/etcdctl";
+
+/// A running `cairn` process, killed on drop.
+pub struct Cairn {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Drop for Cairn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts `cairn --name NAME ARGS...` on a free loopback port and waits for etcd's second
+/// readiness line.
+pub fn start(name: &str, args: &[&str]) -> Cairn {
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["--name", name])
+        .args(args)
+        .args(["--listen-client-urls", &format!("http://{endpoint}")])
+        .args(["--advertise-client-urls", &format!("http://{endpoint}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cairn");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut ready = 0;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("published") || line.contains("enabled capabilities for version") {
+                ready += 1;
+                if ready == 2 {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("cairn {args:?} did not become ready"));
+    Cairn { child, endpoint }
+}
+
+/// Runs etcdctl (v3 API) against `s` and returns its stdout; fails the test on a non-zero exit.
+pub fn ctl(s: &Cairn, args: &[&str]) -> String {
+    assert!(std::path::Path::new(ETCDCTL).exists(), "{ETCDCTL} is missing: install Debian's etcd-client");
+    let out = Command::new(ETCDCTL)
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &s.endpoint, "--command-timeout", "10s"])
+        .args(args)
+        .output()
+        .expect("run etcdctl");
+    assert!(out.status.success(), "etcdctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
