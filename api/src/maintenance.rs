@@ -86,13 +86,13 @@ impl Maintenance for MaintenanceService {
             header: Some(self.header.header(st.revision)),
             version: self.version.clone(),
             db_size: st.db_size,
-            leader: if st.is_leader { self.header.member_id() } else { 0 },
+            leader: st.leader.unwrap_or(if st.is_leader { self.header.member_id() } else { 0 }),
             raft_index: st.raft_index,
             raft_term: st.raft_term,
             raft_applied_index: st.raft_applied_index,
             errors: self.alarms.get(pb::AlarmType::None as i32).iter().map(alarms::describe).collect(),
             db_size_in_use: st.db_size_in_use,
-            is_learner: false,
+            is_learner: st.is_learner,
         }))
     }
 

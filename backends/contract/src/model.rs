@@ -346,6 +346,11 @@ pub struct BackendStatus {
     /// Whether this process currently leads (always true for a single node and for backends
     /// without a leader of their own).
     pub is_leader: bool,
+    /// The leader's member ID when the backend elects one among several members (`None`: no
+    /// leader known, or a backend without members, where `is_leader` says it all).
+    pub leader: Option<u64>,
+    /// Whether this member is a non-voting learner.
+    pub is_learner: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,11 +7,15 @@
 //! - A write is answered after it is applied, so a read of the state machine sees every
 //!   acknowledged write (linearizable on a single voter).
 //!
-//! Today the group has one voter (this process); peer transport is future work.
+//! By default the group has one voter (this process). With more than one member in
+//! `--initial-cluster` the members replicate over the peer protocol ([`peer`]): writes and
+//! linearizable reads on a follower go through the leader, lease keep-alives and expiry are the
+//! leader's, and every member applies the same log to its own store.
 
 mod leases;
 mod log_store;
 mod network;
+mod peer;
 mod proposer;
 mod state_machine;
 mod store;
@@ -21,7 +25,7 @@ mod wal;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cairn_backend::{
@@ -34,7 +38,10 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 use crate::log_store::LogStore;
-use crate::network::NoPeers;
+use crate::network::PeerNetwork;
+use crate::peer::{PeerRequest, PeerResponse};
+pub use crate::peer::{PeerService, Peers};
+use crate::proposer::NOT_LEADER;
 use crate::state_machine::StateMachine;
 use crate::store::Store;
 use crate::types::{Command, CommandResult, Raft};
@@ -54,6 +61,14 @@ pub struct NativeConfig {
     pub quota_backend_bytes: u64,
     /// This member's ID (etcd's derivation, computed by the frontend).
     pub member_id: u64,
+    /// Every member of --initial-cluster (member ID -> first peer URL), this one included.
+    /// Zero or one entry: a single-node group that needs no peers.
+    pub initial_cluster: BTreeMap<u64, String>,
+    /// --initial-cluster-state existing: join a running cluster (that added this member)
+    /// instead of bootstrapping a new one.
+    pub join_existing: bool,
+    /// TLS for dialling https peer URLs (--peer-cert-file, --peer-auto-tls...).
+    pub peer_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for NativeConfig {
@@ -65,6 +80,9 @@ impl Default for NativeConfig {
             election_timeout_ms: 1000,
             quota_backend_bytes: 0,
             member_id: 1,
+            initial_cluster: BTreeMap::new(),
+            join_existing: false,
+            peer_tls: None,
         }
     }
 }
@@ -85,22 +103,39 @@ pub struct NativeBackend {
     store: Arc<Store>,
     node_id: u64,
     quota: u64,
+    /// More than one member: raft talks to peers, and requests may go through the leader.
+    clustered: bool,
+    peers: Peers,
+    /// How long a request may wait for a leader, a forwarded write or a read index (etcd's
+    /// request timeout: 5 s plus two election timeouts).
+    request_timeout: Duration,
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl NativeBackend {
-    /// Opens (or creates) the store in `cfg.data_dir` and starts the single-node raft group.
+    /// Opens (or creates) the store in `cfg.data_dir` and starts raft. A single-node group is
+    /// ready (leading) when this returns; a member of a cluster must first be reachable by its
+    /// peers (serve [`NativeBackend::peer_service`]) and then wait for a leader
+    /// ([`NativeBackend::wait_ready`]).
     pub async fn open(cfg: NativeConfig) -> anyhow::Result<Arc<NativeBackend>> {
         std::fs::create_dir_all(&cfg.data_dir)?;
         let wal = wal::Wal::open(&cfg.data_dir.join("wal"))?;
         let store = Store::open(&cfg.data_dir.join("state.redb"), CACHE_BYTES)?;
         let node_id = cfg.member_id;
-        // One voter: nobody to wait for, so short timers only shorten start-up.
+        let clustered = cfg.initial_cluster.len() > 1 || cfg.join_existing;
+        let (heartbeat, election) = if clustered {
+            // etcd's --heartbeat-interval and --election-timeout, in milliseconds.
+            let hb = cfg.heartbeat_interval_ms.max(10);
+            (hb, cfg.election_timeout_ms.max(hb * 3))
+        } else {
+            // One voter: nobody to wait for, so short timers only shorten start-up.
+            (cfg.heartbeat_interval_ms.clamp(10, 50), 150)
+        };
         let config = Config {
             cluster_name: "cairn".into(),
-            heartbeat_interval: cfg.heartbeat_interval_ms.clamp(10, 50),
-            election_timeout_min: 150,
-            election_timeout_max: 300,
+            heartbeat_interval: heartbeat,
+            election_timeout_min: election,
+            election_timeout_max: election * 2,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(
                 cfg.snapshot_count.clamp(1, MAX_SNAPSHOT_EVERY),
             ),
@@ -111,15 +146,35 @@ impl NativeBackend {
         let sm = StateMachine {
             store: store.clone(),
         };
-        let raft = Raft::new(node_id, Arc::new(config), NoPeers, LogStore::new(wal), sm).await?;
-        if !raft.is_initialized().await? {
+        let peers = Peers::new(cfg.peer_tls.clone());
+        let network = PeerNetwork {
+            peers: peers.clone(),
+        };
+        let raft = Raft::new(node_id, Arc::new(config), network, LogStore::new(wal), sm).await?;
+        if !raft.is_initialized().await? && !cfg.join_existing {
             let mut members = BTreeMap::new();
-            members.insert(node_id, BasicNode::default());
-            raft.initialize(members).await?;
+            if clustered {
+                for (id, addr) in &cfg.initial_cluster {
+                    members.insert(*id, BasicNode { addr: addr.clone() });
+                }
+            } else {
+                members.insert(node_id, BasicNode::default());
+            }
+            // Every member of a new cluster initializes with the same membership; whoever
+            // hears from an elected leader first has a log already and is refused, harmlessly.
+            match raft.initialize(members).await {
+                Ok(()) => {}
+                Err(openraft::error::RaftError::APIError(
+                    openraft::error::InitializeError::NotAllowed(_),
+                )) if clustered => {}
+                Err(e) => return Err(e.into()),
+            }
         }
-        raft.wait(Some(Duration::from_secs(30)))
-            .current_leader(node_id, "single voter elects itself")
-            .await?;
+        if !clustered {
+            raft.wait(Some(Duration::from_secs(30)))
+                .current_leader(node_id, "single voter elects itself")
+                .await?;
+        }
         let (proposer, proposer_task) = proposer::Proposer::start(raft.clone());
         let backend = Arc::new(NativeBackend {
             raft,
@@ -131,6 +186,9 @@ impl NativeBackend {
             } else {
                 cfg.quota_backend_bytes
             },
+            clustered,
+            peers,
+            request_timeout: Duration::from_millis(5_000 + 2 * election),
             tasks: parking_lot::Mutex::new(Vec::new()),
         });
         let tasks = vec![
@@ -142,6 +200,85 @@ impl NativeBackend {
         Ok(backend)
     }
 
+    /// Whether this member is part of a multi-member cluster.
+    pub fn is_clustered(&self) -> bool {
+        self.clustered
+    }
+
+    /// The gRPC service other members call; serve it on --listen-peer-urls.
+    pub fn peer_service(self: &Arc<Self>) -> peer::proto::peer_server::PeerServer<PeerService> {
+        let me: Arc<dyn peer::Leader> = self.clone();
+        PeerService::new(self.raft.clone(), Arc::downgrade(&me))
+    }
+
+    /// Waits until the cluster has a leader and this member applied everything committed
+    /// when it learned of it, logging while it waits.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            let waited = self
+                .raft
+                .wait(Some(Duration::from_secs(5)))
+                .metrics(|m| m.current_leader.is_some(), "a leader")
+                .await;
+            match waited {
+                Ok(_) => break,
+                Err(openraft::metrics::WaitError::Timeout(..)) => tracing::warn!(
+                    waited_secs = started.elapsed().as_secs(),
+                    "no leader yet; waiting for the other members of the cluster"
+                ),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.read_barrier().await?;
+        Ok(())
+    }
+
+    /// The current leader and its peer URL, if one is known.
+    fn leader_node(&self) -> Option<(u64, String)> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())?;
+        Some((id, addr))
+    }
+
+    /// Waits (until `deadline`) for a leader to be known.
+    async fn wait_leader(&self, deadline: Instant) -> Result<(u64, String)> {
+        loop {
+            if let Some(l) = self.leader_node() {
+                return Ok(l);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(BackendError::Unavailable("no leader".into()));
+            }
+            let _ = self
+                .raft
+                .wait(Some(left.min(Duration::from_millis(100))))
+                .metrics(|m| m.current_leader.is_some(), "a leader")
+                .await;
+        }
+    }
+
+    /// Waits (until `deadline`) until this member applied log index `index`.
+    async fn wait_applied(&self, index: u64, deadline: Instant) -> Result<()> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self
+            .raft
+            .wait(Some(left))
+            .applied_index_at_least(Some(index), "catch up with the leader")
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(openraft::metrics::WaitError::Timeout(..)) => Err(BackendError::Timeout),
+            Err(openraft::metrics::WaitError::ShuttingDown) => Err(BackendError::Stopped),
+        }
+    }
     /// Stops raft and makes the state machine durable.
     pub async fn shutdown(&self) -> anyhow::Result<()> {
         for t in self.tasks.lock().drain(..) {
@@ -156,8 +293,110 @@ impl NativeBackend {
         Ok(())
     }
 
+    /// Proposes `cmd` and returns its result once this member applied it; state machine
+    /// rejections come back as errors.
     async fn propose(&self, cmd: Command) -> Result<CommandResult> {
-        self.proposer.propose(cmd).await
+        match self.propose_indexed(cmd).await?.0 {
+            CommandResult::Err(e) => Err(e),
+            other => Ok(other),
+        }
+    }
+
+    /// Proposes `cmd` here when this member leads, else through the leader, and waits until
+    /// this member applied it (so a client reads its own write on the member it wrote to).
+    async fn propose_indexed(&self, cmd: Command) -> Result<(CommandResult, u64)> {
+        if !self.clustered {
+            return self.proposer.propose(cmd).await;
+        }
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let (leader, addr) = self.wait_leader(deadline).await?;
+            let outcome = if leader == self.node_id {
+                match tokio::time::timeout_at(deadline.into(), self.proposer.propose(cmd.clone()))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => return Err(BackendError::Timeout),
+                }
+            } else {
+                match self
+                    .peers
+                    .call(leader, &addr, &PeerRequest::Propose(cmd.clone()))
+                    .await
+                {
+                    Ok(PeerResponse::Proposed { result, index }) => self
+                        .wait_applied(index, deadline)
+                        .await
+                        .map(|()| (result, index)),
+                    Ok(PeerResponse::Err(e)) | Err(e) => Err(e),
+                    Ok(other) => Err(unexpected_peer(other)),
+                }
+            };
+            match outcome {
+                // Nothing was appended: the leader moved; try the new one.
+                Err(BackendError::Unavailable(m)) if m == NOT_LEADER => {
+                    if Instant::now() >= deadline {
+                        return Err(BackendError::Unavailable("leader changed".into()));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Before a linearizable read: confirms the leader's read index and waits until this
+    /// member applied up to it. A single voter applied every acknowledged write already.
+    async fn read_barrier(&self) -> Result<()> {
+        if !self.clustered {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let (leader, addr) = self.wait_leader(deadline).await?;
+            let outcome = if leader == self.node_id {
+                self.read_index().await
+            } else {
+                match self
+                    .peers
+                    .call(leader, &addr, &PeerRequest::ReadIndex)
+                    .await
+                {
+                    Ok(PeerResponse::ReadIndex(i)) => Ok(i),
+                    Ok(PeerResponse::Err(e)) | Err(e) => Err(e),
+                    Ok(other) => Err(unexpected_peer(other)),
+                }
+            };
+            match outcome {
+                Ok(index) => return self.wait_applied(index, deadline).await,
+                Err(BackendError::Unavailable(m)) if m == NOT_LEADER => {
+                    if Instant::now() >= deadline {
+                        return Err(BackendError::Timeout);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The leader's read index: the log index a linearizable read must wait for.
+    async fn read_index(&self) -> Result<u64> {
+        use openraft::error::{CheckIsLeaderError, RaftError};
+        match self.raft.get_read_log_id().await {
+            Ok((read, _)) => Ok(read.map_or(0, |l| l.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                Err(BackendError::Unavailable(NOT_LEADER.into()))
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
+                Err(BackendError::Timeout)
+            }
+            Err(RaftError::Fatal(_)) => Err(BackendError::Stopped),
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.node_id)
     }
 
     /// etcd's backend quota: a request that adds `cost` bytes is refused unless the size in
@@ -200,6 +439,80 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(BackendError::internal)?
 }
 
+fn unexpected_peer(r: PeerResponse) -> BackendError {
+    BackendError::Internal(format!("unexpected answer from the leader: {r:?}"))
+}
+
+impl NativeBackend {
+    /// Lease keep-alives and time-to-live are the leader's (its clock decides expiry): served
+    /// here when this member leads, else asked of the leader.
+    async fn leader_call(&self, req: PeerRequest) -> Result<PeerResponse> {
+        if !self.clustered {
+            return match self.serve_leader(req).await {
+                PeerResponse::Err(e) => Err(e),
+                r => Ok(r),
+            };
+        }
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let (leader, addr) = self.wait_leader(deadline).await?;
+            let r = if leader == self.node_id {
+                self.serve_leader(req.clone()).await
+            } else {
+                self.peers
+                    .call(leader, &addr, &req)
+                    .await
+                    .unwrap_or_else(PeerResponse::Err)
+            };
+            match r {
+                PeerResponse::Err(BackendError::Unavailable(m)) if m == NOT_LEADER => {
+                    if Instant::now() >= deadline {
+                        return Err(BackendError::Unavailable("leader changed".into()));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                PeerResponse::Err(e) => return Err(e),
+                r => return Ok(r),
+            }
+        }
+    }
+
+    /// Answers a request as the leader; `NOT_LEADER` when this member does not lead.
+    async fn serve_leader(&self, req: PeerRequest) -> PeerResponse {
+        if self.clustered && !self.is_leader() {
+            return PeerResponse::Err(BackendError::Unavailable(NOT_LEADER.into()));
+        }
+        let r = match req {
+            PeerRequest::Propose(cmd) => self
+                .proposer
+                .propose(cmd)
+                .await
+                .map(|(result, index)| PeerResponse::Proposed { result, index }),
+            PeerRequest::ReadIndex => self.read_index().await.map(PeerResponse::ReadIndex),
+            PeerRequest::KeepAlive(id) => self
+                .store
+                .leases
+                .refresh(id)
+                .map(PeerResponse::KeepAlive)
+                .ok_or(BackendError::LeaseNotFound),
+            PeerRequest::TimeToLive { id, keys } => {
+                let store = self.store.clone();
+                blocking(move || store.lease_info(id, keys))
+                    .await
+                    .map(PeerResponse::TimeToLive)
+            }
+        };
+        r.unwrap_or_else(PeerResponse::Err)
+    }
+}
+
+#[async_trait]
+impl peer::Leader for NativeBackend {
+    async fn serve(&self, req: PeerRequest) -> PeerResponse {
+        self.serve_leader(req).await
+    }
+}
+
 fn unexpected(r: CommandResult) -> BackendError {
     BackendError::Internal(format!("unexpected state machine result {r:?}"))
 }
@@ -207,12 +520,16 @@ fn unexpected(r: CommandResult) -> BackendError {
 #[async_trait]
 impl Backend for NativeBackend {
     async fn range(&self, req: RangeRequest) -> Result<RangeResponse> {
+        if !req.serializable {
+            self.read_barrier().await?;
+        }
         let store = self.store.clone();
         blocking(move || store.range(&req)).await
     }
 
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
         if !req.has_writes() {
+            self.read_barrier().await?;
             let store = self.store.clone();
             return blocking(move || store.read_txn(&req)).await;
         }
@@ -282,15 +599,20 @@ impl Backend for NativeBackend {
     }
 
     async fn lease_keep_alive(&self, id: LeaseId) -> Result<i64> {
-        self.store
-            .leases
-            .refresh(id)
-            .ok_or(BackendError::LeaseNotFound)
+        match self.leader_call(PeerRequest::KeepAlive(id)).await? {
+            PeerResponse::KeepAlive(ttl) => Ok(ttl),
+            other => Err(unexpected_peer(other)),
+        }
     }
 
     async fn lease_time_to_live(&self, id: LeaseId, keys: bool) -> Result<LeaseInfo> {
-        let store = self.store.clone();
-        blocking(move || store.lease_info(id, keys)).await
+        match self
+            .leader_call(PeerRequest::TimeToLive { id, keys })
+            .await?
+        {
+            PeerResponse::TimeToLive(info) => Ok(info),
+            other => Err(unexpected_peer(other)),
+        }
     }
 
     async fn lease_leases(&self) -> Result<Vec<LeaseId>> {
@@ -311,6 +633,16 @@ impl Backend for NativeBackend {
             raft_term: m.current_term,
             raft_applied_index: m.last_applied.map_or(0, |l| l.index),
             is_leader: m.current_leader == Some(self.node_id),
+            leader: m.current_leader,
+            is_learner: !m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == self.node_id)
+                && m.membership_config
+                    .membership()
+                    .get_node(&self.node_id)
+                    .is_some(),
         })
     }
 
@@ -434,12 +766,28 @@ async fn feed(
     }
 }
 
-/// Revokes leases whose deadline passed, through raft, so expiry happens once.
+/// Revokes leases whose deadline passed, through raft, so expiry happens once. Only the
+/// leader does; a member that becomes leader first gives every lease a full TTL (as etcd's
+/// lessor does on promotion), since keep-alives went to the old leader.
 async fn expire_leases(backend: std::sync::Weak<NativeBackend>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut was_leader = false;
     loop {
         tick.tick().await;
         let Some(b) = backend.upgrade() else { return };
+        if b.clustered {
+            let leads = b.is_leader();
+            if leads && !was_leader {
+                let s = b.store.clone();
+                if let Err(e) = blocking(move || s.reset_lease_clock()).await {
+                    tracing::warn!(error = %e, "resetting lease deadlines failed");
+                }
+            }
+            was_leader = leads;
+            if !leads {
+                continue;
+            }
+        }
         for id in b.store.leases.take_expired() {
             match b.propose(Command::LeaseRevoke { id }).await {
                 Ok(_) | Err(BackendError::LeaseNotFound) => b.store.leases.forget(id),

@@ -1,59 +1,113 @@
-//! Raft networking. A single-node group never sends anything; a replicated cluster (peer
-//! gRPC transport) is future work, so every RPC reports the peer as unreachable.
+//! Raft networking over the peer protocol ([`crate::peer`]). A single-voter group never sends
+//! anything; in a cluster every RPC is one gRPC call to the target's first peer URL.
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
+use tonic::Request;
 
+use crate::peer::{decode, encode, Peers, RPC_TIMEOUT};
 use crate::types::{NodeId, TypeConfig};
 
-pub struct NoPeers;
-
-pub struct NoPeer;
-
-fn unreachable<E: std::error::Error>() -> RPCError<NodeId, BasicNode, E> {
-    RPCError::Unreachable(Unreachable::new(&std::io::Error::other(
-        "peer networking is not available",
-    )))
+pub struct PeerNetwork {
+    pub peers: Peers,
 }
 
-impl RaftNetworkFactory<TypeConfig> for NoPeers {
-    type Network = NoPeer;
+pub struct PeerConnection {
+    peers: Peers,
+    target: NodeId,
+    addr: String,
+}
 
-    async fn new_client(&mut self, _target: NodeId, _node: &BasicNode) -> Self::Network {
-        NoPeer
+impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        PeerConnection {
+            peers: self.peers.clone(),
+            target,
+            addr: node.addr.clone(),
+        }
     }
 }
 
-impl RaftNetwork<TypeConfig> for NoPeer {
+fn io(msg: String) -> std::io::Error {
+    std::io::Error::other(msg)
+}
+
+/// Transport failures: a peer that cannot be reached at all is `Unreachable` (openraft backs
+/// off), anything else a `Network` error (retried at once).
+fn rpc_err<E: std::error::Error>(s: tonic::Status) -> RPCError<NodeId, BasicNode, E> {
+    let msg = format!("{}: {}", s.code(), s.message());
+    if s.code() == tonic::Code::Unavailable {
+        RPCError::Unreachable(Unreachable::new(&io(msg)))
+    } else {
+        RPCError::Network(NetworkError::new(&io(msg)))
+    }
+}
+
+impl PeerConnection {
+    fn request<T: serde::Serialize, E: std::error::Error>(
+        &self,
+        v: &T,
+        option: &RPCOption,
+    ) -> Result<Request<crate::peer::proto::Frame>, RPCError<NodeId, BasicNode, E>> {
+        let mut r = Request::new(encode(v).map_err(rpc_err)?);
+        r.set_timeout(option.hard_ttl().min(RPC_TIMEOUT));
+        Ok(r)
+    }
+
+    fn client<E: std::error::Error>(
+        &self,
+    ) -> Result<
+        crate::peer::proto::peer_client::PeerClient<tonic::transport::Channel>,
+        RPCError<NodeId, BasicNode, E>,
+    > {
+        self.peers
+            .client(self.target, &self.addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&io(e.to_string()))))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(unreachable())
+        let req = self.request(&rpc, &option)?;
+        let resp = self.client()?.append_entries(req).await.map_err(rpc_err)?;
+        decode(resp.get_ref()).map_err(rpc_err)
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        Err(unreachable())
+        let req = self.request(&rpc, &option)?;
+        let resp = self
+            .client()?
+            .install_snapshot(req)
+            .await
+            .map_err(rpc_err)?;
+        decode(resp.get_ref()).map_err(rpc_err)
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(unreachable())
+        let req = self.request(&rpc, &option)?;
+        let resp = self.client()?.vote(req).await.map_err(rpc_err)?;
+        decode(resp.get_ref()).map_err(rpc_err)
     }
 }

@@ -19,7 +19,11 @@ const MAX_BATCH: usize = 512;
 /// Entries in flight at once: the next group's fsync overlaps the previous group's apply.
 const IN_FLIGHT: usize = 2;
 
-type Reply = oneshot::Sender<Result<CommandResult>>;
+type Reply = oneshot::Sender<Result<(CommandResult, u64)>>;
+
+/// The error of a write refused because this member is not (or no longer) the leader: nothing
+/// was appended, so it may be sent to the leader instead.
+pub(crate) const NOT_LEADER: &str = "not leader";
 
 #[derive(Clone)]
 pub(crate) struct Proposer {
@@ -33,15 +37,13 @@ impl Proposer {
         (Proposer { tx }, task)
     }
 
-    /// Proposes one command and waits until it is applied; state machine rejections come back
-    /// as errors.
-    pub async fn propose(&self, cmd: Command) -> Result<CommandResult> {
+    /// Proposes one command and waits until it is applied; returns its result and the log
+    /// index it was applied at. The state machine's rejections stay inside the result
+    /// (`CommandResult::Err`).
+    pub async fn propose(&self, cmd: Command) -> Result<(CommandResult, u64)> {
         let (tx, rx) = oneshot::channel();
         self.tx.send((cmd, tx)).map_err(|_| BackendError::Stopped)?;
-        match rx.await.map_err(|_| BackendError::Stopped)?? {
-            CommandResult::Err(e) => Err(e),
-            other => Ok(other),
-        }
+        rx.await.map_err(|_| BackendError::Stopped)?
     }
 }
 
@@ -68,7 +70,7 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<(Command, Reply)>) {
         tokio::spawn(async move {
             let result = match pending {
                 Ok(rx) => match rx.await {
-                    Ok(Ok(resp)) => Ok(resp.data),
+                    Ok(Ok(resp)) => Ok((resp.data, resp.log_id.index)),
                     Ok(Err(e)) => Err(map_write_error(RaftError::APIError(e))),
                     Err(_) => Err(BackendError::Stopped),
                 },
@@ -80,19 +82,19 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<(Command, Reply)>) {
     }
 }
 
-fn deliver(result: Result<CommandResult>, mut replies: Vec<Reply>) {
+fn deliver(result: Result<(CommandResult, u64)>, mut replies: Vec<Reply>) {
     match result {
-        Ok(CommandResult::Batch(results))
+        Ok((CommandResult::Batch(results), index))
             if results.len() == replies.len() && replies.len() > 1 =>
         {
             for (r, reply) in results.into_iter().zip(replies) {
-                let _ = reply.send(Ok(r));
+                let _ = reply.send(Ok((r, index)));
             }
         }
         Ok(r) if replies.len() == 1 => {
             let _ = replies.pop().expect("one reply").send(Ok(r));
         }
-        Ok(r) => {
+        Ok((r, _)) => {
             let e = BackendError::Internal(format!("state machine answered a batch with {r:?}"));
             for reply in replies {
                 let _ = reply.send(Err(e.clone()));
@@ -109,7 +111,7 @@ fn deliver(result: Result<CommandResult>, mut replies: Vec<Reply>) {
 fn map_write_error(e: RaftError<u64, ClientWriteError<u64, openraft::BasicNode>>) -> BackendError {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
-            BackendError::Unavailable("not leader".into())
+            BackendError::Unavailable(NOT_LEADER.into())
         }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             BackendError::internal(e)

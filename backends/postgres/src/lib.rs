@@ -446,6 +446,7 @@ impl Backend for PostgresBackend {
                     raft_index: revision.max(0) as u64,
                     raft_applied_index: revision.max(0) as u64,
                     is_leader: true,
+                    ..BackendStatus::default()
                 }))
             })
         })
