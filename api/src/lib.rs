@@ -21,6 +21,7 @@ pub mod kv;
 pub mod lease;
 pub mod maintenance;
 pub mod members;
+pub mod peer;
 pub mod server;
 pub mod snapshot;
 pub mod tls;

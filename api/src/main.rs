@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use cairn_api::tls::ClientTls;
-use cairn_api::{ids, lease, ServerConfig};
+use cairn_api::members::Member;
+use cairn_api::peer::PeerListeners;
+use cairn_api::{ids, lease, urls, ServerConfig};
 use cairn_backend::Backend;
 use cairn_memory::MemoryBackend;
 use cairn_native::{NativeBackend, NativeConfig};
@@ -90,11 +92,35 @@ fn warn_unknown_env() {
     }
 }
 
+/// The members of --initial-cluster with etcd's IDs.
+fn initial_members(flags: &Flags) -> anyhow::Result<Vec<Member>> {
+    let parsed = ids::parse_initial_cluster(&flags.initial_cluster()).map_err(anyhow::Error::msg)?;
+    Ok(parsed
+        .into_iter()
+        .map(|m| Member {
+            id: ids::member_id(&m.peer_urls, &flags.initial_cluster_token),
+            name: m.name,
+            peer_urls: m.peer_urls,
+            client_urls: Vec::new(),
+            is_learner: false,
+        })
+        .collect())
+}
+
+/// A native member of a replicated cluster: more than one initial member, or joining one.
+fn clustered(flags: &Flags) -> anyhow::Result<bool> {
+    Ok(flags.backend == BackendKind::Native
+        && (initial_members(flags)?.len() > 1 || flags.initial_cluster_state == "existing"))
+}
+
 fn server_config(flags: &Flags) -> anyhow::Result<ServerConfig> {
     let initial_cluster = flags.initial_cluster();
     let (member_id, cluster_id) =
         ids::derive_ids(&flags.name, &initial_cluster, &flags.initial_cluster_token).map_err(anyhow::Error::msg)?;
+    let clustered = clustered(flags)?;
     Ok(ServerConfig {
+        initial_members: if clustered { initial_members(flags)? } else { Vec::new() },
+        publish_member: clustered,
         name: flags.name.clone(),
         listen_client_urls: split_urls(&flags.listen_client_urls),
         advertise_client_urls: split_urls(&flags.advertise_client_urls),
@@ -120,6 +146,20 @@ fn server_config(flags: &Flags) -> anyhow::Result<ServerConfig> {
     })
 }
 
+/// etcd's --peer-* transport security flags (cipher suites and TLS versions are shared with
+/// the client side, as in etcd).
+fn peer_tls(flags: &Flags) -> ClientTls {
+    ClientTls {
+        cert_file: flags.peer_cert_file.clone(),
+        key_file: flags.peer_key_file.clone(),
+        trusted_ca_file: flags.peer_trusted_ca_file.clone(),
+        client_cert_auth: flags.peer_client_cert_auth,
+        crl_file: flags.peer_crl_file.clone(),
+        auto_tls: flags.peer_auto_tls,
+        ..client_tls(flags)
+    }
+}
+
 fn client_tls(flags: &Flags) -> ClientTls {
     ClientTls {
         cert_file: flags.cert_file.clone(),
@@ -142,14 +182,21 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
         "starting cairn"
     );
     let mut native = None;
+    let mut peer_server = None;
     let mut postgres = None;
     let mut tikv = None;
     let backend: Arc<dyn Backend> = match flags.backend {
         BackendKind::Memory => MemoryBackend::new(),
         BackendKind::Native => {
-            let b = NativeBackend::open(native_config(&flags, cfg.member_id))
+            let b = NativeBackend::open(native_config(&flags, cfg.member_id)?)
                 .await
                 .context("opening the native backend")?;
+            if b.is_clustered() {
+                // The other members must reach this one before any of them can lead.
+                let listeners = PeerListeners::bind(&split_urls(&flags.listen_peer_urls), &peer_tls(&flags)).await?;
+                peer_server = Some(listeners.serve(b.peer_service()));
+                b.wait_ready().await.context("joining the cluster")?;
+            }
             native = Some(b.clone());
             b
         }
@@ -184,6 +231,9 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
     if let Some(native) = native {
         native.shutdown().await.context("stopping the native backend")?;
     }
+    if let Some(p) = peer_server {
+        p.abort();
+    }
     if let Some(pg) = postgres {
         pg.shutdown().await;
     }
@@ -194,15 +244,27 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
     result
 }
 
-fn native_config(flags: &Flags, member_id: u64) -> NativeConfig {
-    NativeConfig {
+fn native_config(flags: &Flags, member_id: u64) -> anyhow::Result<NativeConfig> {
+    let members = initial_members(flags)?;
+    let initial_cluster = members.iter().filter_map(|m| Some((m.id, m.peer_urls.first()?.clone()))).collect();
+    let https = members.iter().flat_map(|m| &m.peer_urls).any(|u| u.starts_with("https://"));
+    let peer_tls = if https && clustered(flags)? {
+        let hosts: Vec<String> = split_urls(&flags.listen_peer_urls).iter().filter_map(|u| urls::host(u)).collect();
+        Some(peer_tls(flags).peer_client_config(&hosts).context("peer TLS")?)
+    } else {
+        None
+    };
+    Ok(NativeConfig {
+        initial_cluster,
+        join_existing: flags.initial_cluster_state == "existing",
+        peer_tls,
         data_dir: flags.data_dir().into(),
         snapshot_count: flags.snapshot_count,
         heartbeat_interval_ms: flags.heartbeat_interval,
         election_timeout_ms: flags.election_timeout,
         quota_backend_bytes: flags.quota_backend_bytes,
         member_id,
-    }
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM.

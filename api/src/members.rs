@@ -3,10 +3,11 @@
 //! [`MEMBERS_DOC`] (etcd keeps them in its "members" and "members_removed" buckets), changed
 //! by compare-and-set.
 //!
-//! Only this process ever runs: members added through MemberAdd are recorded and listed, never
-//! started (no replication yet, issue #7). etcd's strict reconfiguration checks are applied
-//! with that in mind: a member is "started" once it published its name, which only this one
-//! did, and no peer is ever connected.
+//! The store starts from --initial-cluster (every member with its name and peer URLs); each
+//! member of a replicated native cluster publishes its client URLs when it starts
+//! ([`Members::publish`]). Members added through MemberAdd are recorded and listed but not yet
+//! joined to raft (issue #7). etcd's strict reconfiguration checks are applied with that in
+//! mind: a member is "started" once it published its client URLs.
 
 use std::sync::Arc;
 
@@ -44,6 +45,8 @@ pub struct Members {
     backend: Arc<dyn Backend>,
     /// This member as configured (name, client URLs, initial peer URLs).
     me: Member,
+    /// The members of --initial-cluster; empty: this member alone.
+    initial: Vec<Member>,
     strict: bool,
 }
 
@@ -94,10 +97,11 @@ pub fn parse_peer_urls(urls: &[String]) -> Result<Vec<String>, ApiError> {
 }
 
 impl Members {
-    pub fn new(backend: Arc<dyn Backend>, me: Member, strict: bool) -> Self {
+    pub fn new(backend: Arc<dyn Backend>, me: Member, initial: Vec<Member>, strict: bool) -> Self {
         Self {
             backend,
             me,
+            initial,
             strict,
         }
     }
@@ -118,7 +122,11 @@ impl Members {
             None => (
                 0,
                 State {
-                    members: vec![self.me.clone()],
+                    members: if self.initial.is_empty() {
+                        vec![self.me.clone()]
+                    } else {
+                        self.initial.clone()
+                    },
                     removed: Vec::new(),
                 },
             ),
@@ -164,7 +172,42 @@ impl Members {
     }
 
     fn started(m: &Member) -> bool {
-        !m.name.is_empty()
+        !m.client_urls.is_empty()
+    }
+
+    /// Records this member's name and client URLs in the shared store, so that every member
+    /// lists them (etcd's publish at start-up). Needs a working cluster.
+    pub async fn publish(&self) -> Result<(), ApiError> {
+        let me = self.me.clone();
+        loop {
+            let doc = self.backend.doc_get(MEMBERS_DOC).await?;
+            let (version, mut state): (u64, State) = match doc {
+                Some(d) => (
+                    d.version,
+                    serde_json::from_slice(&d.value).map_err(|e| ApiError::Internal(e.to_string()))?,
+                ),
+                None => (0, self.load().await?.1),
+            };
+            let Some(m) = state.members.iter_mut().find(|m| m.id == me.id) else {
+                // Not a member (removed, or not added yet): nothing to publish.
+                return Ok(());
+            };
+            if m.name == me.name && m.client_urls == me.client_urls && version > 0 {
+                return Ok(());
+            }
+            m.name = me.name.clone();
+            m.client_urls = me.client_urls.clone();
+            let bytes =
+                serde_json::to_vec(&state).map_err(|e| ApiError::Internal(e.to_string()))?;
+            if self
+                .backend
+                .doc_put(MEMBERS_DOC, version, bytes)
+                .await?
+                .is_some()
+            {
+                return Ok(());
+            }
+        }
     }
 
     /// MemberAdd: records a new member with `peer_urls` (already parsed); returns it and the
@@ -324,7 +367,7 @@ mod tests {
     }
 
     fn members(strict: bool) -> Members {
-        Members::new(cairn_memory::MemoryBackend::new(), me(), strict)
+        Members::new(cairn_memory::MemoryBackend::new(), me(), Vec::new(), strict)
     }
 
     fn urls(u: &str) -> Vec<String> {

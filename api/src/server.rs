@@ -63,6 +63,11 @@ pub struct ServerConfig {
     pub strict_reconfig_check: bool,
     /// --auth-token, --auth-token-ttl, --bcrypt-cost.
     pub auth: AuthConfig,
+    /// The members of --initial-cluster (names, peer URLs); empty: this member alone.
+    pub initial_members: Vec<Member>,
+    /// Publish this member's name and client URLs to the cluster before serving, as etcd does
+    /// (a member of a replicated cluster; the others list it with them).
+    pub publish_member: bool,
 }
 
 impl Default for ServerConfig {
@@ -86,6 +91,8 @@ impl Default for ServerConfig {
             client_tls: ClientTls::default(),
             strict_reconfig_check: true,
             auth: AuthConfig::default(),
+            initial_members: Vec::new(),
+            publish_member: false,
         }
     }
 }
@@ -147,6 +154,9 @@ impl Server {
             self.listeners.into_iter().map(|(l, tls)| conn::spawn_accept_loop(l, tls, conn_tx.clone())).collect();
         drop(conn_tx);
         let incoming = ReceiverStream::new(conn_rx);
+        if self.cfg.publish_member {
+            members(&self.cfg, &self.backend).publish().await.context("publishing this member to the cluster")?;
+        }
         log_ready(&self.cfg, &header);
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
         let serving = router.serve_with_incoming_shutdown(incoming, async move {
@@ -181,14 +191,7 @@ impl Server {
         let auth = AuthService::new(guard.clone(), backend.clone(), header.clone());
         let http =
             HttpEndpointsLayer::new(HttpState { backend: backend.clone(), alarms, version: cfg.version.clone() });
-        let me = Member {
-            id: cfg.member_id,
-            name: cfg.name.clone(),
-            peer_urls: cfg.peer_urls.clone(),
-            client_urls: cfg.advertise_client_urls.clone(),
-            is_learner: false,
-        };
-        let members = Members::new(backend.clone(), me, cfg.strict_reconfig_check);
+        let members = members(cfg, backend);
         let maintenance = maintenance.with_members(members.clone());
         let cluster = ClusterService::new(header.clone(), members).with_auth(guard.clone());
         let watch_cfg = WatchConfig {
@@ -210,6 +213,18 @@ impl Server {
             .add_service(ClusterServer::new(cluster).max_decoding_message_size(max_decode))
             .add_service(AuthServer::new(auth).max_decoding_message_size(max_decode))
     }
+}
+
+/// The membership store, seeded with --initial-cluster.
+fn members(cfg: &ServerConfig, backend: &Arc<dyn Backend>) -> Members {
+    let me = Member {
+        id: cfg.member_id,
+        name: cfg.name.clone(),
+        peer_urls: cfg.peer_urls.clone(),
+        client_urls: cfg.advertise_client_urls.clone(),
+        is_learner: false,
+    };
+    Members::new(backend.clone(), me, cfg.initial_members.clone(), cfg.strict_reconfig_check)
 }
 
 /// etcd's two readiness lines; etcd's e2e suite waits for them before it starts a test.

@@ -57,6 +57,34 @@ impl ClientTls {
         Ok(Arc::new(cfg))
     }
 
+    /// The rustls configuration a member dials https peer URLs with (etcd's --peer-* flags):
+    /// it presents --peer-cert-file (or, with --peer-auto-tls, a self-signed certificate) and
+    /// verifies the peer against --peer-trusted-ca-file. Without a CA, as with etcd's auto TLS,
+    /// the peer's certificate is not verified (the channel is encrypted, not authenticated).
+    pub fn peer_client_config(&self, hosts: &[String]) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        let provider = Arc::new(self.provider()?);
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&self.versions()?)
+            .context("TLS versions")?;
+        let builder = if self.trusted_ca_file.is_empty() {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyServerCert(provider)))
+        } else {
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(&self.trusted_ca_file).context("reading --peer-trusted-ca-file")? {
+                roots.add(cert.context("parsing --peer-trusted-ca-file")?).context("adding a trusted CA")?;
+            }
+            builder.with_root_certificates(roots)
+        };
+        let (certs, key) = if !self.cert_file.is_empty() && !self.key_file.is_empty() {
+            load_pair(Path::new(&self.cert_file), Path::new(&self.key_file))?
+        } else {
+            self_signed(hosts)?
+        };
+        let mut cfg = builder.with_client_auth_cert(certs, key).context("peer TLS certificate and key")?;
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
     fn client_verifier(
         &self,
         provider: Arc<CryptoProvider>,
@@ -189,6 +217,46 @@ impl rustls::server::danger::ClientCertVerifier for TrustedRootAsClient {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+/// Accepts any server certificate (signatures are still checked): etcd's peer transport with
+/// auto TLS (InsecureSkipVerify).
+#[derive(Debug)]
+struct AnyServerCert(Arc<CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

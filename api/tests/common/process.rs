@@ -20,13 +20,41 @@ impl Drop for Cairn {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `cairn` process started but not yet ready.
+pub struct Starting {
+    cairn: Cairn,
+    ready: std::sync::mpsc::Receiver<()>,
+    args: Vec<String>,
+}
+
+impl Starting {
+    /// Waits for etcd's second readiness line.
+    pub fn ready(self) -> Cairn {
+        let args = &self.args;
+        self.ready
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("cairn {args:?} did not become ready"));
+        self.cairn
+    }
 }
 
 /// Starts `cairn --name NAME ARGS...` on a free loopback port and waits for etcd's second
 /// readiness line.
 pub fn start(name: &str, args: &[&str]) -> Cairn {
+    spawn(name, args).ready()
+}
+
+/// Starts `cairn --name NAME ARGS...` on a free loopback port without waiting (members of a
+/// cluster become ready only together).
+pub fn spawn(name: &str, args: &[&str]) -> Starting {
     let endpoint = format!("127.0.0.1:{}", free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
         .args(["--name", name])
@@ -50,19 +78,29 @@ pub fn start(name: &str, args: &[&str]) -> Cairn {
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("cairn {args:?} did not become ready"));
-    Cairn { child, endpoint }
+    Starting {
+        cairn: Cairn { child, endpoint },
+        ready: rx,
+        args: args.iter().map(|a| a.to_string()).collect(),
+    }
 }
 
 /// Runs etcdctl (v3 API) against `s` and returns its stdout; fails the test on a non-zero exit.
 pub fn ctl(s: &Cairn, args: &[&str]) -> String {
-    assert!(std::path::Path::new(ETCDCTL).exists(), "{ETCDCTL} is missing: install Debian's etcd-client");
+    assert!(
+        std::path::Path::new(ETCDCTL).exists(),
+        "{ETCDCTL} is missing: install Debian's etcd-client"
+    );
     let out = Command::new(ETCDCTL)
         .env("ETCDCTL_API", "3")
         .args(["--endpoints", &s.endpoint, "--command-timeout", "10s"])
         .args(args)
         .output()
         .expect("run etcdctl");
-    assert!(out.status.success(), "etcdctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

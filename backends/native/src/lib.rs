@@ -40,6 +40,7 @@ use tokio::sync::mpsc;
 use crate::log_store::LogStore;
 use crate::network::PeerNetwork;
 use crate::peer::{PeerRequest, PeerResponse};
+pub use crate::peer::proto as peer_proto;
 pub use crate::peer::{PeerService, Peers};
 use crate::proposer::NOT_LEADER;
 use crate::state_machine::StateMachine;

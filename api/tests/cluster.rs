@@ -1,0 +1,146 @@
+//! Three real `cairn` processes started with etcd's cluster flags form one replicated etcd:
+//! etcdctl sees every member, reads every write through any member, and the cluster carries
+//! on when its leader is killed with SIGKILL and converges when it comes back.
+
+mod common;
+
+use common::process::{ctl, free_port, spawn, Cairn};
+
+struct Spec {
+    name: String,
+    args: Vec<String>,
+}
+
+fn specs(dir: &std::path::Path) -> Vec<Spec> {
+    let peers: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let initial: Vec<String> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("n{i}=http://127.0.0.1:{p}"))
+        .collect();
+    let initial = initial.join(",");
+    (0..3)
+        .map(|i| {
+            let peer = format!("http://127.0.0.1:{}", peers[i]);
+            Spec {
+                name: format!("n{i}"),
+                args: vec![
+                    "--data-dir".into(),
+                    dir.join(format!("n{i}")).display().to_string(),
+                    "--listen-peer-urls".into(),
+                    peer.clone(),
+                    "--initial-advertise-peer-urls".into(),
+                    peer,
+                    "--initial-cluster".into(),
+                    initial.clone(),
+                    "--initial-cluster-token".into(),
+                    "cluster-test".into(),
+                    "--heartbeat-interval".into(),
+                    "50".into(),
+                    "--election-timeout".into(),
+                    "500".into(),
+                ],
+            }
+        })
+        .collect()
+}
+
+fn start(s: &Spec) -> common::process::Starting {
+    let args: Vec<&str> = s.args.iter().map(String::as_str).collect();
+    spawn(&s.name, &args)
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+fn m(members: &[Option<Cairn>], i: usize) -> &Cairn {
+    members[i].as_ref().unwrap()
+}
+
+fn leader_index(members: &[Option<Cairn>]) -> usize {
+    for (i, m) in members.iter().enumerate() {
+        if let Some(m) = m {
+            let st = json(&ctl(m, &["endpoint", "status", "-w", "json"]));
+            let st = &st[0]["Status"];
+            if st["leader"] == st["header"]["member_id"] {
+                return i;
+            }
+        }
+    }
+    panic!("no member says it leads");
+}
+
+#[test]
+fn three_processes_are_one_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = specs(dir.path());
+    let starting: Vec<_> = specs.iter().map(start).collect();
+    let mut members: Vec<Option<Cairn>> = starting.into_iter().map(|s| Some(s.ready())).collect();
+
+    // Every member lists all three, with the names and client URLs they published.
+    let list = json(&ctl(m(&members, 2), &["member", "list", "-w", "json"]));
+    let mut names: Vec<String> = list["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["n0", "n1", "n2"]);
+    for x in list["members"].as_array().unwrap() {
+        assert_eq!(x["clientURLs"].as_array().map(Vec::len), Some(1), "{x}");
+    }
+
+    // A write through one member is read (linearizably) through the others.
+    assert_eq!(ctl(m(&members, 0), &["put", "k", "v1"]).trim(), "OK");
+    for i in 1..3 {
+        assert_eq!(
+            ctl(m(&members, i), &["get", "k", "--print-value-only"]).trim(),
+            "v1"
+        );
+    }
+
+    // SIGKILL the leader: the two others elect a new one and keep serving writes.
+    let leader = leader_index(&members);
+    members[leader] = None;
+    let survivor = (leader + 1) % 3;
+    assert_eq!(ctl(m(&members, survivor), &["put", "k", "v2"]).trim(), "OK");
+    let other = 3 - leader - survivor;
+    assert_eq!(
+        ctl(m(&members, other), &["get", "k", "--print-value-only"]).trim(),
+        "v2"
+    );
+    assert_ne!(leader_index(&members), leader);
+
+    // The killed member restarts on its data dir, catches up, and every member has the same
+    // key-value hash.
+    members[leader] = Some(start(&specs[leader]).ready());
+    assert_eq!(
+        ctl(m(&members, leader), &["get", "k", "--print-value-only"]).trim(),
+        "v2"
+    );
+    let rev = json(&ctl(m(&members, leader), &["get", "k", "-w", "json"]))["header"]["revision"]
+        .as_i64()
+        .unwrap();
+    let hashes: Vec<u64> = (0..3)
+        .map(|i| {
+            let h = json(&ctl(
+                m(&members, i),
+                &[
+                    "endpoint",
+                    "hashkv",
+                    "--rev",
+                    &rev.to_string(),
+                    "-w",
+                    "json",
+                ],
+            ));
+            h[0]["HashKV"]["hash"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(
+        hashes.iter().all(|h| *h == hashes[0]),
+        "HashKV differs: {hashes:?}"
+    );
+}
