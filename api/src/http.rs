@@ -1,6 +1,7 @@
 //! etcd's plain HTTP endpoints on the client port, next to gRPC: `/health`, `/livez`,
-//! `/readyz` and `/version`. A tower layer in front of the gRPC router answers them, passes
-//! gRPC requests on, and answers anything else with Go's 404.
+//! `/readyz`, `/version` and the JSON gateway under `/v3/` (`crate::gateway`). A tower layer
+//! in front of the gRPC router answers them, passes gRPC requests on, and answers anything else
+//! with Go's 404. Every HTTP answer carries etcd's CORS headers.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,12 +12,14 @@ use cairn_backend::{Backend, KeyRange, RangeRequest};
 use cairn_proto::etcdserverpb::AlarmType;
 use futures::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
 use http_body_util::Full;
 use tonic::body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::alarms::Alarms;
+use crate::gateway::{with_cors, Gateway};
 
 /// What the endpoints need to answer.
 pub struct HttpState {
@@ -24,6 +27,8 @@ pub struct HttpState {
     pub alarms: Alarms,
     /// The server version (--cairn-version).
     pub version: String,
+    /// The JSON gateway under `/v3/`.
+    pub gateway: Gateway,
 }
 
 #[derive(Clone)]
@@ -55,6 +60,8 @@ impl<S, B> Service<Request<B>> for HttpEndpoints<S>
 where
     S: Service<Request<B>, Response = Response<Body>> + Send + 'static,
     S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Display,
 {
     type Response = Response<Body>;
     type Error = S::Error;
@@ -75,13 +82,26 @@ where
         let path = req.uri().path().to_string();
         let query = parse_query(req.uri().query().unwrap_or_default());
         let state = self.state.clone();
+        if Gateway::owns(&path) {
+            let (parts, body) = req.into_parts();
+            return Box::pin(async move {
+                let body = match body.collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) => {
+                        let text = format!("reading the request body: {e}\n");
+                        return Ok(with_cors(reply(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", text)));
+                    }
+                };
+                Ok(state.gateway.handle(&parts.method, &path, &parts.headers, body).await)
+            });
+        }
         match path.as_str() {
             "/health" | "/livez" | "/readyz" | "/version" if req.method() == Method::GET => {
-                Box::pin(async move { Ok(state.answer(&path, &query).await) })
+                Box::pin(async move { Ok(with_cors(state.answer(&path, &query).await)) })
             }
             // Go's default answer for a path nothing serves.
             _ => Box::pin(async {
-                Ok(reply(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "404 page not found\n".into()))
+                Ok(with_cors(reply(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "404 page not found\n".into())))
             }),
         }
     }

@@ -7,6 +7,7 @@
 //! Protobuf types stop here: backends only see model types.
 
 pub mod errors;
+pub mod gateway;
 pub mod godur;
 pub mod header;
 pub mod http;
@@ -15,6 +16,7 @@ pub mod alarms;
 pub mod auth;
 pub mod authority_fix;
 pub mod cluster;
+pub mod concurrency;
 pub mod conn;
 pub mod convert;
 pub mod kv;

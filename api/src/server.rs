@@ -14,14 +14,19 @@ use cairn_proto::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
+use cairn_proto::v3electionpb::election_server::ElectionServer;
+use cairn_proto::v3lockpb::lock_server::LockServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::Routes;
 use tower_layer::{Identity, Stack};
 
 use crate::alarms::Alarms;
 use crate::auth::{AuthConfig, AuthService, AuthStore, Guard};
 use crate::cluster::ClusterService;
+use crate::concurrency::{ElectionService, LockService};
 use crate::conn;
+use crate::gateway::Gateway;
 use crate::header::HeaderSource;
 use crate::http::{HttpEndpointsLayer, HttpState};
 use crate::kv::{KvLimits, KvService};
@@ -189,8 +194,6 @@ impl Server {
         let maintenance = MaintenanceService::new(backend.clone(), header.clone(), cfg.version.clone(), alarms.clone())
             .with_auth(guard.clone());
         let auth = AuthService::new(guard.clone(), backend.clone(), header.clone());
-        let http =
-            HttpEndpointsLayer::new(HttpState { backend: backend.clone(), alarms, version: cfg.version.clone() });
         let members = members(cfg, backend);
         let maintenance = maintenance.with_members(members.clone());
         let cluster = ClusterService::new(header.clone(), members).with_auth(guard.clone());
@@ -199,6 +202,24 @@ impl Server {
             progress_notify_interval: cfg.progress_notify_interval,
         };
         let watch = WatchService::new(backend.clone(), header.clone(), watch_cfg).with_auth(guard.clone());
+        // One set of service instances behind gRPC, the JSON gateway and Lock/Election (which
+        // call KV, Lease and Watch in-process, as etcd's v3lock/v3election do).
+        let core = Routes::new(KvServer::new(kv).max_decoding_message_size(max_decode))
+            .add_service(WatchServer::new(watch).max_decoding_message_size(max_decode))
+            .add_service(LeaseServer::new(lease).max_decoding_message_size(max_decode));
+        let routes = core
+            .clone()
+            .add_service(MaintenanceServer::new(maintenance).max_decoding_message_size(max_decode))
+            .add_service(ClusterServer::new(cluster).max_decoding_message_size(max_decode))
+            .add_service(AuthServer::new(auth).max_decoding_message_size(max_decode))
+            .add_service(LockServer::new(LockService::new(core.clone())).max_decoding_message_size(max_decode))
+            .add_service(ElectionServer::new(ElectionService::new(core)).max_decoding_message_size(max_decode));
+        let http = HttpEndpointsLayer::new(HttpState {
+            backend: backend.clone(),
+            alarms,
+            version: cfg.version.clone(),
+            gateway: Gateway::new(routes.clone()),
+        });
         tonic::transport::Server::builder()
             .max_concurrent_streams(cfg.max_concurrent_streams)
             .http2_keepalive_interval(Some(cfg.grpc_keepalive_interval))
@@ -206,12 +227,7 @@ impl Server {
             .trace_fn(|req| tracing::debug_span!("grpc", method = %req.uri().path()))
             .accept_http1(true)
             .layer(http)
-            .add_service(KvServer::new(kv).max_decoding_message_size(max_decode))
-            .add_service(WatchServer::new(watch).max_decoding_message_size(max_decode))
-            .add_service(LeaseServer::new(lease).max_decoding_message_size(max_decode))
-            .add_service(MaintenanceServer::new(maintenance).max_decoding_message_size(max_decode))
-            .add_service(ClusterServer::new(cluster).max_decoding_message_size(max_decode))
-            .add_service(AuthServer::new(auth).max_decoding_message_size(max_decode))
+            .add_routes(routes)
     }
 }
 
