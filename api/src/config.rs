@@ -333,7 +333,6 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "host_whitelist",
     "enable_pprof",
     "metrics",
-    "listen_metrics_urls",
     "logger",
     "log_outputs",
     "log_package_levels",

@@ -1,5 +1,6 @@
 //! etcd's plain HTTP endpoints on the client port, next to gRPC: `/health`, `/livez`,
-//! `/readyz`, `/version` and the JSON gateway under `/v3/` (`crate::gateway`). A tower layer
+//! `/readyz`, `/version`, `/metrics` (`crate::metrics`, which also counts the gRPC calls passing
+//! through here) and the JSON gateway under `/v3/` (`crate::gateway`). A tower layer
 //! in front of the gRPC router answers them, passes gRPC requests on, and answers anything else
 //! with Go's 404. Every HTTP answer carries etcd's CORS headers.
 
@@ -20,6 +21,7 @@ use tower_service::Service;
 
 use crate::alarms::Alarms;
 use crate::gateway::{with_cors, Gateway};
+use crate::metrics::Metrics;
 
 /// What the endpoints need to answer.
 pub struct HttpState {
@@ -29,6 +31,7 @@ pub struct HttpState {
     pub version: String,
     /// The JSON gateway under `/v3/`.
     pub gateway: Gateway,
+    pub metrics: Metrics,
 }
 
 #[derive(Clone)]
@@ -39,6 +42,11 @@ pub struct HttpEndpointsLayer {
 impl HttpEndpointsLayer {
     pub fn new(state: HttpState) -> Self {
         Self { state: Arc::new(state) }
+    }
+
+    /// A layer over state that other listeners (--listen-metrics-urls) share.
+    pub fn shared(state: Arc<HttpState>) -> Self {
+        Self { state }
     }
 }
 
@@ -77,7 +85,15 @@ where
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         if is_grpc {
-            return Box::pin(self.inner.call(req));
+            let call = self.state.metrics.grpc_call(req.uri().path());
+            let answer = self.inner.call(req);
+            return Box::pin(async move {
+                let resp = answer.await?;
+                Ok(match call {
+                    Some(call) => call.wrap(resp),
+                    None => resp,
+                })
+            });
         }
         let path = req.uri().path().to_string();
         let query = parse_query(req.uri().query().unwrap_or_default());
@@ -96,7 +112,7 @@ where
             });
         }
         match path.as_str() {
-            "/health" | "/livez" | "/readyz" | "/version" if req.method() == Method::GET => {
+            "/health" | "/livez" | "/readyz" | "/version" | "/metrics" if req.method() == Method::GET => {
                 Box::pin(async move { Ok(with_cors(state.answer(&path, &query).await)) })
             }
             // Go's default answer for a path nothing serves.
@@ -105,6 +121,50 @@ where
             }),
         }
     }
+}
+
+/// Serves `/metrics` and `/health` on a `--listen-metrics-urls` listener (HTTP/1.1, TLS when
+/// `tls` is given), as etcd does; anything else is Go's 404.
+pub fn spawn_metrics_listener(
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    state: Arc<HttpState>,
+) -> tokio::task::JoinHandle<()> {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            };
+            let state = state.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let state = state.clone();
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let query = parse_query(req.uri().query().unwrap_or_default());
+                        let resp = match path.as_str() {
+                            "/metrics" | "/health" if req.method() == Method::GET => state.answer(&path, &query).await,
+                            _ => {
+                                reply(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "404 page not found\n".into())
+                            }
+                        };
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let http = hyper::server::conn::http1::Builder::new();
+                let _ = match acceptor {
+                    None => http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service).await,
+                    Some(acceptor) => match acceptor.accept(tcp).await {
+                        Ok(tls) => http.serve_connection(hyper_util::rt::TokioIo::new(tls), service).await,
+                        Err(_) => return,
+                    },
+                };
+            });
+        }
+    })
 }
 
 fn parse_query(q: &str) -> HashMap<String, Vec<String>> {
@@ -127,6 +187,9 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Body>
 impl HttpState {
     async fn answer(&self, path: &str, query: &HashMap<String, Vec<String>>) -> Response<Body> {
         match path {
+            "/metrics" => {
+                reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render().await)
+            }
             "/version" => {
                 let cluster = cluster_version(&self.version);
                 let body = format!(r#"{{"etcdserver":"{}","etcdcluster":"{cluster}"}}"#, self.version);

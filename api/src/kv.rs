@@ -14,6 +14,7 @@ use crate::auth::Guard;
 use crate::convert;
 use crate::errors::{backend_status, ApiError};
 use crate::header::HeaderSource;
+use crate::metrics::{Metrics, OpCounts};
 use crate::validate;
 
 /// etcd wraps each write in an internal raft request (an ID header and a field tag) before
@@ -33,12 +34,25 @@ pub struct KvService {
     limits: KvLimits,
     alarms: Alarms,
     auth: Guard,
+    metrics: Option<Metrics>,
 }
 
 impl KvService {
     pub fn new(backend: Arc<dyn Backend>, header: HeaderSource, limits: KvLimits, alarms: Alarms) -> Self {
         let auth = Guard::disabled(backend.clone());
-        Self { backend, header, limits, alarms, auth }
+        Self { backend, header, limits, alarms, auth, metrics: None }
+    }
+
+    /// Counts each request's MVCC operations in `metrics` (etcd_mvcc_*_total).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count(&self, ops: OpCounts) {
+        if let Some(m) = &self.metrics {
+            m.record_ops(ops);
+        }
     }
 
     /// Checks every request against the auth store behind `auth`.
@@ -96,6 +110,7 @@ impl Kv for KvService {
         validate::check_range(&req)?;
         self.auth.check_range(&who?, &req.key, &req.range_end)?;
         let resp = self.backend.range(convert::range_req(req)).await.map_err(backend_status)?;
+        self.count(OpCounts::of_range());
         let header = self.header.header(resp.revision);
         Ok(Response::new(convert::range_resp(resp, header)))
     }
@@ -107,8 +122,10 @@ impl Kv for KvService {
         self.check_size(req.encoded_len())?;
         self.auth.check_put(&who?, &req).await?;
         self.check_space(true)?;
+        let ops = OpCounts::of_put(&req);
         match self.write_one(model::RequestOp::Put(convert::put_req(req))).await? {
             model::ResponseOp::Put(r) => {
+                self.count(ops);
                 let header = self.header.header(r.revision);
                 Ok(Response::new(convert::put_resp(r, header)))
             }
@@ -125,8 +142,10 @@ impl Kv for KvService {
         validate::check_delete(&req)?;
         self.check_size(req.encoded_len())?;
         self.auth.check_delete(&who?, &req)?;
+        let ops = OpCounts::of_delete(&req);
         match self.write_one(model::RequestOp::DeleteRange(convert::delete_req(req))).await? {
             model::ResponseOp::DeleteRange(r) => {
+                self.count(ops);
                 let header = self.header.header(r.revision);
                 Ok(Response::new(convert::delete_resp(r, header)))
             }
@@ -140,6 +159,7 @@ impl Kv for KvService {
         validate::check_txn(&req, self.limits.max_txn_ops)?;
         self.auth.check_txn(&who?, &req).await?;
         let size = req.encoded_len();
+        let counted = self.metrics.is_some().then(|| req.clone());
         let txn = convert::txn_req(req);
         if txn.has_writes() {
             self.check_size(size)?;
@@ -150,7 +170,11 @@ impl Kv for KvService {
             Err(e) => return Err(self.write_error(e).await),
         };
         let header = self.header.header(resp.revision);
-        Ok(Response::new(convert::txn_resp(resp, header)))
+        let resp = convert::txn_resp(resp, header);
+        if let Some(req) = counted {
+            OpCounts::txn_groups(&req, &resp).into_iter().for_each(|ops| self.count(ops));
+        }
+        Ok(Response::new(resp))
     }
 
     async fn compact(&self, req: Request<pb::CompactionRequest>) -> Result<Response<pb::CompactionResponse>, Status> {

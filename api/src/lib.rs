@@ -22,6 +22,7 @@ pub mod convert;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
+pub mod metrics;
 pub mod members;
 pub mod peer;
 pub mod server;

@@ -124,6 +124,7 @@ fn server_config(flags: &Flags) -> anyhow::Result<ServerConfig> {
         name: flags.name.clone(),
         listen_client_urls: split_urls(&flags.listen_client_urls),
         advertise_client_urls: split_urls(&flags.advertise_client_urls),
+        listen_metrics_urls: split_urls(&flags.listen_metrics_urls),
         peer_urls: split_urls(&flags.initial_advertise_peer_urls),
         member_id,
         cluster_id,

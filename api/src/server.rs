@@ -33,6 +33,7 @@ use crate::kv::{KvLimits, KvService};
 use crate::lease::LeaseService;
 use crate::maintenance::MaintenanceService;
 use crate::members::{Member, Members};
+use crate::metrics::Metrics;
 use crate::tls::ClientTls;
 use crate::urls;
 use crate::watch::{WatchConfig, WatchService};
@@ -73,6 +74,8 @@ pub struct ServerConfig {
     /// Publish this member's name and client URLs to the cluster before serving, as etcd does
     /// (a member of a replicated cluster; the others list it with them).
     pub publish_member: bool,
+    /// --listen-metrics-urls: extra listeners serving only `/metrics` and `/health`.
+    pub listen_metrics_urls: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -98,6 +101,7 @@ impl Default for ServerConfig {
             auth: AuthConfig::default(),
             initial_members: Vec::new(),
             publish_member: false,
+            listen_metrics_urls: Vec::new(),
         }
     }
 }
@@ -108,6 +112,8 @@ pub struct Server {
     backend: Arc<dyn Backend>,
     /// Each listener with its TLS configuration (for https URLs).
     listeners: Vec<(TcpListener, Option<Arc<rustls::ServerConfig>>)>,
+    /// The --listen-metrics-urls listeners, likewise.
+    metrics_listeners: Vec<(TcpListener, Option<Arc<rustls::ServerConfig>>)>,
     auth: Arc<AuthStore>,
 }
 
@@ -127,9 +133,19 @@ impl Server {
             listeners.push((l, url_tls));
         }
         anyhow::ensure!(!listeners.is_empty(), "no client URL to listen on");
+        let mut metrics_listeners = Vec::new();
+        for url in &cfg.listen_metrics_urls {
+            let addr = urls::bind_addr(url).map_err(anyhow::Error::msg)?;
+            let l = TcpListener::bind(addr).await.with_context(|| format!("listen tcp {addr}"))?;
+            let url_tls = match urls::is_tls(url) {
+                true => Some(cfg.client_tls.server_config(&urls::host(url).into_iter().collect::<Vec<_>>())?),
+                false => None,
+            };
+            metrics_listeners.push((l, url_tls));
+        }
         let auth_cfg = AuthConfig { client_cert_auth: cfg.client_tls.client_cert_auth, ..cfg.auth.clone() };
         let auth = AuthStore::open(backend.clone(), &auth_cfg).await?;
-        Ok(Self { cfg, backend, listeners, auth })
+        Ok(Self { cfg, backend, listeners, metrics_listeners, auth })
     }
 
     /// The TLS configuration when any client URL is https.
@@ -153,7 +169,14 @@ impl Server {
         let refresher = header.start_refresh(self.backend.clone()).await;
         let auth_reloader = self.auth.spawn_reload();
         let alarms = Alarms::load(self.backend.clone()).await.context("loading alarms")?;
-        let router = self.router(&header, alarms);
+        let metrics =
+            Metrics::new(self.backend.clone(), self.cfg.member_id, &self.cfg.version, major_minor(&self.cfg.version));
+        let (router, http_state) = self.router(&header, alarms, metrics);
+        let metrics_servers: Vec<_> = self
+            .metrics_listeners
+            .into_iter()
+            .map(|(l, tls)| crate::http::spawn_metrics_listener(l, tls, http_state.clone()))
+            .collect();
         let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
         let acceptors: Vec<_> =
             self.listeners.into_iter().map(|(l, tls)| conn::spawn_accept_loop(l, tls, conn_tx.clone())).collect();
@@ -173,6 +196,7 @@ impl Server {
             _ = async { let _ = stopped_rx.await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
         };
         refresher.abort();
+        metrics_servers.iter().for_each(|m| m.abort());
         auth_reloader.abort();
         acceptors.iter().for_each(|a| a.abort());
         result
@@ -182,13 +206,16 @@ impl Server {
         &self,
         header: &HeaderSource,
         alarms: Alarms,
-    ) -> tonic::transport::server::Router<Stack<HttpEndpointsLayer, Identity>> {
+        metrics: Metrics,
+    ) -> (tonic::transport::server::Router<Stack<HttpEndpointsLayer, Identity>>, Arc<HttpState>) {
         let cfg = &self.cfg;
         let max_decode = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
         let backend = &self.backend;
         let limits = KvLimits { max_txn_ops: cfg.max_txn_ops, max_request_bytes: cfg.max_request_bytes };
         let guard = Guard::new(self.auth.clone(), backend.clone());
-        let kv = KvService::new(backend.clone(), header.clone(), limits, alarms.clone()).with_auth(guard.clone());
+        let kv = KvService::new(backend.clone(), header.clone(), limits, alarms.clone())
+            .with_auth(guard.clone())
+            .with_metrics(metrics.clone());
         let lease =
             LeaseService::new(backend.clone(), header.clone(), cfg.min_lease_ttl, alarms.clone()).with_auth(guard.clone());
         let maintenance = MaintenanceService::new(backend.clone(), header.clone(), cfg.version.clone(), alarms.clone())
@@ -214,20 +241,23 @@ impl Server {
             .add_service(AuthServer::new(auth).max_decoding_message_size(max_decode))
             .add_service(LockServer::new(LockService::new(core.clone())).max_decoding_message_size(max_decode))
             .add_service(ElectionServer::new(ElectionService::new(core)).max_decoding_message_size(max_decode));
-        let http = HttpEndpointsLayer::new(HttpState {
+        let http_state = Arc::new(HttpState {
             backend: backend.clone(),
             alarms,
             version: cfg.version.clone(),
             gateway: Gateway::new(routes.clone()),
+            metrics,
         });
-        tonic::transport::Server::builder()
+        let http = HttpEndpointsLayer::shared(http_state.clone());
+        let router = tonic::transport::Server::builder()
             .max_concurrent_streams(cfg.max_concurrent_streams)
             .http2_keepalive_interval(Some(cfg.grpc_keepalive_interval))
             .http2_keepalive_timeout(Some(cfg.grpc_keepalive_timeout))
             .trace_fn(|req| tracing::debug_span!("grpc", method = %req.uri().path()))
             .accept_http1(true)
             .layer(http)
-            .add_routes(routes)
+            .add_routes(routes);
+        (router, http_state)
     }
 }
 
