@@ -163,6 +163,7 @@ impl From<BackendError> for ApiError {
             BackendError::Timeout => ApiError::Timeout,
             BackendError::Stopped => ApiError::Stopped,
             BackendError::Unavailable(why) if why.contains("leader changed") => ApiError::LeaderChanged,
+            BackendError::Unavailable(why) if why == "learner not ready" => ApiError::LearnerNotReady,
             BackendError::Unavailable(_) => ApiError::NoLeader,
             BackendError::Internal(why) => ApiError::Internal(why),
         }

@@ -74,7 +74,7 @@ fn init_tracing(level: &str) {
         l => l,
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("{level},h2=warn,hyper=warn,tower=warn,openraft=warn"))
+        tracing_subscriber::EnvFilter::new(format!("{level},h2=warn,hyper=warn,tower=warn,openraft=off"))
     });
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
 }
@@ -157,6 +157,8 @@ fn peer_tls(flags: &Flags) -> ClientTls {
         client_cert_auth: flags.peer_client_cert_auth,
         crl_file: flags.peer_crl_file.clone(),
         auto_tls: flags.peer_auto_tls,
+        allowed_cn: flags.peer_cert_allowed_cn.clone(),
+        allowed_hostname: flags.peer_cert_allowed_hostname.clone(),
         ..client_tls(flags)
     }
 }
@@ -172,11 +174,13 @@ fn client_tls(flags: &Flags) -> ClientTls {
         cipher_suites: split_urls(&flags.cipher_suites),
         min_version: flags.tls_min_version.clone(),
         max_version: flags.tls_max_version.clone(),
+        allowed_cn: String::new(),
+        allowed_hostname: String::new(),
     }
 }
 
 async fn serve(flags: Flags) -> anyhow::Result<()> {
-    let cfg = server_config(&flags)?;
+    let mut cfg = server_config(&flags)?;
     tracing::info!(
         name = %cfg.name, data_dir = %flags.data_dir(), backend = ?flags.backend,
         member_id = %format!("{:x}", cfg.member_id), cluster_id = %format!("{:x}", cfg.cluster_id),
@@ -189,7 +193,25 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
     let backend: Arc<dyn Backend> = match flags.backend {
         BackendKind::Memory => MemoryBackend::new(),
         BackendKind::Native => {
-            let b = NativeBackend::open(native_config(&flags, cfg.member_id)?)
+            let mut ncfg = native_config(&flags, cfg.member_id, cfg.cluster_id)?;
+            if clustered(&flags)? && flags.initial_cluster_state == "existing" {
+                // Joining: the cluster chose this member's ID when it was added.
+                let urls: Vec<String> = ncfg.initial_cluster.values().cloned().collect();
+                let mine = cfg.peer_urls.first().cloned().unwrap_or_default();
+                let (member_id, cluster_id) =
+                    NativeBackend::discover(&urls, &mine, ncfg.peer_tls.clone(), std::time::Duration::from_secs(60))
+                        .await
+                        .context("joining an existing cluster")?;
+                tracing::info!(
+                    member_id = %format!("{member_id:x}"), cluster_id = %format!("{cluster_id:x}"),
+                    "joining an existing cluster"
+                );
+                cfg.member_id = member_id;
+                cfg.cluster_id = cluster_id;
+                ncfg.member_id = member_id;
+                ncfg.cluster_id = cluster_id;
+            }
+            let b = NativeBackend::open(ncfg)
                 .await
                 .context("opening the native backend")?;
             if b.is_clustered() {
@@ -245,7 +267,7 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
     result
 }
 
-fn native_config(flags: &Flags, member_id: u64) -> anyhow::Result<NativeConfig> {
+fn native_config(flags: &Flags, member_id: u64, cluster_id: u64) -> anyhow::Result<NativeConfig> {
     let members = initial_members(flags)?;
     let initial_cluster = members.iter().filter_map(|m| Some((m.id, m.peer_urls.first()?.clone()))).collect();
     let https = members.iter().flat_map(|m| &m.peer_urls).any(|u| u.starts_with("https://"));
@@ -258,6 +280,7 @@ fn native_config(flags: &Flags, member_id: u64) -> anyhow::Result<NativeConfig> 
     Ok(NativeConfig {
         initial_cluster,
         join_existing: flags.initial_cluster_state == "existing",
+        cluster_id,
         peer_tls,
         data_dir: flags.data_dir().into(),
         snapshot_count: flags.snapshot_count,

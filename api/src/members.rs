@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use cairn_backend::{Backend, BackendError};
+use cairn_backend::{Backend, BackendError, MemberChange};
 use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 
@@ -48,6 +48,11 @@ pub struct Members {
     /// The members of --initial-cluster; empty: this member alone.
     initial: Vec<Member>,
     strict: bool,
+}
+
+/// The first peer URL, where the backend's replication reaches a member.
+fn first_url(m: &Member) -> String {
+    m.peer_urls.first().cloned().unwrap_or_default()
 }
 
 /// etcd's ID for a member added at runtime: the first 8 bytes (big-endian) of SHA-1 over the
@@ -171,6 +176,11 @@ impl Members {
         }
     }
 
+    /// A member of a replicated cluster (more than one initial member).
+    fn clustered(&self) -> bool {
+        self.initial.len() > 1
+    }
+
     fn started(m: &Member) -> bool {
         !m.client_urls.is_empty()
     }
@@ -228,6 +238,7 @@ impl Members {
         };
         let me = self.me.id;
         let strict = self.strict;
+        let clustered = self.clustered();
         let (_, state) = self
             .update(|s| {
                 let voters: Vec<&Member> = s.members.iter().filter(|m| !m.is_learner).collect();
@@ -241,8 +252,9 @@ impl Members {
                             return Err(ApiError::MemberNotEnoughStarted);
                         }
                     }
-                    // Every other voter must be connected; none ever is.
-                    if voters.iter().any(|m| m.id != me) {
+                    // Every other voter must be connected: a started member of a cluster is
+                    // taken as connected; a single node has no connection to anyone.
+                    if !clustered && voters.iter().any(|m| m.id != me) {
                         return Err(ApiError::Unhealthy);
                     }
                 }
@@ -268,6 +280,9 @@ impl Members {
                 Ok(())
             })
             .await?;
+        self.backend
+            .member_change(MemberChange::Add { id: new.id, peer_url: first_url(&new), learner: new.is_learner })
+            .await?;
         tracing::info!(id = %format!("{:x}", new.id), peer_urls = ?new.peer_urls, learner = new.is_learner, "added member");
         Ok((new, state.members))
     }
@@ -276,6 +291,7 @@ impl Members {
     pub async fn remove(&self, id: u64) -> Result<Vec<Member>, ApiError> {
         let me = self.me.id;
         let strict = self.strict;
+        let clustered = self.clustered();
         let (_, state) = self
             .update(|s| {
                 let target = s.members.iter().find(|m| m.id == id);
@@ -293,7 +309,7 @@ impl Members {
                         return Err(ApiError::MemberNotEnoughStarted);
                     }
                 }
-                if id == me {
+                if id == me && !clustered {
                     // Removing the only running member would stop the cluster for good; Cairn
                     // cannot hand over to anyone.
                     return Err(ApiError::MemberNotEnoughStarted);
@@ -306,6 +322,7 @@ impl Members {
                 Ok(())
             })
             .await?;
+        self.backend.member_change(MemberChange::Remove { id }).await?;
         tracing::info!(id = %format!("{id:x}"), "removed member");
         Ok(state.members)
     }
@@ -334,6 +351,9 @@ impl Members {
                 Ok(())
             })
             .await?;
+        if let Some(url) = peer_urls.first() {
+            self.backend.member_change(MemberChange::Update { id, peer_url: url.clone() }).await?;
+        }
         tracing::info!(id = %format!("{id:x}"), peer_urls = ?peer_urls, "updated member");
         Ok(state.members)
     }
@@ -342,6 +362,25 @@ impl Members {
     /// (90%); an added member never runs here, so it never has. This member is a voter.
     pub async fn promote(&self, id: u64) -> Result<Vec<Member>, ApiError> {
         let (_, state) = self.load().await?;
+        if self.clustered() && !state.removed.contains(&id) {
+            match state.members.iter().find(|m| m.id == id) {
+                Some(m) if m.is_learner => {
+                    self.backend.member_change(MemberChange::Promote { id }).await?;
+                    let (_, state) = self
+                        .update(|s| {
+                            for m in s.members.iter_mut().filter(|m| m.id == id) {
+                                m.is_learner = false;
+                            }
+                            Ok(())
+                        })
+                        .await?;
+                    tracing::info!(id = %format!("{id:x}"), "promoted member");
+                    return Ok(state.members);
+                }
+                Some(_) => return Err(ApiError::MemberNotLearner),
+                None => return Err(ApiError::MemberNotFound),
+            }
+        }
         match state.members.iter().find(|m| m.id == id) {
             _ if state.removed.contains(&id) => Err(ApiError::MemberNotFound),
             // Known to raft but not caught up.

@@ -27,6 +27,11 @@ pub struct ClientTls {
     /// "TLS1.2" / "TLS1.3" or empty.
     pub min_version: String,
     pub max_version: String,
+    /// --peer-cert-allowed-cn: a verified client certificate must carry this common name.
+    pub allowed_cn: String,
+    /// --peer-cert-allowed-hostname: a verified client certificate must be valid for this
+    /// host name (a DNS or IP subject alternative name).
+    pub allowed_hostname: String,
 }
 
 impl ClientTls {
@@ -104,7 +109,12 @@ impl ClientTls {
             verifier = verifier.with_crls(load_crls(Path::new(&self.crl_file))?);
         }
         let inner = verifier.build().context("client certificate verifier")?;
-        Ok(Arc::new(TrustedRootAsClient { inner, trusted }))
+        Ok(Arc::new(TrustedRootAsClient {
+            inner,
+            trusted,
+            allowed_cn: self.allowed_cn.clone(),
+            allowed_hostname: self.allowed_hostname.clone(),
+        }))
     }
 
     /// ring's provider, restricted to --cipher-suites when given (TLS 1.3 suites stay, as Go
@@ -158,6 +168,48 @@ impl ClientTls {
 struct TrustedRootAsClient {
     inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     trusted: Vec<CertificateDer<'static>>,
+    allowed_cn: String,
+    allowed_hostname: String,
+}
+
+impl TrustedRootAsClient {
+    /// etcd's allowed CN / host name checks on a verified client certificate. A refusal is a
+    /// "bad certificate" alert, which a Go client reports as "remote error: tls: bad certificate".
+    fn check_names(&self, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        if self.allowed_cn.is_empty() && self.allowed_hostname.is_empty() {
+            return Ok(());
+        }
+        // Logged by the acceptor (as the handshake failure), not here.
+        let refuse = || rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName);
+        let (_, c) = x509_parser::parse_x509_certificate(cert).map_err(|_| refuse())?;
+        if !self.allowed_cn.is_empty() {
+            let cn = c.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok());
+            if cn != Some(self.allowed_cn.as_str()) {
+                tracing::debug!(cn = ?cn, allowed = %self.allowed_cn, "rejected a peer certificate: common name not allowed");
+                return Err(refuse());
+            }
+        }
+        if !self.allowed_hostname.is_empty() {
+            let want = self.allowed_hostname.as_str();
+            let ip: Option<std::net::IpAddr> = want.parse().ok();
+            let ok = c.subject_alternative_name().ok().flatten().is_some_and(|san| {
+                san.value.general_names.iter().any(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => d.eq_ignore_ascii_case(want),
+                    x509_parser::extensions::GeneralName::IPAddress(b) => match (ip, b.len()) {
+                        (Some(std::net::IpAddr::V4(v4)), 4) => v4.octets() == **b,
+                        (Some(std::net::IpAddr::V6(v6)), 16) => v6.octets() == **b,
+                        _ => false,
+                    },
+                    _ => false,
+                })
+            });
+            if !ok {
+                tracing::debug!(allowed = %want, "rejected a peer certificate: not valid for the allowed host name");
+                return Err(refuse());
+            }
+        }
+        Ok(())
+    }
 }
 
 impl rustls::server::danger::ClientCertVerifier for TrustedRootAsClient {
@@ -179,7 +231,7 @@ impl rustls::server::danger::ClientCertVerifier for TrustedRootAsClient {
         intermediates: &[CertificateDer<'_>],
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        match self.inner.verify_client_cert(end_entity, intermediates, now) {
+        let verified = match self.inner.verify_client_cert(end_entity, intermediates, now) {
             Err(e) if intermediates.is_empty() && self.trusted.iter().any(|t| t.as_ref() == end_entity.as_ref()) => {
                 let valid = x509_parser::parse_x509_certificate(end_entity)
                     .map(|(_, c)| {
@@ -194,7 +246,9 @@ impl rustls::server::danger::ClientCertVerifier for TrustedRootAsClient {
                 }
             }
             other => other,
-        }
+        }?;
+        self.check_names(end_entity)?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(

@@ -143,4 +143,55 @@ fn three_processes_are_one_etcd() {
         hashes.iter().all(|h| *h == hashes[0]),
         "HashKV differs: {hashes:?}"
     );
+
+    // etcd's way to grow (or replace a member): `member add`, then start the new member with
+    // --initial-cluster-state existing. It learns its ID from the cluster, catches up and
+    // serves; `member remove` takes it out again.
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let added = json(&ctl(
+        m(&members, 0),
+        &["member", "add", "n3", "--peer-urls", &url, "-w", "json"],
+    ));
+    let new_id = added["member"]["ID"].as_u64().unwrap();
+    let initial = format!("{},n3={url}", specs[0].args[7]);
+    let args: Vec<String> = [
+        "--data-dir",
+        &dir.path().join("n3").display().to_string(),
+        "--listen-peer-urls",
+        &url,
+        "--initial-advertise-peer-urls",
+        &url,
+        "--initial-cluster",
+        &initial,
+        "--initial-cluster-state",
+        "existing",
+        "--initial-cluster-token",
+        "cluster-test",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let joined = start(&Spec {
+        name: "n3".into(),
+        args,
+    })
+    .ready();
+    assert_eq!(ctl(&joined, &["get", "k", "--print-value-only"]).trim(), "v2");
+    let st = json(&ctl(&joined, &["endpoint", "status", "-w", "json"]));
+    assert_eq!(st[0]["Status"]["header"]["member_id"].as_u64(), Some(new_id));
+    let list = json(&ctl(m(&members, 1), &["member", "list", "-w", "json"]));
+    let n3 = list["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["ID"].as_u64() == Some(new_id))
+        .cloned();
+    assert_eq!(n3.as_ref().and_then(|x| x["name"].as_str()), Some("n3"), "{list}");
+    // A write through the new member reaches the others.
+    assert_eq!(ctl(&joined, &["put", "k", "v3"]).trim(), "OK");
+    assert_eq!(ctl(m(&members, 2), &["get", "k", "--print-value-only"]).trim(), "v3");
+    ctl(m(&members, 0), &["member", "remove", &format!("{new_id:x}")]);
+    let list = json(&ctl(m(&members, 1), &["member", "list", "-w", "json"]));
+    assert_eq!(list["members"].as_array().unwrap().len(), 3, "{list}");
+    assert_eq!(ctl(m(&members, 1), &["put", "k", "v4"]).trim(), "OK");
 }

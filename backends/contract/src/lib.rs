@@ -131,4 +131,14 @@ pub trait Backend: Send + Sync + 'static {
     /// and returns the new version (`expected + 1`); returns `None` and changes nothing when the
     /// version differs (another writer got there first). Atomic across processes.
     async fn doc_put(&self, name: &str, expected: u64, value: Vec<u8>) -> Result<Option<u64>>;
+
+    /// Applies a cluster membership change (MemberAdd, MemberRemove, MemberUpdate) to the
+    /// backend's own replication, for backends whose members replicate among themselves (the
+    /// native backend's raft group). The frontend records the membership itself (in a
+    /// document) and calls this after it did. Backends without members of their own do
+    /// nothing (the default).
+    async fn member_change(&self, change: MemberChange) -> Result<()> {
+        let _ = change;
+        Ok(())
+    }
 }

@@ -361,6 +361,20 @@ pub struct HashKv {
     pub revision: Revision,
 }
 
+/// A membership change (see `Backend::member_change`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberChange {
+    /// A new member at `peer_url`; a voter once it caught up with the leader, unless `learner`.
+    Add { id: u64, peer_url: String, learner: bool },
+    /// The learner becomes a voter; refused with `BackendError::Unavailable("learner not
+    /// ready")` until it caught up with the leader.
+    Promote { id: u64 },
+    /// The member leaves the group for good.
+    Remove { id: u64 },
+    /// The member moved to `peer_url`.
+    Update { id: u64, peer_url: String },
+}
+
 /// A named document and its version (see `Backend::doc_get`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Doc {

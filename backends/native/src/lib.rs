@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use cairn_backend::{
     Backend, BackendError, BackendStatus, CompactResponse, FeedItem, FeedStream, HashKv,
-    LeaseGrant, LeaseId, LeaseInfo, RangeRequest, RangeResponse, Result, Revision, TxnRequest,
+    LeaseGrant, LeaseId, LeaseInfo, MemberChange, RangeRequest, RangeResponse, Result, Revision, TxnRequest,
     TxnResponse,
 };
 use openraft::{BasicNode, Config, SnapshotPolicy};
@@ -70,6 +70,8 @@ pub struct NativeConfig {
     pub join_existing: bool,
     /// TLS for dialling https peer URLs (--peer-cert-file, --peer-auto-tls...).
     pub peer_tls: Option<Arc<rustls::ClientConfig>>,
+    /// The cluster ID, told to members that join ([`NativeBackend::discover`]).
+    pub cluster_id: u64,
 }
 
 impl Default for NativeConfig {
@@ -84,6 +86,7 @@ impl Default for NativeConfig {
             initial_cluster: BTreeMap::new(),
             join_existing: false,
             peer_tls: None,
+            cluster_id: 0,
         }
     }
 }
@@ -107,6 +110,7 @@ pub struct NativeBackend {
     /// More than one member: raft talks to peers, and requests may go through the leader.
     clustered: bool,
     peers: Peers,
+    cluster_id: u64,
     /// How long a request may wait for a leader, a forwarded write or a read index (etcd's
     /// request timeout: 5 s plus two election timeouts).
     request_timeout: Duration,
@@ -188,6 +192,7 @@ impl NativeBackend {
                 cfg.quota_backend_bytes
             },
             clustered,
+            cluster_id: cfg.cluster_id,
             peers,
             request_timeout: Duration::from_millis(5_000 + 2 * election),
             tasks: parking_lot::Mutex::new(Vec::new()),
@@ -199,6 +204,44 @@ impl NativeBackend {
         ];
         *backend.tasks.lock() = tasks;
         Ok(backend)
+    }
+
+    /// For a member joining a running cluster (--initial-cluster-state existing): asks the
+    /// members at `peer_urls` which member ID the cluster gave `my_peer_url` (through
+    /// MemberAdd) and the cluster's ID. Retries until one answers, for up to `patience`.
+    pub async fn discover(
+        peer_urls: &[String],
+        my_peer_url: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        patience: Duration,
+    ) -> anyhow::Result<(u64, u64)> {
+        let peers = Peers::new(tls);
+        let deadline = Instant::now() + patience;
+        let req = PeerRequest::Whois {
+            peer_url: my_peer_url.to_string(),
+        };
+        loop {
+            let mut last = String::from("no other member listed in --initial-cluster");
+            for (i, url) in peer_urls.iter().filter(|u| *u != my_peer_url).enumerate() {
+                match peers.call(u64::MAX - i as u64, url, &req).await {
+                    Ok(PeerResponse::Whois {
+                        member_id: Some(id),
+                        cluster_id,
+                    }) => return Ok((id, cluster_id)),
+                    Ok(PeerResponse::Whois { member_id: None, .. }) => {
+                        anyhow::bail!(
+                            "member with peer URL {my_peer_url} has not been added to the cluster (etcdctl member add)"
+                        )
+                    }
+                    Ok(other) => last = format!("{url}: unexpected answer {other:?}"),
+                    Err(e) => last = format!("{url}: {e}"),
+                }
+            }
+            if Instant::now() >= deadline {
+                anyhow::bail!("could not reach the existing cluster: {last}");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// Whether this member is part of a multi-member cluster.
@@ -440,6 +483,131 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(BackendError::internal)?
 }
 
+fn raft_write_err(
+    e: openraft::error::RaftError<u64, openraft::error::ClientWriteError<u64, BasicNode>>,
+) -> BackendError {
+    use openraft::error::{ClientWriteError, RaftError};
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            BackendError::Unavailable(NOT_LEADER.into())
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            BackendError::Unavailable(format!("membership change refused: {e}"))
+        }
+        RaftError::Fatal(_) => BackendError::Stopped,
+    }
+}
+
+/// A learner is ready to vote once it holds this share of the leader's log (etcd's 90%).
+fn caught_up(matched: u64, last: u64) -> bool {
+    matched * 10 >= last * 9
+}
+
+/// What the leader knows of member `id`: whether this member leads, whether `id` is a learner,
+/// the log index replicated to it, and the leader's last log index.
+fn replication_of(raft: &Raft, id: u64) -> (bool, bool, Option<u64>, u64) {
+    let m = raft.metrics();
+    let m = m.borrow();
+    let membership = m.membership_config.membership();
+    let is_learner =
+        membership.get_node(&id).is_some() && !membership.voter_ids().any(|v| v == id);
+    let matched = m
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&id).copied().flatten())
+        .map(|l| l.index);
+    (
+        m.current_leader == Some(m.id),
+        is_learner,
+        matched,
+        m.last_log_index.unwrap_or(0),
+    )
+}
+
+impl NativeBackend {
+    /// Makes a membership change on the leader. A voter added through MemberAdd joins as a
+    /// raft learner and is promoted by a task once it caught up, so that a member that was
+    /// added but not started yet never counts against the quorum.
+    async fn change_members(&self, change: MemberChange) -> Result<()> {
+        use openraft::ChangeMembers;
+        use std::collections::BTreeSet;
+        match change {
+            MemberChange::Add {
+                id,
+                peer_url,
+                learner,
+            } => {
+                self.raft
+                    .add_learner(id, BasicNode { addr: peer_url }, false)
+                    .await
+                    .map_err(raft_write_err)?;
+                if !learner {
+                    tokio::spawn(promote_when_caught_up(self.raft.clone(), id));
+                }
+            }
+            MemberChange::Promote { id } => {
+                let (_, _, matched, last) = replication_of(&self.raft, id);
+                if !caught_up(matched.unwrap_or(0), last) {
+                    return Err(BackendError::Unavailable("learner not ready".into()));
+                }
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(raft_write_err)?;
+            }
+            MemberChange::Remove { id } => {
+                let (_, is_learner, _, _) = replication_of(&self.raft, id);
+                let change = if is_learner {
+                    ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+                } else {
+                    ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+                };
+                self.raft
+                    .change_membership(change, false)
+                    .await
+                    .map_err(raft_write_err)?;
+            }
+            MemberChange::Update { id, peer_url } => {
+                let nodes = BTreeMap::from([(id, BasicNode { addr: peer_url })]);
+                self.raft
+                    .change_membership(ChangeMembers::SetNodes(nodes), true)
+                    .await
+                    .map_err(raft_write_err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Promotes learner `id` to voter once it caught up, while this member leads.
+async fn promote_when_caught_up(raft: Raft, id: u64) {
+    use openraft::ChangeMembers;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (leads, is_learner, matched, last) = replication_of(&raft, id);
+        if !leads || !is_learner {
+            return;
+        }
+        if !matched.is_some_and(|m| caught_up(m, last)) {
+            continue;
+        }
+        let voters = std::collections::BTreeSet::from([id]);
+        match raft
+            .change_membership(ChangeMembers::AddVoterIds(voters), false)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(member = %format!("{id:x}"), "added member caught up: now a voter");
+                return;
+            }
+            Err(e) => tracing::warn!(
+                member = %format!("{id:x}"), error = %e,
+                "promoting an added member failed; retrying"
+            ),
+        }
+    }
+}
+
 fn unexpected_peer(r: PeerResponse) -> BackendError {
     BackendError::Internal(format!("unexpected answer from the leader: {r:?}"))
 }
@@ -480,6 +648,20 @@ impl NativeBackend {
 
     /// Answers a request as the leader; `NOT_LEADER` when this member does not lead.
     async fn serve_leader(&self, req: PeerRequest) -> PeerResponse {
+        if let PeerRequest::Whois { peer_url } = &req {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let member_id = m
+                .membership_config
+                .membership()
+                .nodes()
+                .find(|(_, n)| &n.addr == peer_url)
+                .map(|(id, _)| *id);
+            return PeerResponse::Whois {
+                member_id,
+                cluster_id: self.cluster_id,
+            };
+        }
         if self.clustered && !self.is_leader() {
             return PeerResponse::Err(BackendError::Unavailable(NOT_LEADER.into()));
         }
@@ -496,6 +678,11 @@ impl NativeBackend {
                 .refresh(id)
                 .map(PeerResponse::KeepAlive)
                 .ok_or(BackendError::LeaseNotFound),
+            PeerRequest::Whois { .. } => unreachable!("answered above"),
+            PeerRequest::Member(change) => self
+                .change_members(change)
+                .await
+                .map(|()| PeerResponse::Done),
             PeerRequest::TimeToLive { id, keys } => {
                 let store = self.store.clone();
                 blocking(move || store.lease_info(id, keys))
@@ -655,6 +842,18 @@ impl Backend for NativeBackend {
     async fn defragment(&self) -> Result<()> {
         let store = self.store.clone();
         blocking(move || store.defragment()).await
+    }
+
+    async fn member_change(&self, change: MemberChange) -> Result<()> {
+        if !self.clustered {
+            // A single-node group: members added through the API are recorded by the
+            // frontend only.
+            return Ok(());
+        }
+        match self.leader_call(PeerRequest::Member(change)).await? {
+            PeerResponse::Done => Ok(()),
+            other => Err(unexpected_peer(other)),
+        }
     }
 
     async fn doc_get(&self, name: &str) -> Result<Option<cairn_backend::Doc>> {

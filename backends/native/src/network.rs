@@ -39,11 +39,15 @@ fn io(msg: String) -> std::io::Error {
     std::io::Error::other(msg)
 }
 
-/// Transport failures: a peer that cannot be reached at all is `Unreachable` (openraft backs
-/// off), anything else a `Network` error (retried at once).
+/// Transport failures: a peer that cannot be reached or refuses the connection (down, TLS
+/// refused) is `Unreachable`, so openraft backs off instead of retrying in a busy loop; a
+/// timed-out or cancelled call is a `Network` error, retried at once.
 fn rpc_err<E: std::error::Error>(s: tonic::Status) -> RPCError<NodeId, BasicNode, E> {
     let msg = format!("{}: {}", s.code(), s.message());
-    if s.code() == tonic::Code::Unavailable {
+    if !matches!(
+        s.code(),
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+    ) {
         RPCError::Unreachable(Unreachable::new(&io(msg)))
     } else {
         RPCError::Network(NetworkError::new(&io(msg)))
@@ -51,6 +55,18 @@ fn rpc_err<E: std::error::Error>(s: tonic::Status) -> RPCError<NodeId, BasicNode
 }
 
 impl PeerConnection {
+    /// Logs a failed RPC (throttled: a member that is down would otherwise fill the log at
+    /// the heartbeat rate).
+    fn note<T, E: std::error::Error>(
+        &self,
+        r: Result<T, RPCError<NodeId, BasicNode, E>>,
+    ) -> Result<T, RPCError<NodeId, BasicNode, E>> {
+        if let Err(e) = &r {
+            crate::peer::warn_throttled(&format!("member {:x} ({})", self.target, self.addr), e);
+        }
+        r
+    }
+
     fn request<T: serde::Serialize, E: std::error::Error>(
         &self,
         v: &T,
@@ -79,9 +95,13 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let req = self.request(&rpc, &option)?;
-        let resp = self.client()?.append_entries(req).await.map_err(rpc_err)?;
-        decode(resp.get_ref()).map_err(rpc_err)
+        let r = async {
+            let req = self.request(&rpc, &option)?;
+            let resp = self.client()?.append_entries(req).await.map_err(rpc_err)?;
+            decode(resp.get_ref()).map_err(rpc_err)
+        }
+        .await;
+        self.note(r)
     }
 
     async fn install_snapshot(
@@ -92,13 +112,13 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        let req = self.request(&rpc, &option)?;
-        let resp = self
-            .client()?
-            .install_snapshot(req)
-            .await
-            .map_err(rpc_err)?;
-        decode(resp.get_ref()).map_err(rpc_err)
+        let r = async {
+            let req = self.request(&rpc, &option)?;
+            let resp = self.client()?.install_snapshot(req).await.map_err(rpc_err)?;
+            decode(resp.get_ref()).map_err(rpc_err)
+        }
+        .await;
+        self.note(r)
     }
 
     async fn vote(
@@ -106,8 +126,12 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let req = self.request(&rpc, &option)?;
-        let resp = self.client()?.vote(req).await.map_err(rpc_err)?;
-        decode(resp.get_ref()).map_err(rpc_err)
+        let r = async {
+            let req = self.request(&rpc, &option)?;
+            let resp = self.client()?.vote(req).await.map_err(rpc_err)?;
+            decode(resp.get_ref()).map_err(rpc_err)
+        }
+        .await;
+        self.note(r)
     }
 }

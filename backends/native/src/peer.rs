@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use cairn_backend::{BackendError, LeaseId, LeaseInfo};
+use cairn_backend::{BackendError, LeaseId, LeaseInfo, MemberChange};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
@@ -40,6 +40,11 @@ pub enum PeerRequest {
         id: LeaseId,
         keys: bool,
     },
+    /// A membership change, made by the leader.
+    Member(MemberChange),
+    /// Which member has this peer URL, and which cluster is this (asked by a member that
+    /// starts with --initial-cluster-state existing). Any member answers.
+    Whois { peer_url: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -48,6 +53,8 @@ pub enum PeerResponse {
     ReadIndex(u64),
     KeepAlive(i64),
     TimeToLive(LeaseInfo),
+    Done,
+    Whois { member_id: Option<u64>, cluster_id: u64 },
     Err(BackendError),
 }
 
@@ -157,7 +164,7 @@ fn tls_connector(
     cfg: Arc<rustls::ClientConfig>,
 ) -> impl tower::Service<
     http::Uri,
-    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    Response = hyper_util::rt::TokioIo<PeerTls>,
     Error = std::io::Error,
     Future = impl Send,
 > + Clone
@@ -173,14 +180,117 @@ fn tls_connector(
             let port = uri.port_u16().unwrap_or(2380);
             let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
             tcp.set_nodelay(true)?;
-            let name = rustls::pki_types::ServerName::try_from(host)
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let addr = format!("{host}:{port}");
             let tls = tokio_rustls::TlsConnector::from(cfg)
                 .connect(name, tcp)
-                .await?;
-            Ok(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(|e| {
+                    let e = go_tls_error(e);
+                    warn_throttled(&addr, &e);
+                    e
+                })?;
+            Ok(hyper_util::rt::TokioIo::new(PeerTls { inner: tls, addr }))
         }
     })
+}
+
+/// A TLS connection to a peer. With TLS 1.3 the peer refuses a client certificate only after
+/// the client finished its handshake, so the alert arrives on the first read: it is reported
+/// (and logged) there, in Go's words.
+pub struct PeerTls {
+    inner: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    addr: String,
+}
+
+impl tokio::io::AsyncRead for PeerTls {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
+            std::task::Poll::Ready(Err(e)) => {
+                let e = go_tls_error(e);
+                warn_throttled(&self.addr, &e);
+                std::task::Poll::Ready(Err(e))
+            }
+            other => other,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for PeerTls {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A TLS alert from the peer, worded as Go reports it ("remote error: tls: bad certificate"),
+/// so operators (and etcd's tests) see etcd's message.
+fn go_tls_error(e: std::io::Error) -> std::io::Error {
+    use rustls::AlertDescription as A;
+    let Some(rustls::Error::AlertReceived(alert)) =
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+    else {
+        return e;
+    };
+    let what = match alert {
+        A::BadCertificate => "bad certificate".to_string(),
+        A::UnknownCA => "unknown certificate authority".to_string(),
+        A::CertificateExpired => "expired certificate".to_string(),
+        A::CertificateRevoked => "revoked certificate".to_string(),
+        A::HandshakeFailure => "handshake failure".to_string(),
+        A::AccessDenied => "access denied".to_string(),
+        A::CertificateRequired => "certificate required".to_string(),
+        other => format!("{other:?}").to_lowercase(),
+    };
+    std::io::Error::new(e.kind(), format!("remote error: tls: {what}"))
+}
+
+/// Logs a failed peer connection at most once a second per peer address.
+pub(crate) fn warn_throttled(addr: &str, e: &dyn std::fmt::Display) {
+    static LAST: parking_lot::Mutex<Option<HashMap<String, std::time::Instant>>> =
+        parking_lot::Mutex::new(None);
+    let mut last = LAST.lock();
+    let m = last.get_or_insert_with(HashMap::new);
+    let now = std::time::Instant::now();
+    if m.get(addr).is_some_and(|t| now.duration_since(*t) < Duration::from_secs(1)) {
+        return;
+    }
+    m.insert(addr.to_string(), now);
+    tracing::warn!(peer = %addr, error = %e, "peer connection failed");
 }
 
 /// What the peer service needs from the member it runs in.
