@@ -12,9 +12,16 @@
 //! `/v3/lease/keepalive`, `/v3/maintenance/snapshot`, `/v3/election/observe`) answer with one
 //! `{"result":{...}}` per message, each followed by a newline; a body may carry several request
 //! objects one after the other.
+//!
+//! etcd's gateway reaches its gRPC server over one client connection, so the server's
+//! `--max-concurrent-streams` bounds how many gateway calls run at once: a call beyond it waits
+//! until another ends (etcd's e2e v3_curl_maxstream_test.go relies on that). The gateway keeps
+//! the same bound with a semaphore: each call holds a permit until its answer (or its stream)
+//! ends.
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use cairn_proto::{etcdserverpb as pb, v3electionpb as el, v3lockpb as lk};
@@ -26,6 +33,7 @@ use http_body::Frame;
 use http_body_util::{Full, StreamBody};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::body::Body;
 use tonic::client::Grpc;
 use tonic::metadata::{MetadataMap, MetadataValue};
@@ -37,12 +45,16 @@ use tonic_prost::ProstCodec;
 #[derive(Clone)]
 pub struct Gateway {
     routes: Routes,
+    /// --max-concurrent-streams, as a bound on calls in flight (none: unbounded).
+    streams: Option<Arc<Semaphore>>,
 }
 
 /// What a gateway call needs from the HTTP request.
 struct Call {
     metadata: MetadataMap,
     body: Bytes,
+    /// This call's share of --max-concurrent-streams, held until it ends.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 type Answer = BoxFuture<'static, Response<Body>>;
@@ -51,7 +63,14 @@ impl Gateway {
     /// `routes` must hold every service the gateway maps (KV, Watch, Lease, Cluster,
     /// Maintenance, Auth, Lock, Election).
     pub fn new(routes: Routes) -> Self {
-        Self { routes }
+        Self { routes, streams: None }
+    }
+
+    /// Bounds the calls in flight at once to `max_concurrent_streams`, as etcd's gateway
+    /// connection to its own gRPC server is.
+    pub fn with_stream_limit(mut self, max_concurrent_streams: Option<u32>) -> Self {
+        self.streams = max_concurrent_streams.map(|n| Arc::new(Semaphore::new(n as usize)));
+        self
     }
 
     /// True for the paths the gateway owns (everything under `/v3/`, `/v3beta/`, `/v3alpha/`).
@@ -64,16 +83,21 @@ impl Gateway {
         let Some(path) = canonical(path) else {
             return with_cors(plain(StatusCode::NOT_FOUND, "Not Found\n"));
         };
-        let call = Call { metadata: metadata_from(headers), body };
-        let routes = self.routes.clone();
-        let answer = match route(&path, routes, call) {
-            Some(_) if method != http::Method::POST => {
-                return with_cors(plain(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n"));
-            }
-            Some(answer) => answer,
-            None => return with_cors(plain(StatusCode::NOT_FOUND, "Not Found\n")),
+        if !is_method(&path) {
+            return with_cors(plain(StatusCode::NOT_FOUND, "Not Found\n"));
+        }
+        if method != http::Method::POST {
+            return with_cors(plain(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n"));
+        }
+        let permit = match &self.streams {
+            Some(streams) => Some(streams.clone().acquire_owned().await.expect("the semaphore is never closed")),
+            None => None,
         };
-        with_cors(answer.await)
+        let call = Call { metadata: metadata_from(headers), body, permit };
+        match route(&path, self.routes.clone(), call) {
+            Some(answer) => with_cors(answer.await),
+            None => with_cors(plain(StatusCode::NOT_FOUND, "Not Found\n")),
+        }
     }
 }
 
@@ -83,6 +107,13 @@ fn canonical(path: &str) -> Option<String> {
         return Some(path.to_string());
     }
     ["/v3beta/", "/v3alpha/"].iter().find_map(|p| path.strip_prefix(p)).map(|rest| format!("/v3/{rest}"))
+}
+
+/// Whether the gateway maps `path` (canonical) to a gRPC method.
+fn is_method(path: &str) -> bool {
+    let probe = Call { metadata: MetadataMap::new(), body: Bytes::new(), permit: None };
+    // Building the answer future does not run it.
+    route(path, Routes::default(), probe).is_some()
 }
 
 /// The HTTP path's gRPC method, called. `None` for a path no method has.
@@ -346,7 +377,7 @@ where
     }
     .await;
     match result {
-        Ok(resp) => forward_stream(resp.into_inner()).await,
+        Ok(resp) => forward_stream(resp.into_inner(), call.permit).await,
         Err(status) => stream_error_response(&status),
     }
 }
@@ -376,7 +407,7 @@ where
     }
     .await;
     match result {
-        Ok(resp) => forward_stream(resp.into_inner()).await,
+        Ok(resp) => forward_stream(resp.into_inner(), call.permit).await,
         Err(status) => stream_error_response(&status),
     }
 }
@@ -387,7 +418,10 @@ type Chunks = Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, Infallible>> + Send
 /// message is `{"result":...}` and a newline; an error ends the stream with
 /// `{"error":{"grpc_code":..,"http_code":..,"message":..,"http_status":..}}` (with the error's
 /// HTTP status when it comes before any message).
-async fn forward_stream<Resp>(mut inbound: tonic::Streaming<Resp>) -> Response<Body>
+async fn forward_stream<Resp>(
+    mut inbound: tonic::Streaming<Resp>,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Response<Body>
 where
     Resp: Serialize + Send + 'static,
 {
@@ -397,11 +431,12 @@ where
         Some(Ok(m)) => m,
     };
     let head = futures::stream::once(async move { result_chunk(&first) });
-    let rest = futures::stream::unfold(Some(inbound), |state| async move {
-        let mut inbound = state?;
+    // The permit lives as long as the stream: until it ends or the client goes away.
+    let rest = futures::stream::unfold(Some((inbound, permit)), |state| async move {
+        let (mut inbound, permit) = state?;
         match inbound.next().await {
             None => None,
-            Some(Ok(m)) => Some((result_chunk(&m), Some(inbound))),
+            Some(Ok(m)) => Some((result_chunk(&m), Some((inbound, permit)))),
             Some(Err(status)) => Some((stream_error_chunk(&status), None)),
         }
     });

@@ -245,7 +245,7 @@ impl Server {
             backend: backend.clone(),
             alarms,
             version: cfg.version.clone(),
-            gateway: Gateway::new(routes.clone()),
+            gateway: Gateway::new(routes.clone()).with_stream_limit(cfg.max_concurrent_streams),
             metrics,
         });
         let http = HttpEndpointsLayer::shared(http_state.clone());

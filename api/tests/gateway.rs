@@ -272,3 +272,39 @@ fn base64_of(b: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(b)
 }
+
+#[test]
+fn max_concurrent_streams_bounds_gateway_calls() {
+    // etcd's gateway shares one connection to its gRPC server, so with --max-concurrent-streams
+    // 2 and two open watches a range waits until a watch ends (v3_curl_maxstream_test.go).
+    let s = process::start("gw-maxstreams", &["--backend", "memory", "--max-concurrent-streams", "2"]);
+    let watch = r#"{"create_request":{"key":"Zm9v","start_revision":1}}"#;
+    let mut w1 = Stream::start(&s, "/v3/watch", watch);
+    assert!(w1.next_line().contains(r#""created":true"#));
+    // Below the limit a range is answered.
+    let (code, body) = post(&s, "/v3/kv/range", r#"{"key":"Zm9v"}"#, &[]);
+    assert_eq!(code, 200, "{body}");
+    let mut w2 = Stream::start(&s, "/v3/watch", watch);
+    assert!(w2.next_line().contains(r#""created":true"#));
+    // At the limit: the range is sent but not answered while both watches are open.
+    let mut range = Command::new("curl")
+        .args(["-sv", "-X", "POST", "-d", r#"{"key":"Zm9v"}"#])
+        .arg(format!("http://{}/v3/kv/range", s.endpoint))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(range.stderr.take().unwrap());
+    let mut lines = stderr.lines().map_while(Result::ok);
+    // curl -v writes "} [N bytes data]" once it has sent the body.
+    assert!(lines.any(|l| l.starts_with("} [")), "curl did not send the range");
+    // Writes over gRPC are not bounded by the gateway's streams.
+    process::ctl(&s, &["put", "foo", "bar"]);
+    process::ctl(&s, &["put", "foo", "baz"]);
+    assert!(range.try_wait().unwrap().is_none(), "the range was answered while the limit was reached");
+    drop(w1);
+    let out = range.wait_with_output().unwrap();
+    let body = String::from_utf8(out.stdout).unwrap();
+    assert!(body.ends_with(r#""value":"YmF6"}],"count":"1"}"#), "the range ran after the watch ended: {body}");
+    drop(w2);
+}
