@@ -20,6 +20,8 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::alarms::Alarms;
+use crate::auth::AuthStore;
+use crate::conn::ConnInfo;
 use crate::gateway::{with_cors, Gateway};
 use crate::metrics::Metrics;
 
@@ -32,6 +34,10 @@ pub struct HttpState {
     /// The JSON gateway under `/v3/`.
     pub gateway: Gateway,
     pub metrics: Metrics,
+    /// With --client-cert-auth and auth enabled, etcd refuses gateway requests whose client
+    /// certificate names a user (the gateway would not use it).
+    pub auth: Arc<AuthStore>,
+    pub client_cert_auth: bool,
 }
 
 #[derive(Clone)]
@@ -99,6 +105,11 @@ where
         let query = parse_query(req.uri().query().unwrap_or_default());
         let state = self.state.clone();
         if Gateway::owns(&path) {
+            let has_cn = req
+                .extensions()
+                .get::<ConnInfo>()
+                .and_then(|c| c.common_name.as_ref())
+                .is_some_and(|cn| !cn.is_empty());
             let (parts, body) = req.into_parts();
             return Box::pin(async move {
                 let body = match body.collect().await {
@@ -108,6 +119,13 @@ where
                         return Ok(with_cors(reply(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", text)));
                     }
                 };
+                if has_cn && state.client_cert_auth && state.auth.is_enabled() {
+                    // (after reading the body: HTTP/2 clients take an early answer as an error)
+                    let text = "CommonName of client sending a request against gateway will be ignored and not used as expected\n";
+                    let mut resp = reply(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", text.into());
+                    resp.headers_mut().insert("x-content-type-options", http::HeaderValue::from_static("nosniff"));
+                    return Ok(resp);
+                }
                 Ok(state.gateway.handle(&parts.method, &path, &parts.headers, body).await)
             });
         }

@@ -247,6 +247,8 @@ impl Server {
             version: cfg.version.clone(),
             gateway: Gateway::new(routes.clone()).with_stream_limit(cfg.max_concurrent_streams),
             metrics,
+            auth: self.auth.clone(),
+            client_cert_auth: cfg.client_tls.client_cert_auth,
         });
         let http = HttpEndpointsLayer::shared(http_state.clone());
         let router = tonic::transport::Server::builder()
