@@ -124,15 +124,15 @@ impl ClientTls {
         if self.cipher_suites.is_empty() {
             return Ok(provider);
         }
-        for name in &self.cipher_suites {
-            let known = provider.cipher_suites.iter().any(|s| s.suite().as_str() == Some(name.as_str()));
+        let wanted: Vec<&str> = self.cipher_suites.iter().map(|n| go_suite_name(n)).collect();
+        for name in &wanted {
+            let known = provider.cipher_suites.iter().any(|s| s.suite().as_str() == Some(name));
             if !known {
                 bail!("unexpected TLS cipher suite {name:?}");
             }
         }
         provider.cipher_suites.retain(|s| {
-            s.version() == &rustls::version::TLS13
-                || s.suite().as_str().is_some_and(|n| self.cipher_suites.iter().any(|c| c == n))
+            s.version() == &rustls::version::TLS13 || s.suite().as_str().is_some_and(|n| wanted.contains(&n))
         });
         Ok(provider)
     }
@@ -344,6 +344,16 @@ fn self_signed(hosts: &[String]) -> anyhow::Result<(Vec<CertificateDer<'static>>
     Ok((vec![generated.cert.der().clone()], key))
 }
 
+/// Go's (and so etcd's) legacy names for the ChaCha20 suites, which rustls names with the
+/// `_SHA256` suffix.
+fn go_suite_name(name: &str) -> &str {
+    match name {
+        "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305" => "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305" => "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,5 +387,16 @@ mod tests {
         assert!(bad.versions().is_err());
         let https_without_cert = ClientTls::default();
         assert!(https_without_cert.server_config(&[]).is_err());
+    }
+
+    #[test]
+    fn go_chacha20_names_are_accepted() {
+        let tls =
+            ClientTls { cipher_suites: vec!["TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305".into()], ..Default::default() };
+        let p = tls.provider().unwrap();
+        assert!(p
+            .cipher_suites
+            .iter()
+            .any(|s| s.suite().as_str() == Some("TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256")));
     }
 }
