@@ -64,6 +64,10 @@ pub enum ApiError {
     NoLeader,
     #[error("etcdserver: not leader")]
     NotLeader,
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    TimeoutLeaderTransfer,
     #[error("etcdserver: leader changed")]
     LeaderChanged,
     #[error("etcdserver: request timed out")]
@@ -138,7 +142,8 @@ impl ApiError {
             | TooManyLearners => Code::FailedPrecondition,
             MemberBadUrls => Code::InvalidArgument,
             Unhealthy => Code::Unavailable,
-            LeaseExists | NotLeader => Code::FailedPrecondition,
+            LeaseExists | NotLeader | BadLeaderTransferee => Code::FailedPrecondition,
+            TimeoutLeaderTransfer => Code::Unavailable,
             WatchCanceled => Code::Cancelled,
             NoLeader | LeaderChanged | Timeout | Stopped | NotCapable => Code::Unavailable,
             Unimplemented(_) => Code::Unimplemented,
@@ -164,6 +169,8 @@ impl From<BackendError> for ApiError {
             BackendError::Stopped => ApiError::Stopped,
             BackendError::Unavailable(why) if why.contains("leader changed") => ApiError::LeaderChanged,
             BackendError::Unavailable(why) if why == "learner not ready" => ApiError::LearnerNotReady,
+            BackendError::Unavailable(why) if why == "bad leader transferee" => ApiError::BadLeaderTransferee,
+            BackendError::Unavailable(why) if why == "leader transfer took too long" => ApiError::TimeoutLeaderTransfer,
             BackendError::Unavailable(_) => ApiError::NoLeader,
             BackendError::Internal(why) => ApiError::Internal(why),
         }
@@ -266,6 +273,8 @@ mod tests {
             (WatchCanceled, Code::Cancelled, "etcdserver: watch canceled"),
             (MemberNotFound, Code::NotFound, "etcdserver: member not found"),
             (NotLeader, Code::FailedPrecondition, "etcdserver: not leader"),
+            (BadLeaderTransferee, Code::FailedPrecondition, "etcdserver: bad leader transferee"),
+            (TimeoutLeaderTransfer, Code::Unavailable, "etcdserver: request timed out, leader transfer took too long"),
             (NotCapable, Code::Unavailable, "etcdserver: not capable"),
         ];
         for (e, code, msg) in rows {

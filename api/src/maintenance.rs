@@ -146,7 +146,19 @@ impl Maintenance for MaintenanceService {
         req: Request<pb::MoveLeaderRequest>,
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
         self.auth.check_admin(&self.auth.caller(&req)?)?;
-        Err(ApiError::unimplemented("Maintenance.MoveLeader").into())
+        let target = req.get_ref().target_id;
+        let st = self.backend.status().await.map_err(backend_status)?;
+        let me = self.header.member_id();
+        let leader = st.leader.unwrap_or(if st.is_leader { me } else { 0 });
+        // etcd: only the leader moves leadership; moving it to itself is done already.
+        if leader != me {
+            return Err(ApiError::NotLeader.into());
+        }
+        if target != me {
+            self.backend.move_leader(target).await.map_err(backend_status)?;
+        }
+        let st = self.backend.status().await.map_err(backend_status)?;
+        Ok(Response::new(pb::MoveLeaderResponse { header: Some(self.header.header(st.revision)) }))
     }
 
     async fn downgrade(&self, req: Request<pb::DowngradeRequest>) -> Result<Response<pb::DowngradeResponse>, Status> {

@@ -194,4 +194,25 @@ fn three_processes_are_one_etcd() {
     let list = json(&ctl(m(&members, 1), &["member", "list", "-w", "json"]));
     assert_eq!(list["members"].as_array().unwrap().len(), 3, "{list}");
     assert_eq!(ctl(m(&members, 1), &["put", "k", "v4"]).trim(), "OK");
+
+    // MoveLeader hands leadership to a follower; a non-member is refused with etcd's error.
+    let leader = leader_index(&members);
+    let to = (leader + 1) % 3;
+    let to_id = json(&ctl(m(&members, to), &["endpoint", "status", "-w", "json"]))[0]["Status"]["header"]
+        ["member_id"]
+        .as_u64()
+        .unwrap();
+    let out = ctl(m(&members, leader), &["move-leader", &format!("{to_id:x}")]);
+    assert!(out.contains("Leadership transferred"), "{out}");
+    assert_eq!(leader_index(&members), to);
+    let new_leader = m(&members, to);
+    let refused = std::process::Command::new(common::process::ETCDCTL)
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &new_leader.endpoint, "move-leader", "1234"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("etcdserver: bad leader transferee"), "{err}");
+    assert_eq!(ctl(m(&members, leader), &["put", "k", "v5"]).trim(), "OK");
 }

@@ -141,4 +141,13 @@ pub trait Backend: Send + Sync + 'static {
         let _ = change;
         Ok(())
     }
+
+    /// Hands leadership of the backend's own replication to member `target` (Maintenance.
+    /// MoveLeader), returning once it leads. Errors: `Unavailable("bad leader transferee")`
+    /// when `target` is not a voting member, `Unavailable("leader transfer took too long")`.
+    /// Backends without members of their own have no leader to move (the default refuses).
+    async fn move_leader(&self, target: u64) -> Result<()> {
+        let _ = target;
+        Err(BackendError::Unavailable("bad leader transferee".into()))
+    }
 }

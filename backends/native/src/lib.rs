@@ -140,7 +140,8 @@ impl NativeBackend {
             cluster_name: "cairn".into(),
             heartbeat_interval: heartbeat,
             election_timeout_min: election,
-            election_timeout_max: election * 2,
+            // The upper bound is also the leader lease a leadership transfer waits out.
+            election_timeout_max: election + election / 2,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(
                 cfg.snapshot_count.clamp(1, MAX_SNAPSHOT_EVERY),
             ),
@@ -439,6 +440,38 @@ impl NativeBackend {
         }
     }
 
+    /// The body of a leadership transfer (see `move_leader`): waits for the transferee to catch
+    /// up and for the leader lease to lapse, then has it campaign until it leads.
+    async fn transfer_to(&self, target: u64, addr: &str) -> Result<()> {
+        let deadline = Instant::now() + self.request_timeout;
+        let too_long = || BackendError::Unavailable("leader transfer took too long".into());
+        loop {
+            let (_, _, matched, last) = replication_of(&self.raft, target);
+            if matched == Some(last) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(too_long());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let lease = Duration::from_millis(self.raft.config().election_timeout_max);
+        tokio::time::sleep(lease + Duration::from_millis(50)).await;
+        while Instant::now() < deadline {
+            let _ = self.peers.call(target, addr, &PeerRequest::Campaign).await;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let won = self
+                .raft
+                .wait(Some(left.min(lease * 2)))
+                .metrics(|m| m.current_leader == Some(target), "transferee leads")
+                .await;
+            if won.is_ok() {
+                return Ok(());
+            }
+        }
+        Err(too_long())
+    }
+
     fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.node_id)
     }
@@ -662,6 +695,19 @@ impl NativeBackend {
                 cluster_id: self.cluster_id,
             };
         }
+        match &req {
+            PeerRequest::SetElect(on) => {
+                self.raft.runtime_config().elect(*on);
+                return PeerResponse::Done;
+            }
+            PeerRequest::Campaign => {
+                return match self.raft.trigger().elect().await {
+                    Ok(()) => PeerResponse::Done,
+                    Err(_) => PeerResponse::Err(BackendError::Stopped),
+                };
+            }
+            _ => {}
+        }
         if self.clustered && !self.is_leader() {
             return PeerResponse::Err(BackendError::Unavailable(NOT_LEADER.into()));
         }
@@ -678,7 +724,9 @@ impl NativeBackend {
                 .refresh(id)
                 .map(PeerResponse::KeepAlive)
                 .ok_or(BackendError::LeaseNotFound),
-            PeerRequest::Whois { .. } => unreachable!("answered above"),
+            PeerRequest::Whois { .. } | PeerRequest::SetElect(_) | PeerRequest::Campaign => {
+                unreachable!("answered above")
+            }
             PeerRequest::Member(change) => self
                 .change_members(change)
                 .await
@@ -854,6 +902,47 @@ impl Backend for NativeBackend {
             PeerResponse::Done => Ok(()),
             other => Err(unexpected_peer(other)),
         }
+    }
+
+    async fn move_leader(&self, target: u64) -> Result<()> {
+        let bad = || BackendError::Unavailable("bad leader transferee".into());
+        if !self.clustered {
+            return Err(bad());
+        }
+        let (voters, target_addr) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let voters: Vec<(u64, String)> = membership
+                .voter_ids()
+                .filter_map(|id| Some((id, membership.get_node(&id)?.addr.clone())))
+                .collect();
+            let addr = voters.iter().find(|(id, _)| *id == target).map(|(_, a)| a.clone());
+            (voters, addr)
+        };
+        let Some(target_addr) = target_addr else {
+            return Err(bad());
+        };
+        if !self.is_leader() {
+            return Err(BackendError::Unavailable("leader changed".into()));
+        }
+        // Followers stop their own election timers, the leader stops its heartbeats; once the
+        // followers' leader lease ran out the transferee campaigns and wins (its log is
+        // complete). Whatever happens, timers and heartbeats come back on.
+        let others: Vec<(u64, String)> = voters
+            .into_iter()
+            .filter(|(id, _)| *id != self.node_id)
+            .collect();
+        for (id, addr) in &others {
+            let _ = self.peers.call(*id, addr, &PeerRequest::SetElect(false)).await;
+        }
+        self.raft.runtime_config().heartbeat(false);
+        let outcome = self.transfer_to(target, &target_addr).await;
+        self.raft.runtime_config().heartbeat(true);
+        for (id, addr) in &others {
+            let _ = self.peers.call(*id, addr, &PeerRequest::SetElect(true)).await;
+        }
+        outcome
     }
 
     async fn doc_get(&self, name: &str) -> Result<Option<cairn_backend::Doc>> {

@@ -45,6 +45,10 @@ pub enum PeerRequest {
     /// Which member has this peer URL, and which cluster is this (asked by a member that
     /// starts with --initial-cluster-state existing). Any member answers.
     Whois { peer_url: String },
+    /// Enable or disable this member's election timer (during a leadership transfer).
+    SetElect(bool),
+    /// Start an election now (the transferee of a leadership transfer).
+    Campaign,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
