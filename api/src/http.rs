@@ -215,7 +215,12 @@ impl HttpState {
             }
             "/health" => {
                 let (ok, reason) = self.health(query).await;
-                let body = format!(r#"{{"health":"{ok}","reason":"{reason}"}}"#);
+                // etcd 3.5 added the reason; etcd 3.4 answers {"health":"..."} only.
+                let body = if older_than_3_5(&self.version) {
+                    format!(r#"{{"health":"{ok}"}}"#)
+                } else {
+                    format!(r#"{{"health":"{ok}","reason":"{reason}"}}"#)
+                };
                 let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
                 reply(status, "application/json", body)
             }
@@ -247,6 +252,13 @@ impl HttpState {
     }
 }
 
+/// Whether `version` (--cairn-version) names an etcd release before 3.5.
+fn older_than_3_5(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) < (3, 5)
+}
+
 /// The cluster version etcd reports next to its own: major.minor.0.
 fn cluster_version(version: &str) -> String {
     let mut parts = version.split('.');
@@ -259,6 +271,14 @@ fn cluster_version(version: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_body_follows_the_emulated_release() {
+        assert!(older_than_3_5("3.4.23"));
+        assert!(!older_than_3_5("3.5.17"));
+        assert!(!older_than_3_5("3.6.0"));
+        assert!(!older_than_3_5("4.0.0"));
+    }
 
     #[test]
     fn cluster_version_is_major_minor_zero() {
