@@ -28,6 +28,7 @@
 //! checks so that a failure names the broken rule.
 
 pub mod cases;
+pub mod history;
 pub mod util;
 
 use std::future::Future;

@@ -71,20 +71,27 @@ impl Cluster {
     /// Opens member `i` and serves its peer service (on `l`, or on its old address).
     async fn open(&mut self, i: usize, l: Option<TcpListener>) {
         let m = &self.members[i];
-        let l = match l {
-            Some(l) => l,
-            None => TcpListener::bind(m.addr).await.unwrap(),
-        };
         let cfg = NativeConfig {
             data_dir: m.dir.clone(),
             member_id: m.id,
             initial_cluster: self.initial.clone(),
             heartbeat_interval_ms: 50,
-            election_timeout_ms: 300,
+            election_timeout_ms: 500,
             ..Default::default()
         };
         let b = NativeBackend::open(cfg).await.unwrap();
-        let svc = b.peer_service();
+        self.members[i].backend = Some(b);
+        self.serve(i, l).await;
+    }
+
+    /// Serves member `i`'s peer service (on `l`, or on its old address).
+    async fn serve(&mut self, i: usize, l: Option<TcpListener>) {
+        let m = &self.members[i];
+        let l = match l {
+            Some(l) => l,
+            None => TcpListener::bind(m.addr).await.unwrap(),
+        };
+        let svc = m.backend.as_ref().unwrap().peer_service();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
@@ -97,20 +104,22 @@ impl Cluster {
                 )
                 .await;
         });
-        let m = &mut self.members[i];
-        m.backend = Some(b);
-        m.server = Some((stop, server));
+        self.members[i].server = Some((stop, server));
+    }
+
+    /// Stops serving member `i`'s peer port (it can still call the others).
+    async fn stop_server(&mut self, i: usize) {
+        // Like a process that exits: no connection to the old member survives.
+        if let Some((stop, s)) = self.members[i].server.take() {
+            let _ = stop.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
+        }
     }
 
     /// Stops member `i` (its peer server too).
     async fn stop(&mut self, i: usize) {
-        let m = &mut self.members[i];
-        // Like a process that exits: no connection to the old member survives.
-        if let Some((stop, s)) = m.server.take() {
-            let _ = stop.send(());
-            let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
-        }
-        if let Some(b) = m.backend.take() {
+        self.stop_server(i).await;
+        if let Some(b) = self.members[i].backend.take() {
             b.shutdown().await.unwrap();
         }
     }
@@ -155,8 +164,17 @@ async fn get(b: &NativeBackend, key: &str, serializable: bool) -> Option<(Vec<u8
     r.kvs.first().map(|kv| (kv.value.clone(), kv.mod_revision))
 }
 
+/// The tests here start whole clusters with tight timers: one at a time, so that they do not
+/// starve each other's elections of CPU.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_members_replicate_and_survive_a_leader_stop() {
+    let _serial = serial();
     let mut c = Cluster::start(3).await;
     let leader = c.leader().await;
     let follower = (leader + 1) % 3;
@@ -254,6 +272,155 @@ async fn three_members_replicate_and_survive_a_leader_stop() {
     };
     assert!(h.iter().all(|x| *x == h[0]), "HashKV differs: {h:?}");
 
+    for i in 0..3 {
+        c.stop(i).await;
+    }
+}
+
+/// Concurrent clients on every member put and get (linearizable) a few keys while the leader
+/// stops and comes back and a follower's peer port goes away and returns; the whole history
+/// must check as linearizable (cairn_backend_tests::history), acknowledged revisions unique,
+/// and the members must end with the same HashKV.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn history_stays_linearizable_through_faults() {
+    let _serial = serial();
+    use cairn_backend_tests::history::{check, Entry, Op, Outcome};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    let mut c = Cluster::start(3).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(parking_lot::Mutex::new(Vec::<Entry>::new()));
+    // Each client calls its member through a slot, emptied while the member is down.
+    type Slot = Arc<parking_lot::RwLock<Option<Arc<NativeBackend>>>>;
+    let slots: Vec<Slot> = (0..3)
+        .map(|i| Arc::new(parking_lot::RwLock::new(Some(c.b(i).clone()))))
+        .collect();
+    let mut clients = Vec::new();
+    for client in 0..6usize {
+        let slot = slots[client % 3].clone();
+        let (stop, log) = (stop.clone(), log.clone());
+        clients.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let Some(b) = slot.read().clone() else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                n += 1;
+                let key = format!("k{}", (n as usize * 7 + client) % 4);
+                let start = Instant::now();
+                let (op, outcome) = if n % 5 < 3 {
+                    let value = format!("c{client}-{n}");
+                    let r = tokio::time::timeout(Duration::from_secs(10), b.txn(put(&key, &value)))
+                        .await;
+                    let outcome = match r {
+                        Ok(Ok(resp)) => Outcome::Put {
+                            revision: resp.revision,
+                        },
+                        _ => Outcome::Unknown,
+                    };
+                    (Op::Put { key, value }, outcome)
+                } else {
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        b.range(RangeRequest {
+                            range: KeyRange::single(key.clone()),
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
+                    let outcome = match r {
+                        Ok(Ok(resp)) => Outcome::Get {
+                            revision: resp.revision,
+                            kv: resp.kvs.first().map(|kv| {
+                                (
+                                    String::from_utf8(kv.value.clone()).unwrap(),
+                                    kv.mod_revision,
+                                )
+                            }),
+                        },
+                        _ => Outcome::Unknown,
+                    };
+                    (Op::Get { key }, outcome)
+                };
+                let failed = matches!(outcome, Outcome::Unknown);
+                log.lock().push(Entry {
+                    start,
+                    end: Instant::now(),
+                    op,
+                    outcome,
+                });
+                if failed {
+                    // A stopped member answers at once: do not spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The leader stops (its clients' requests fail meanwhile) and comes back.
+    // Its clients' requests in flight fail (unknown outcomes); then they wait for it.
+    let leader = c.leader().await;
+    let old = Arc::downgrade(c.b(leader));
+    *slots[leader].write() = None;
+    c.stop(leader).await;
+    while old.upgrade().is_some() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.open(leader, None).await;
+    c.b(leader).wait_ready().await.unwrap();
+    *slots[leader].write() = Some(c.b(leader).clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A follower's peer port goes away for two seconds (it can still call out).
+    let leader = c.leader().await;
+    let follower = (leader + 1) % 3;
+    c.stop_server(follower).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.serve(follower, None).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in clients {
+        t.await.unwrap();
+    }
+    drop(slots);
+
+    let history = log.lock().clone();
+    let acked = history
+        .iter()
+        .filter(|e| matches!(e.outcome, Outcome::Put { .. }))
+        .count();
+    let reads = history
+        .iter()
+        .filter(|e| matches!(e.outcome, Outcome::Get { .. }))
+        .count();
+    eprintln!(
+        "history: {} operations, {acked} acknowledged puts, {reads} gets, {} unknown outcomes",
+        history.len(),
+        history.len() - acked - reads
+    );
+    assert!(
+        acked > 50 && reads > 20,
+        "too little happened: {acked} puts, {reads} gets"
+    );
+    check(&history).unwrap_or_else(|e| panic!("not linearizable: {e}"));
+
+    // Every member converges to the same key-value hash.
+    let rev = c.b(0).current_revision().await.unwrap().0;
+    for i in 0..3 {
+        c.b(i).wait_ready().await.unwrap();
+        let _ = get(c.b(i), "k0", false).await;
+    }
+    let mut hashes = Vec::new();
+    for i in 0..3 {
+        hashes.push(c.b(i).hash_kv(rev).await.unwrap().hash);
+    }
+    assert!(
+        hashes.iter().all(|h| *h == hashes[0]),
+        "HashKV differs: {hashes:?}"
+    );
     for i in 0..3 {
         c.stop(i).await;
     }
