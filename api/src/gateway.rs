@@ -455,15 +455,27 @@ fn result_chunk<T: Serialize>(msg: &T) -> Bytes {
 }
 
 fn stream_error_chunk(status: &Status) -> Bytes {
+    /// grpc-gateway's internal.StreamError, fields in its order.
+    #[derive(Serialize)]
+    struct StreamError<'a> {
+        grpc_code: i32,
+        http_code: u16,
+        message: &'a str,
+        http_status: &'a str,
+    }
+    #[derive(Serialize)]
+    struct Chunk<'a> {
+        error: StreamError<'a>,
+    }
     let http = http_status(status.code());
-    let inner = serde_json::json!({
-        "grpc_code": status.code() as i32,
-        "http_code": http.as_u16(),
-        "message": status.message(),
-        "http_status": http.canonical_reason().unwrap_or_default(),
-    });
+    let error = StreamError {
+        grpc_code: status.code() as i32,
+        http_code: http.as_u16(),
+        message: status.message(),
+        http_status: http.canonical_reason().unwrap_or_default(),
+    };
     // grpc-gateway writes the error chunk without a delimiter.
-    Bytes::from(serde_json::to_vec(&serde_json::json!({ "error": inner })).unwrap_or_default())
+    Bytes::from(serde_json::to_vec(&Chunk { error }).unwrap_or_default())
 }
 
 fn stream_error_response(status: &Status) -> Response<Body> {
@@ -558,6 +570,15 @@ mod tests {
         assert_eq!(serde_json::to_string(&resp).unwrap(), r#"{"ID":"5","TTL":"30"}"#);
         assert!(decode_first::<pb::RangeRequest>(b"").unwrap().is_none());
         assert!(decode_first::<pb::RangeRequest>(br#"{"key":1}"#).is_err());
+    }
+
+    #[test]
+    fn stream_errors_are_grpc_gateway_v1_shaped() {
+        let chunk = stream_error_chunk(&Status::unknown("auth: invalid auth token"));
+        assert_eq!(
+            chunk,
+            r#"{"error":{"grpc_code":2,"http_code":500,"message":"auth: invalid auth token","http_status":"Internal Server Error"}}"#
+        );
     }
 
     #[test]

@@ -308,3 +308,33 @@ fn max_concurrent_streams_bounds_gateway_calls() {
     assert!(body.ends_with(r#""value":"YmF6"}],"count":"1"}"#), "the range ran after the watch ended: {body}");
     drop(w2);
 }
+
+/// Lock and Election over gRPC itself (as clientv3's concurrency-free callers use them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_and_election_over_grpc() {
+    use cairn_proto::v3electionpb::{election_client::ElectionClient, CampaignRequest, LeaderRequest, ResignRequest};
+    use cairn_proto::v3lockpb::{lock_client::LockClient, LockRequest, UnlockRequest};
+    let s = process::start("grpc-lock", &["--backend", "memory"]);
+    let url = format!("http://{}", s.endpoint);
+    let mut lock = LockClient::connect(url.clone()).await.unwrap();
+    let held = lock.lock(LockRequest { name: b"L".to_vec(), lease: 0 }).await.unwrap().into_inner();
+    assert!(held.key.starts_with(b"L/"), "{:?}", String::from_utf8_lossy(&held.key));
+    // The session lease is a fresh one with clientv3's default TTL of 60 s.
+    let lease = i64::from_str_radix(std::str::from_utf8(&held.key[2..]).unwrap(), 16).unwrap();
+    let (_, body) = post(&s, "/v3/lease/timetolive", &format!(r#"{{"ID":"{lease}"}}"#), &[]);
+    assert_eq!(json(&body)["grantedTTL"], "60", "{body}");
+    let header = lock.unlock(UnlockRequest { key: held.key.clone() }).await.unwrap().into_inner().header.unwrap();
+    assert!(header.revision > held.header.unwrap().revision);
+
+    let mut election = ElectionClient::connect(url).await.unwrap();
+    let err = election.leader(LeaderRequest { name: b"E".to_vec() }).await.unwrap_err();
+    assert_eq!((err.code(), err.message()), (tonic::Code::Unknown, "election: no leader"));
+    let won = election.campaign(CampaignRequest { name: b"E".to_vec(), lease, value: b"me".to_vec() }).await.unwrap();
+    let leader = won.into_inner().leader.unwrap();
+    let kv = election.leader(LeaderRequest { name: b"E".to_vec() }).await.unwrap().into_inner().kv.unwrap();
+    assert_eq!((kv.key, kv.value, kv.lease), (leader.key.clone(), b"me".to_vec(), lease));
+    let err = election.resign(ResignRequest { leader: None }).await.unwrap_err();
+    assert_eq!((err.code(), err.message()), (tonic::Code::Unknown, "\"leader\" field must be provided"));
+    election.resign(ResignRequest { leader: Some(leader) }).await.unwrap();
+    assert!(election.leader(LeaderRequest { name: b"E".to_vec() }).await.is_err());
+}
