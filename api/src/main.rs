@@ -194,7 +194,22 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
         BackendKind::Memory => MemoryBackend::new(),
         BackendKind::Native => {
             let mut ncfg = native_config(&flags, cfg.member_id, cfg.cluster_id)?;
-            if clustered(&flags)? && flags.initial_cluster_state == "existing" {
+            let identity_file = std::path::Path::new(&flags.data_dir()).join(IDENTITY_FILE);
+            let stored = read_identity(&identity_file)?;
+            if let Some((member_id, cluster_id)) = stored {
+                // Like etcd (which keeps them in its WAL): the IDs of a data dir are fixed by
+                // its first start; --initial-cluster* only matter for an empty data dir.
+                if (member_id, cluster_id) != (cfg.member_id, cfg.cluster_id) {
+                    tracing::info!(
+                        member_id = %format!("{member_id:x}"), cluster_id = %format!("{cluster_id:x}"),
+                        "using the member and cluster IDs recorded in the data dir"
+                    );
+                }
+                cfg.member_id = member_id;
+                cfg.cluster_id = cluster_id;
+                ncfg.member_id = member_id;
+                ncfg.cluster_id = cluster_id;
+            } else if clustered(&flags)? && flags.initial_cluster_state == "existing" {
                 // Joining: the cluster chose this member's ID when it was added.
                 let urls: Vec<String> = ncfg.initial_cluster.values().cloned().collect();
                 let mine = cfg.peer_urls.first().cloned().unwrap_or_default();
@@ -219,6 +234,10 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
                 let listeners = PeerListeners::bind(&split_urls(&flags.listen_peer_urls), &peer_tls(&flags)).await?;
                 peer_server = Some(listeners.serve(b.peer_service()));
                 b.wait_ready().await.context("joining the cluster")?;
+            }
+            if stored.is_none() {
+                write_identity(&identity_file, cfg.member_id, cfg.cluster_id)
+                    .with_context(|| format!("recording the member ID in {}", identity_file.display()))?;
             }
             native = Some(b.clone());
             b
@@ -289,6 +308,41 @@ fn native_config(flags: &Flags, member_id: u64, cluster_id: u64) -> anyhow::Resu
         quota_backend_bytes: flags.quota_backend_bytes,
         member_id,
     })
+}
+
+/// The native data dir's record of its member and cluster IDs.
+const IDENTITY_FILE: &str = "member.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Identity {
+    member_id: String,
+    cluster_id: String,
+}
+
+fn read_identity(path: &std::path::Path) -> anyhow::Result<Option<(u64, u64)>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let id: Identity = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let hex = |s: &str| u64::from_str_radix(s, 16).with_context(|| format!("bad ID {s:?} in {}", path.display()));
+    Ok(Some((hex(&id.member_id)?, hex(&id.cluster_id)?)))
+}
+
+/// Writes the IDs durably (temp file, fsync, rename, fsync of the directory).
+fn write_identity(path: &std::path::Path, member_id: u64, cluster_id: u64) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let id = Identity { member_id: format!("{member_id:x}"), cluster_id: format!("{cluster_id:x}") };
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(serde_json::to_string(&id)?.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

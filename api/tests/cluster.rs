@@ -173,7 +173,7 @@ fn three_processes_are_one_etcd() {
     .collect();
     let joined = start(&Spec {
         name: "n3".into(),
-        args,
+        args: args.clone(),
     })
     .ready();
     assert_eq!(ctl(&joined, &["get", "k", "--print-value-only"]).trim(), "v2");
@@ -187,6 +187,15 @@ fn three_processes_are_one_etcd() {
         .find(|x| x["ID"].as_u64() == Some(new_id))
         .cloned();
     assert_eq!(n3.as_ref().and_then(|x| x["name"].as_str()), Some("n3"), "{list}");
+    // Restarted, it keeps the ID the cluster gave it (recorded in its data dir).
+    drop(joined);
+    let joined = start(&Spec {
+        name: "n3".into(),
+        args: args.clone(),
+    })
+    .ready();
+    let st = json(&ctl(&joined, &["endpoint", "status", "-w", "json"]));
+    assert_eq!(st[0]["Status"]["header"]["member_id"].as_u64(), Some(new_id));
     // A write through the new member reaches the others.
     assert_eq!(ctl(&joined, &["put", "k", "v3"]).trim(), "OK");
     assert_eq!(ctl(m(&members, 2), &["get", "k", "--print-value-only"]).trim(), "v3");
