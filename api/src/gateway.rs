@@ -18,6 +18,9 @@
 //! until another ends (etcd's e2e v3_curl_maxstream_test.go relies on that). The gateway keeps
 //! the same bound with a semaphore: each call holds a permit until its answer (or its stream)
 //! ends.
+//!
+//! As in etcd, where gateway calls pass through the gRPC server, they count in
+//! `grpc_server_started_total` / `grpc_server_handled_total`.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -41,10 +44,41 @@ use tonic::service::Routes;
 use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
 
+use crate::metrics::Metrics;
+
 /// The gateway: the in-process gRPC services it forwards to.
+/// The in-process services, counting each call in the gRPC metrics when given.
+#[derive(Clone, Default)]
+struct Upstream {
+    routes: Routes,
+    metrics: Option<Metrics>,
+}
+
+impl tower_service::Service<http::Request<Body>> for Upstream {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        tower_service::Service::<http::Request<Body>>::poll_ready(&mut self.routes, cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let call = self.metrics.as_ref().and_then(|m| m.grpc_call(req.uri().path()));
+        let answer = self.routes.call(req);
+        Box::pin(async move {
+            let resp = answer.await?;
+            Ok(match call {
+                Some(call) => call.wrap(resp),
+                None => resp,
+            })
+        })
+    }
+}
+
 #[derive(Clone)]
 pub struct Gateway {
-    routes: Routes,
+    routes: Upstream,
     /// --max-concurrent-streams, as a bound on calls in flight (none: unbounded).
     streams: Option<Arc<Semaphore>>,
 }
@@ -63,7 +97,13 @@ impl Gateway {
     /// `routes` must hold every service the gateway maps (KV, Watch, Lease, Cluster,
     /// Maintenance, Auth, Lock, Election).
     pub fn new(routes: Routes) -> Self {
-        Self { routes, streams: None }
+        Self { routes: Upstream { routes, metrics: None }, streams: None }
+    }
+
+    /// Counts the gateway's calls in `metrics`' gRPC series.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.routes.metrics = Some(metrics);
+        self
     }
 
     /// Bounds the calls in flight at once to `max_concurrent_streams`, as etcd's gateway
@@ -113,11 +153,11 @@ fn canonical(path: &str) -> Option<String> {
 fn is_method(path: &str) -> bool {
     let probe = Call { metadata: MetadataMap::new(), body: Bytes::new(), permit: None };
     // Building the answer future does not run it.
-    route(path, Routes::default(), probe).is_some()
+    route(path, Upstream::default(), probe).is_some()
 }
 
 /// The HTTP path's gRPC method, called. `None` for a path no method has.
-fn route(path: &str, r: Routes, c: Call) -> Option<Answer> {
+fn route(path: &str, r: Upstream, c: Call) -> Option<Answer> {
     macro_rules! unary {
         ($grpc:literal, $req:ty, $resp:ty) => {
             Box::pin(unary::<$req, $resp>(r, $grpc, c))
@@ -323,7 +363,7 @@ fn decode_all<T: DeserializeOwned>(body: &[u8]) -> (Vec<T>, Option<String>) {
     (out, None)
 }
 
-async fn client(routes: Routes) -> Result<Grpc<Routes>, Status> {
+async fn client(routes: Upstream) -> Result<Grpc<Upstream>, Status> {
     let mut grpc = Grpc::new(routes);
     grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
     Ok(grpc)
@@ -333,7 +373,7 @@ fn request<T>(metadata: MetadataMap, msg: T) -> tonic::Request<T> {
     tonic::Request::from_parts(metadata, tonic::Extensions::default(), msg)
 }
 
-async fn unary<Req, Resp>(routes: Routes, path: &'static str, call: Call) -> Response<Body>
+async fn unary<Req, Resp>(routes: Upstream, path: &'static str, call: Call) -> Response<Body>
 where
     Req: prost::Message + DeserializeOwned + Default + Send + 'static,
     Resp: prost::Message + Serialize + Default + Send + 'static,
@@ -357,7 +397,7 @@ where
     }
 }
 
-async fn server_stream<Req, Resp>(routes: Routes, path: &'static str, call: Call) -> Response<Body>
+async fn server_stream<Req, Resp>(routes: Upstream, path: &'static str, call: Call) -> Response<Body>
 where
     Req: prost::Message + DeserializeOwned + Default + Send + 'static,
     Resp: prost::Message + Serialize + Default + Send + 'static,
@@ -385,7 +425,7 @@ where
 /// A client-and-server streaming call: every JSON object of the body is one request, then the
 /// request side is closed (grpc-gateway's CloseSend); the responses stream back. A body whose
 /// first object does not decode is refused as grpc-gateway does (code Unknown, HTTP 500).
-async fn bidi<Req, Resp>(routes: Routes, path: &'static str, call: Call) -> Response<Body>
+async fn bidi<Req, Resp>(routes: Upstream, path: &'static str, call: Call) -> Response<Body>
 where
     Req: prost::Message + DeserializeOwned + Default + Send + 'static,
     Resp: prost::Message + Serialize + Default + Send + 'static,

@@ -14,8 +14,9 @@
 //! - `etcd_server_version`, `etcd_cluster_version`.
 //! - `grpc_server_started_total` and `grpc_server_handled_total` by service, method, type and
 //!   code, as go-grpc-prometheus reports them (every method pre-registered; a stream the client
-//!   cancels counts as `Canceled`). Calls made in-process by the JSON gateway and Lock/Election
-//!   are not counted.
+//!   cancels counts as `Canceled`), the JSON gateway's calls included; the KV, Lease and Watch
+//!   calls Lock and Election make in-process are not counted (etcd's do not pass its gRPC
+//!   server either).
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};

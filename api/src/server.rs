@@ -245,7 +245,9 @@ impl Server {
             backend: backend.clone(),
             alarms,
             version: cfg.version.clone(),
-            gateway: Gateway::new(routes.clone()).with_stream_limit(cfg.max_concurrent_streams),
+            gateway: Gateway::new(routes.clone())
+                .with_stream_limit(cfg.max_concurrent_streams)
+                .with_metrics(metrics.clone()),
             metrics,
             auth: self.auth.clone(),
             client_cert_auth: cfg.client_tls.client_cert_auth,

@@ -108,3 +108,26 @@ fn txn_and_range_counts_are_etcds() {
     assert!(has_line(&m, "etcd_mvcc_txn_total 1"), "{m}");
     assert!(has_line(&m, "etcd_mvcc_range_total 3"), "{m}");
 }
+
+#[test]
+fn gateway_calls_count_as_grpc_calls() {
+    let s = process::start("metrics-gw", &["--backend", "memory"]);
+    let post = |path: &str, body: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-X", "POST", "-d", body, &format!("http://{}{path}", s.endpoint)])
+            .output()
+            .expect("run curl");
+        assert!(out.status.success());
+    };
+    post("/v3/kv/put", r#"{"key":"Zm9v","value":"YmFy"}"#);
+    post("/v3/kv/range", r#"{"key":""}"#);
+    let m = get(&format!("http://{}/metrics", s.endpoint));
+    for line in [
+        r#"grpc_server_started_total{grpc_method="Put",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#,
+        r#"grpc_server_handled_total{grpc_code="OK",grpc_method="Put",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#,
+        r#"grpc_server_handled_total{grpc_code="InvalidArgument",grpc_method="Range",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#,
+        "etcd_mvcc_put_total 1",
+    ] {
+        assert!(has_line(&m, line), "{line} missing in:\n{m}");
+    }
+}
