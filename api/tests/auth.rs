@@ -300,6 +300,7 @@ async fn auth_store_survives_a_restart_on_the_native_backend() {
             election_timeout_ms: 1000,
             quota_backend_bytes: 0,
             member_id: 1,
+            ..Default::default()
         })
         .await
         .unwrap()
