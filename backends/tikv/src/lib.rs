@@ -675,9 +675,22 @@ impl Backend for TikvBackend {
     }
 
     async fn status(&self) -> Result<BackendStatus> {
+        const RAFT_TERM: u64 = 1;
         let (revision, compact_revision) = self.inner.meta().await?;
-        // TiKV does not report the size of one key prefix cheaply; the sizes stay 0.
-        Ok(BackendStatus { revision, compact_revision, is_leader: true, ..BackendStatus::default() })
+        // TiKV does not report the size of one key prefix cheaply; the sizes stay 0. As with
+        // PostgreSQL, the store (not an election) orders the writes: one constant term, every
+        // process leading, the index following the revision (etcd's clients and the header
+        // bytes expect a non-zero term).
+        let index = revision.max(0) as u64;
+        Ok(BackendStatus {
+            revision,
+            compact_revision,
+            is_leader: true,
+            raft_term: RAFT_TERM,
+            raft_index: index,
+            raft_applied_index: index,
+            ..BackendStatus::default()
+        })
     }
 
     async fn hash_kv(&self, rev: Revision) -> Result<HashKv> {
