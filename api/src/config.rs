@@ -352,7 +352,6 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "experimental_bootstrap_defrag_threshold_megabytes",
     "experimental_downgrade_check_time",
     "experimental_memory_mlock",
-    "experimental_snapshot_catchup_entries",
     "experimental_max_learners",
     "experimental_stop_grpc_service_on_defrag",
     "experimental_wait_cluster_ready_timeout",

@@ -303,6 +303,7 @@ fn native_config(flags: &Flags, member_id: u64, cluster_id: u64) -> anyhow::Resu
         peer_tls,
         data_dir: flags.data_dir().into(),
         snapshot_count: flags.snapshot_count,
+        snapshot_catchup_entries: flags.experimental_snapshot_catchup_entries,
         heartbeat_interval_ms: flags.heartbeat_interval,
         election_timeout_ms: flags.election_timeout,
         quota_backend_bytes: flags.quota_backend_bytes,

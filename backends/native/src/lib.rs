@@ -54,6 +54,9 @@ pub struct NativeConfig {
     pub data_dir: PathBuf,
     /// Raft log entries between snapshots (etcd's --snapshot-count).
     pub snapshot_count: u64,
+    /// Log entries kept behind a snapshot for followers that lag a little (etcd's
+    /// --experimental-snapshot-catchup-entries); a member further behind gets the snapshot.
+    pub snapshot_catchup_entries: u64,
     /// Raft heartbeat interval in milliseconds (etcd's --heartbeat-interval).
     pub heartbeat_interval_ms: u64,
     /// Raft election timeout in milliseconds (etcd's --election-timeout).
@@ -79,6 +82,7 @@ impl Default for NativeConfig {
         Self {
             data_dir: PathBuf::from("default.cairn"),
             snapshot_count: 100_000,
+            snapshot_catchup_entries: 5_000,
             heartbeat_interval_ms: 100,
             election_timeout_ms: 1000,
             quota_backend_bytes: 0,
@@ -94,8 +98,6 @@ impl Default for NativeConfig {
 const DEFAULT_QUOTA: u64 = 2 << 30;
 /// The state machine's page cache.
 const CACHE_BYTES: usize = 64 << 20;
-/// Log entries kept behind a snapshot (for followers that lag a little).
-const LOG_KEEP: u64 = 1_000;
 /// Upper bound on entries between snapshots, whatever --snapshot-count says: a snapshot here
 /// is only a synced commit, and it bounds the memory the in-memory log index uses.
 const MAX_SNAPSHOT_EVERY: u64 = 10_000;
@@ -145,7 +147,7 @@ impl NativeBackend {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(
                 cfg.snapshot_count.clamp(1, MAX_SNAPSHOT_EVERY),
             ),
-            max_in_snapshot_log_to_keep: LOG_KEEP,
+            max_in_snapshot_log_to_keep: cfg.snapshot_catchup_entries,
             ..Default::default()
         }
         .validate()?;
@@ -243,6 +245,11 @@ impl NativeBackend {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+
+    /// openraft's metrics of this member (diagnostics and tests).
+    pub fn raft_metrics(&self) -> openraft::RaftMetrics<u64, BasicNode> {
+        self.raft.metrics().borrow().clone()
     }
 
     /// Whether this member is part of a multi-member cluster.

@@ -28,10 +28,16 @@ struct Cluster {
     _tmp: tempfile::TempDir,
     members: Vec<Member>,
     initial: BTreeMap<u64, String>,
+    /// --snapshot-count and --experimental-snapshot-catchup-entries of every member.
+    snapshots: (u64, u64),
 }
 
 impl Cluster {
     async fn start(n: u64) -> Cluster {
+        Self::start_with(n, (100_000, 5_000)).await
+    }
+
+    async fn start_with(n: u64, snapshots: (u64, u64)) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let mut listeners = Vec::new();
         let mut initial = BTreeMap::new();
@@ -43,6 +49,7 @@ impl Cluster {
         let mut c = Cluster {
             members: Vec::new(),
             initial,
+            snapshots,
             _tmp: tmp,
         };
         for (id, l) in listeners {
@@ -77,6 +84,8 @@ impl Cluster {
             initial_cluster: self.initial.clone(),
             heartbeat_interval_ms: 50,
             election_timeout_ms: 500,
+            snapshot_count: self.snapshots.0,
+            snapshot_catchup_entries: self.snapshots.1,
             ..Default::default()
         };
         let b = NativeBackend::open(cfg).await.unwrap();
@@ -420,6 +429,62 @@ async fn history_stays_linearizable_through_faults() {
     assert!(
         hashes.iter().all(|h| *h == hashes[0]),
         "HashKV differs: {hashes:?}"
+    );
+    for i in 0..3 {
+        c.stop(i).await;
+    }
+}
+
+/// A member that was down while the others wrote far more than the log keeps behind a
+/// snapshot catches up from a snapshot sent by the leader, and ends with the same data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lagging_member_catches_up_from_a_snapshot() {
+    let _serial = serial();
+    // A snapshot every 20 entries, 10 entries kept behind it.
+    let mut c = Cluster::start_with(3, (20, 10)).await;
+    let leader = c.leader().await;
+    let lagging = (leader + 1) % 3;
+    let behind = c.b(lagging).raft_metrics().last_log_index.unwrap_or(0);
+    c.stop(lagging).await;
+    let mut last = 0;
+    for i in 0..300 {
+        last = c
+            .b(leader)
+            .txn(put(&format!("key{}", i % 50), &format!("v{i}")))
+            .await
+            .unwrap()
+            .revision;
+    }
+    // The leader purged the entries the member is missing: only a snapshot can bring it up.
+    let purged = c.b(leader).raft_metrics().purged.map_or(0, |l| l.index);
+    assert!(
+        purged > behind + 1,
+        "log purged up to {purged}, member at {behind}"
+    );
+    c.open(lagging, None).await;
+    c.b(lagging).wait_ready().await.unwrap();
+    assert_eq!(
+        get(c.b(lagging), "key49", false).await,
+        Some((b"v299".to_vec(), last))
+    );
+    // Serializable reads are local: the member holds the data itself.
+    assert_eq!(
+        get(c.b(lagging), "key0", true).await.map(|(v, _)| v),
+        Some(b"v250".to_vec())
+    );
+    let mut hashes = Vec::new();
+    for i in 0..3 {
+        hashes.push(c.b(i).hash_kv(last).await.unwrap().hash);
+    }
+    assert!(
+        hashes.iter().all(|h| *h == hashes[0]),
+        "HashKV differs: {hashes:?}"
+    );
+    // And it keeps replicating afterwards.
+    let r = c.b(leader).txn(put("after", "x")).await.unwrap();
+    assert_eq!(
+        get(c.b(lagging), "after", false).await,
+        Some((b"x".to_vec(), r.revision))
     );
     for i in 0..3 {
         c.stop(i).await;
