@@ -247,6 +247,11 @@ impl NativeBackend {
         }
     }
 
+    /// The channels to the other members (for fault injection: [`Peers::set_blocked`]).
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
     /// openraft's metrics of this member (diagnostics and tests).
     pub fn raft_metrics(&self) -> openraft::RaftMetrics<u64, BasicNode> {
         self.raft.metrics().borrow().clone()

@@ -81,6 +81,9 @@ pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Peers {
     inner: Arc<parking_lot::Mutex<HashMap<u64, (String, PeerClient<Channel>)>>>,
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// Members this one does not talk to (fault injection: a partition is every member of one
+    /// side blocking every member of the other).
+    blocked: Arc<parking_lot::RwLock<std::collections::HashSet<u64>>>,
 }
 
 impl Peers {
@@ -88,12 +91,27 @@ impl Peers {
         Self {
             inner: Default::default(),
             tls,
+            blocked: Default::default(),
+        }
+    }
+
+    /// Fault injection for tests: stop (or resume) sending anything to member `id`, as if the
+    /// network between the two were cut. Every call fails before it is sent.
+    pub fn set_blocked(&self, id: u64, blocked: bool) {
+        let mut b = self.blocked.write();
+        if blocked {
+            b.insert(id);
+        } else {
+            b.remove(&id);
         }
     }
 
     /// The client for member `id` at `addr` (its first peer URL); reconnects when the URL
     /// changed.
     pub fn client(&self, id: u64, addr: &str) -> Result<PeerClient<Channel>, BackendError> {
+        if self.blocked.read().contains(&id) {
+            return Err(BackendError::Unavailable(NOT_LEADER.into()));
+        }
         let mut m = self.inner.lock();
         if let Some((a, c)) = m.get(&id) {
             if a == addr {
