@@ -75,6 +75,9 @@ pub struct NativeConfig {
     pub peer_tls: Option<Arc<rustls::ClientConfig>>,
     /// The cluster ID, told to members that join ([`NativeBackend::discover`]).
     pub cluster_id: u64,
+    /// Fault injection for tests: every write-ahead-log fsync takes this much longer (a slow
+    /// disk). Zero (the default) in production; no flag sets it.
+    pub slow_disk: Duration,
 }
 
 impl Default for NativeConfig {
@@ -91,6 +94,7 @@ impl Default for NativeConfig {
             join_existing: false,
             peer_tls: None,
             cluster_id: 0,
+            slow_disk: Duration::ZERO,
         }
     }
 }
@@ -126,7 +130,7 @@ impl NativeBackend {
     /// ([`NativeBackend::wait_ready`]).
     pub async fn open(cfg: NativeConfig) -> anyhow::Result<Arc<NativeBackend>> {
         std::fs::create_dir_all(&cfg.data_dir)?;
-        let wal = wal::Wal::open(&cfg.data_dir.join("wal"))?;
+        let wal = wal::Wal::open(&cfg.data_dir.join("wal"), cfg.slow_disk)?;
         let store = Store::open(&cfg.data_dir.join("state.redb"), CACHE_BYTES)?;
         let node_id = cfg.member_id;
         let clustered = cfg.initial_cluster.len() > 1 || cfg.join_existing;
@@ -948,9 +952,13 @@ impl Backend for NativeBackend {
         for (id, addr) in &others {
             let _ = self.peers.call(*id, addr, &PeerRequest::SetElect(false)).await;
         }
+        // No new entries meanwhile (they would renew the followers' leases and keep the
+        // transferee behind); requests wait and then go to the new leader.
+        let paused = self.proposer.pause().await;
         self.raft.runtime_config().heartbeat(false);
         let outcome = self.transfer_to(target, &target_addr).await;
         self.raft.runtime_config().heartbeat(true);
+        drop(paused);
         for (id, addr) in &others {
             let _ = self.peers.call(*id, addr, &PeerRequest::SetElect(true)).await;
         }

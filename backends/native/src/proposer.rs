@@ -28,13 +28,22 @@ pub(crate) const NOT_LEADER: &str = "not leader";
 #[derive(Clone)]
 pub(crate) struct Proposer {
     tx: mpsc::UnboundedSender<(Command, Reply)>,
+    /// Held for writing while a leadership transfer is in progress: no new entry is proposed
+    /// (requests queue up), as etcd stops proposing during a transfer.
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Proposer {
     pub fn start(raft: Raft) -> (Proposer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(raft, rx));
-        (Proposer { tx }, task)
+        let gate = Arc::new(tokio::sync::RwLock::new(()));
+        let task = tokio::spawn(run(raft, rx, gate.clone()));
+        (Proposer { tx, gate }, task)
+    }
+
+    /// Stops proposing until the returned guard is dropped (requests wait meanwhile).
+    pub async fn pause(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.gate.clone().write_owned().await
     }
 
     /// Proposes one command and waits until it is applied; returns its result and the log
@@ -47,9 +56,14 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<(Command, Reply)>) {
+async fn run(
+    raft: Raft,
+    mut rx: mpsc::UnboundedReceiver<(Command, Reply)>,
+    gate: Arc<tokio::sync::RwLock<()>>,
+) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
+        let open = gate.read().await;
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
@@ -67,6 +81,7 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<(Command, Reply)>) {
             Command::Batch(cmds)
         };
         let pending = raft.client_write_ff(cmd).await;
+        drop(open);
         tokio::spawn(async move {
             let result = match pending {
                 Ok(rx) => match rx.await {

@@ -101,7 +101,8 @@ pub(crate) struct Wal {
 
 impl Wal {
     /// Opens (or creates) the log in `dir`, replays it and starts the writer thread.
-    pub fn open(dir: &Path) -> io::Result<Wal> {
+    /// `fsync_delay` makes every fsync take that much longer (fault injection; zero normally).
+    pub fn open(dir: &Path, fsync_delay: std::time::Duration) -> io::Result<Wal> {
         fs::create_dir_all(dir)?;
         let mut segments = list_segments(dir)?;
         let mut state = LogState::default();
@@ -126,6 +127,7 @@ impl Wal {
             seg_max,
             state: state.clone(),
             failed: None,
+            fsync_delay,
         };
         std::thread::Builder::new()
             .name("cairn-wal".into())
@@ -257,6 +259,8 @@ struct Writer {
     seg_max: BTreeMap<u64, Option<u64>>,
     state: Arc<Mutex<LogState>>,
     failed: Option<String>,
+    /// Fault injection: extra time every fsync takes (a slow disk); zero normally.
+    fsync_delay: std::time::Duration,
 }
 
 impl Writer {
@@ -306,6 +310,9 @@ impl Writer {
             // Records nobody waits for (commit index, purge point) need no sync of their own:
             // losing them in a crash is harmless, and the next synced batch carries them.
             if batch.iter().any(|j| !matches!(j.done, Done::Nothing)) {
+                if !self.fsync_delay.is_zero() {
+                    std::thread::sleep(self.fsync_delay);
+                }
                 self.file.sync_data()?;
             }
             self.written += buf.len() as u64;

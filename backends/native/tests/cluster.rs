@@ -30,6 +30,8 @@ struct Cluster {
     initial: BTreeMap<u64, String>,
     /// --snapshot-count and --experimental-snapshot-catchup-entries of every member.
     snapshots: (u64, u64),
+    /// A member whose WAL fsyncs take this much longer (fault injection).
+    slow: Option<(usize, Duration)>,
 }
 
 impl Cluster {
@@ -38,6 +40,14 @@ impl Cluster {
     }
 
     async fn start_with(n: u64, snapshots: (u64, u64)) -> Cluster {
+        Self::build(n, snapshots, None).await
+    }
+
+    async fn start_slow(n: u64, slow: Option<(usize, Duration)>) -> Cluster {
+        Self::build(n, (100_000, 5_000), slow).await
+    }
+
+    async fn build(n: u64, snapshots: (u64, u64), slow: Option<(usize, Duration)>) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let mut listeners = Vec::new();
         let mut initial = BTreeMap::new();
@@ -50,6 +60,7 @@ impl Cluster {
             members: Vec::new(),
             initial,
             snapshots,
+            slow,
             _tmp: tmp,
         };
         for (id, l) in listeners {
@@ -86,6 +97,10 @@ impl Cluster {
             election_timeout_ms: 500,
             snapshot_count: self.snapshots.0,
             snapshot_catchup_entries: self.snapshots.1,
+            slow_disk: match self.slow {
+                Some((j, d)) if j == i => d,
+                _ => Duration::ZERO,
+            },
             ..Default::default()
         };
         let b = NativeBackend::open(cfg).await.unwrap();
@@ -286,6 +301,127 @@ async fn three_members_replicate_and_survive_a_leader_stop() {
     }
 }
 
+/// Six clients (two per member) putting and getting (linearizable) four keys, recording a
+/// history for [`cairn_backend_tests::history::check`]. Each client calls its member through
+/// a slot, emptied while the member is down.
+struct Workload {
+    slots: Vec<Arc<parking_lot::RwLock<Option<Arc<NativeBackend>>>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    log: Arc<parking_lot::Mutex<Vec<cairn_backend_tests::history::Entry>>>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Workload {
+    fn start(c: &Cluster) -> Workload {
+        use cairn_backend_tests::history::{Entry, Op, Outcome};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Instant;
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(parking_lot::Mutex::new(Vec::<Entry>::new()));
+        let slots: Vec<_> = (0..3)
+            .map(|i| Arc::new(parking_lot::RwLock::new(Some(c.b(i).clone()))))
+            .collect();
+        let mut clients = Vec::new();
+        for client in 0..6usize {
+            let slot = slots[client % 3].clone();
+            let (stop, log) = (stop.clone(), log.clone());
+            clients.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(b) = slot.read().clone() else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    n += 1;
+                    let key = format!("k{}", (n as usize * 7 + client) % 4);
+                    let start = Instant::now();
+                    let (op, outcome) = if n % 5 < 3 {
+                        let value = format!("c{client}-{n}");
+                        let r =
+                            tokio::time::timeout(Duration::from_secs(10), b.txn(put(&key, &value)))
+                                .await;
+                        let outcome = match r {
+                            Ok(Ok(resp)) => Outcome::Put {
+                                revision: resp.revision,
+                            },
+                            _ => Outcome::Unknown,
+                        };
+                        (Op::Put { key, value }, outcome)
+                    } else {
+                        let r = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            b.range(RangeRequest {
+                                range: KeyRange::single(key.clone()),
+                                ..Default::default()
+                            }),
+                        )
+                        .await;
+                        let outcome = match r {
+                            Ok(Ok(resp)) => Outcome::Get {
+                                revision: resp.revision,
+                                kv: resp.kvs.first().map(|kv| {
+                                    (
+                                        String::from_utf8(kv.value.clone()).unwrap(),
+                                        kv.mod_revision,
+                                    )
+                                }),
+                            },
+                            _ => Outcome::Unknown,
+                        };
+                        (Op::Get { key }, outcome)
+                    };
+                    let failed = matches!(outcome, Outcome::Unknown);
+                    log.lock().push(Entry {
+                        start,
+                        end: Instant::now(),
+                        op,
+                        outcome,
+                    });
+                    if failed {
+                        // A stopped member answers at once: do not spin.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }));
+        }
+
+        Workload {
+            slots,
+            stop,
+            log,
+            clients,
+        }
+    }
+
+    /// Stops the clients and returns the history, after logging its size.
+    async fn finish(self) -> Vec<cairn_backend_tests::history::Entry> {
+        use cairn_backend_tests::history::Outcome;
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.clients {
+            t.await.unwrap();
+        }
+        let history = self.log.lock().clone();
+        let acked = history
+            .iter()
+            .filter(|e| matches!(e.outcome, Outcome::Put { .. }))
+            .count();
+        let reads = history
+            .iter()
+            .filter(|e| matches!(e.outcome, Outcome::Get { .. }))
+            .count();
+        eprintln!(
+            "history: {} operations, {acked} acknowledged puts, {reads} gets, {} unknown outcomes",
+            history.len(),
+            history.len() - acked - reads
+        );
+        assert!(
+            acked > 50 && reads > 20,
+            "too little happened: {acked} puts, {reads} gets"
+        );
+        history
+    }
+}
+
 /// Concurrent clients on every member put and get (linearizable) a few keys while the leader
 /// stops and comes back, a follower's peer port goes away and returns, and the leader is
 /// partitioned from the majority and the partition heals; the whole history
@@ -294,81 +430,12 @@ async fn three_members_replicate_and_survive_a_leader_stop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn history_stays_linearizable_through_faults() {
     let _serial = serial();
-    use cairn_backend_tests::history::{check, Entry, Op, Outcome};
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use cairn_backend_tests::history::check;
     use std::time::Instant;
 
     let mut c = Cluster::start(3).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let log = Arc::new(parking_lot::Mutex::new(Vec::<Entry>::new()));
-    // Each client calls its member through a slot, emptied while the member is down.
-    type Slot = Arc<parking_lot::RwLock<Option<Arc<NativeBackend>>>>;
-    let slots: Vec<Slot> = (0..3)
-        .map(|i| Arc::new(parking_lot::RwLock::new(Some(c.b(i).clone()))))
-        .collect();
-    let mut clients = Vec::new();
-    for client in 0..6usize {
-        let slot = slots[client % 3].clone();
-        let (stop, log) = (stop.clone(), log.clone());
-        clients.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let Some(b) = slot.read().clone() else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                n += 1;
-                let key = format!("k{}", (n as usize * 7 + client) % 4);
-                let start = Instant::now();
-                let (op, outcome) = if n % 5 < 3 {
-                    let value = format!("c{client}-{n}");
-                    let r = tokio::time::timeout(Duration::from_secs(10), b.txn(put(&key, &value)))
-                        .await;
-                    let outcome = match r {
-                        Ok(Ok(resp)) => Outcome::Put {
-                            revision: resp.revision,
-                        },
-                        _ => Outcome::Unknown,
-                    };
-                    (Op::Put { key, value }, outcome)
-                } else {
-                    let r = tokio::time::timeout(
-                        Duration::from_secs(10),
-                        b.range(RangeRequest {
-                            range: KeyRange::single(key.clone()),
-                            ..Default::default()
-                        }),
-                    )
-                    .await;
-                    let outcome = match r {
-                        Ok(Ok(resp)) => Outcome::Get {
-                            revision: resp.revision,
-                            kv: resp.kvs.first().map(|kv| {
-                                (
-                                    String::from_utf8(kv.value.clone()).unwrap(),
-                                    kv.mod_revision,
-                                )
-                            }),
-                        },
-                        _ => Outcome::Unknown,
-                    };
-                    (Op::Get { key }, outcome)
-                };
-                let failed = matches!(outcome, Outcome::Unknown);
-                log.lock().push(Entry {
-                    start,
-                    end: Instant::now(),
-                    op,
-                    outcome,
-                });
-                if failed {
-                    // A stopped member answers at once: do not spin.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }));
-    }
-
+    let w = Workload::start(&c);
+    let slots = &w.slots;
     tokio::time::sleep(Duration::from_secs(1)).await;
     // The leader stops (its clients' requests fail meanwhile) and comes back.
     // Its clients' requests in flight fail (unknown outcomes); then they wait for it.
@@ -421,49 +488,53 @@ async fn history_stays_linearizable_through_faults() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     cut(&c, false);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in clients {
-        t.await.unwrap();
-    }
-    drop(slots);
-
-    let history = log.lock().clone();
-    let acked = history
-        .iter()
-        .filter(|e| matches!(e.outcome, Outcome::Put { .. }))
-        .count();
-    let reads = history
-        .iter()
-        .filter(|e| matches!(e.outcome, Outcome::Get { .. }))
-        .count();
-    eprintln!(
-        "history: {} operations, {acked} acknowledged puts, {reads} gets, {} unknown outcomes",
-        history.len(),
-        history.len() - acked - reads
-    );
-    assert!(
-        acked > 50 && reads > 20,
-        "too little happened: {acked} puts, {reads} gets"
-    );
+    let history = w.finish().await;
     check(&history).unwrap_or_else(|e| panic!("not linearizable: {e}"));
+    c.converged_and_stop().await;
+}
 
-    // Every member converges to the same key-value hash.
-    let rev = c.b(0).current_revision().await.unwrap().0;
-    for i in 0..3 {
-        c.b(i).wait_ready().await.unwrap();
-        let _ = get(c.b(i), "k0", false).await;
+impl Cluster {
+    /// Every member converges to the same key-value hash; then all stop.
+    async fn converged_and_stop(mut self) {
+        let rev = self.b(0).current_revision().await.unwrap().0;
+        for i in 0..3 {
+            self.b(i).wait_ready().await.unwrap();
+            let _ = get(self.b(i), "k0", false).await;
+        }
+        let mut hashes = Vec::new();
+        for i in 0..3 {
+            hashes.push(self.b(i).hash_kv(rev).await.unwrap().hash);
+        }
+        assert!(
+            hashes.iter().all(|h| *h == hashes[0]),
+            "HashKV differs: {hashes:?}"
+        );
+        for i in 0..3 {
+            self.stop(i).await;
+        }
     }
-    let mut hashes = Vec::new();
-    for i in 0..3 {
-        hashes.push(c.b(i).hash_kv(rev).await.unwrap().hash);
+}
+
+/// One member's disk is slow (every WAL fsync takes 100 ms longer): as a follower it lags
+/// without slowing the others down, as the leader (after MoveLeader) it slows every write;
+/// either way the history stays linearizable and the members converge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_disk_keeps_the_history_linearizable() {
+    let _serial = serial();
+    let c = Cluster::start_slow(3, Some((2, Duration::from_millis(100)))).await;
+    let w = Workload::start(&c);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let slow_id = c.members[2].id;
+    let leader = c.leader().await;
+    if leader != 2 {
+        c.b(leader).move_leader(slow_id).await.unwrap();
     }
-    assert!(
-        hashes.iter().all(|h| *h == hashes[0]),
-        "HashKV differs: {hashes:?}"
-    );
-    for i in 0..3 {
-        c.stop(i).await;
-    }
+    assert_eq!(c.leader().await, 2);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let history = w.finish().await;
+    cairn_backend_tests::history::check(&history)
+        .unwrap_or_else(|e| panic!("not linearizable: {e}"));
+    c.converged_and_stop().await;
 }
 
 /// A member that was down while the others wrote far more than the log keeps behind a
