@@ -121,6 +121,7 @@ fn server_config(flags: &Flags) -> anyhow::Result<ServerConfig> {
     Ok(ServerConfig {
         initial_members: if clustered { initial_members(flags)? } else { Vec::new() },
         publish_member: clustered,
+        replicated_members: flags.backend == BackendKind::Native,
         name: flags.name.clone(),
         listen_client_urls: split_urls(&flags.listen_client_urls),
         advertise_client_urls: split_urls(&flags.advertise_client_urls),
@@ -229,10 +230,18 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
             let b = NativeBackend::open(ncfg)
                 .await
                 .context("opening the native backend")?;
+            // The other members must reach this one before any of them can lead. A single
+            // node serves its peer port too (as etcd does), so that members can be added
+            // later; if the port is taken it runs without (and cannot grow).
+            match PeerListeners::bind(&split_urls(&flags.listen_peer_urls), &peer_tls(&flags)).await {
+                Ok(listeners) => peer_server = Some(listeners.serve(b.peer_service())),
+                Err(e) if !b.is_clustered() => tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "cannot serve the peer port; this single node cannot be joined by new members"
+                ),
+                Err(e) => return Err(e),
+            }
             if b.is_clustered() {
-                // The other members must reach this one before any of them can lead.
-                let listeners = PeerListeners::bind(&split_urls(&flags.listen_peer_urls), &peer_tls(&flags)).await?;
-                peer_server = Some(listeners.serve(b.peer_service()));
                 b.wait_ready().await.context("joining the cluster")?;
             }
             if stored.is_none() {
@@ -290,7 +299,7 @@ fn native_config(flags: &Flags, member_id: u64, cluster_id: u64) -> anyhow::Resu
     let members = initial_members(flags)?;
     let initial_cluster = members.iter().filter_map(|m| Some((m.id, m.peer_urls.first()?.clone()))).collect();
     let https = members.iter().flat_map(|m| &m.peer_urls).any(|u| u.starts_with("https://"));
-    let peer_tls = if https && clustered(flags)? {
+    let peer_tls = if https {
         let hosts: Vec<String> = split_urls(&flags.listen_peer_urls).iter().filter_map(|u| urls::host(u)).collect();
         Some(peer_tls(flags).peer_client_config(&hosts).context("peer TLS")?)
     } else {
@@ -300,6 +309,7 @@ fn native_config(flags: &Flags, member_id: u64, cluster_id: u64) -> anyhow::Resu
         initial_cluster,
         join_existing: flags.initial_cluster_state == "existing",
         cluster_id,
+        slow_disk: std::time::Duration::ZERO,
         peer_tls,
         data_dir: flags.data_dir().into(),
         snapshot_count: flags.snapshot_count,

@@ -48,6 +48,9 @@ pub struct Members {
     /// The members of --initial-cluster; empty: this member alone.
     initial: Vec<Member>,
     strict: bool,
+    /// The backend replicates among members of its own (native): membership changes reach
+    /// its raft group, so a single node can grow.
+    replicated: bool,
 }
 
 /// The first peer URL, where the backend's replication reaches a member.
@@ -108,7 +111,14 @@ impl Members {
             me,
             initial,
             strict,
+            replicated: false,
         }
+    }
+
+    /// Marks the backend as replicating among members (see [`Members::replicated`]).
+    pub fn replicated(mut self, on: bool) -> Self {
+        self.replicated = on;
+        self
     }
 
     pub fn my_id(&self) -> u64 {
@@ -176,9 +186,9 @@ impl Members {
         }
     }
 
-    /// A member of a replicated cluster (more than one initial member).
+    /// Membership changes reach the backend's own replication (a native member).
     fn clustered(&self) -> bool {
-        self.initial.len() > 1
+        self.replicated
     }
 
     fn started(m: &Member) -> bool {
@@ -309,7 +319,7 @@ impl Members {
                         return Err(ApiError::MemberNotEnoughStarted);
                     }
                 }
-                if id == me && !clustered {
+                if id == me && (!clustered || s.members.len() == 1) {
                     // Removing the only running member would stop the cluster for good; Cairn
                     // cannot hand over to anyone.
                     return Err(ApiError::MemberNotEnoughStarted);

@@ -74,6 +74,9 @@ pub struct ServerConfig {
     /// Publish this member's name and client URLs to the cluster before serving, as etcd does
     /// (a member of a replicated cluster; the others list it with them).
     pub publish_member: bool,
+    /// The backend replicates among members of its own (native): MemberAdd and friends change
+    /// its raft group, and a single node can grow into a cluster.
+    pub replicated_members: bool,
     /// --listen-metrics-urls: extra listeners serving only `/metrics` and `/health`.
     pub listen_metrics_urls: Vec<String>,
 }
@@ -101,6 +104,7 @@ impl Default for ServerConfig {
             auth: AuthConfig::default(),
             initial_members: Vec::new(),
             publish_member: false,
+            replicated_members: false,
             listen_metrics_urls: Vec::new(),
         }
     }
@@ -275,6 +279,7 @@ fn members(cfg: &ServerConfig, backend: &Arc<dyn Backend>) -> Members {
         is_learner: false,
     };
     Members::new(backend.clone(), me, cfg.initial_members.clone(), cfg.strict_reconfig_check)
+        .replicated(cfg.replicated_members)
 }
 
 /// etcd's two readiness lines; etcd's e2e suite waits for them before it starts a test.

@@ -356,3 +356,77 @@ fn kill_9_of_the_leader_under_load_loses_no_acknowledged_write() {
         acked.len()
     );
 }
+
+/// kubeadm's way: one member starts alone, the next joins with `member add` and
+/// --initial-cluster-state existing, catches up, becomes a voter and serves.
+#[test]
+fn a_single_node_grows_into_a_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let (ua, ub) = (
+        format!("http://127.0.0.1:{pa}"),
+        format!("http://127.0.0.1:{pb}"),
+    );
+    let da = dir.path().join("a").display().to_string();
+    let a = start(&Spec {
+        name: "a".into(),
+        args: [
+            "--data-dir",
+            &da,
+            "--listen-peer-urls",
+            &ua,
+            "--initial-advertise-peer-urls",
+            &ua,
+            "--initial-cluster",
+            &format!("a={ua}"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+    })
+    .ready();
+    assert_eq!(ctl(&a, &["put", "k", "v1"]).trim(), "OK");
+    let added = json(&ctl(
+        &a,
+        &["member", "add", "b", "--peer-urls", &ub, "-w", "json"],
+    ));
+    let b_id = added["member"]["ID"].as_u64().unwrap();
+    let db = dir.path().join("b").display().to_string();
+    let b = start(&Spec {
+        name: "b".into(),
+        args: [
+            "--data-dir",
+            &db,
+            "--listen-peer-urls",
+            &ub,
+            "--initial-advertise-peer-urls",
+            &ub,
+            "--initial-cluster",
+            &format!("a={ua},b={ub}"),
+            "--initial-cluster-state",
+            "existing",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+    })
+    .ready();
+    assert_eq!(ctl(&b, &["get", "k", "--print-value-only"]).trim(), "v1");
+    assert_eq!(ctl(&b, &["put", "k", "v2"]).trim(), "OK");
+    assert_eq!(ctl(&a, &["get", "k", "--print-value-only"]).trim(), "v2");
+    // b becomes a voter once it caught up.
+    let mut voter = false;
+    for _ in 0..50 {
+        let list = json(&ctl(&a, &["member", "list", "-w", "json"]));
+        let members = list["members"].as_array().unwrap().clone();
+        assert_eq!(members.len(), 2, "{list}");
+        let st = json(&ctl(&b, &["endpoint", "status", "-w", "json"]));
+        assert_eq!(st[0]["Status"]["header"]["member_id"].as_u64(), Some(b_id));
+        if st[0]["Status"]["isLearner"].as_bool() != Some(true) {
+            voter = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(voter, "the added member never became a voter");
+}

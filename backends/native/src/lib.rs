@@ -115,6 +115,8 @@ pub struct NativeBackend {
     quota: u64,
     /// More than one member: raft talks to peers, and requests may go through the leader.
     clustered: bool,
+    /// This member's (first) peer URL.
+    my_peer_url: String,
     peers: Peers,
     cluster_id: u64,
     /// How long a request may wait for a leader, a forwarded write or a read index (etcd's
@@ -133,7 +135,9 @@ impl NativeBackend {
         let wal = wal::Wal::open(&cfg.data_dir.join("wal"), cfg.slow_disk)?;
         let store = Store::open(&cfg.data_dir.join("state.redb"), CACHE_BYTES)?;
         let node_id = cfg.member_id;
-        let clustered = cfg.initial_cluster.len() > 1 || cfg.join_existing;
+        // A member of several: by its flags, or because a single node grew (MemberAdd).
+        let grown = store.applied_state()?.membership.membership().nodes().count() > 1;
+        let clustered = cfg.initial_cluster.len() > 1 || cfg.join_existing || grown;
         let (heartbeat, election) = if clustered {
             // etcd's --heartbeat-interval and --election-timeout, in milliseconds.
             let hb = cfg.heartbeat_interval_ms.max(10);
@@ -170,7 +174,9 @@ impl NativeBackend {
                     members.insert(*id, BasicNode { addr: addr.clone() });
                 }
             } else {
-                members.insert(node_id, BasicNode::default());
+                // Its peer URL, so that members added later can reach it.
+                let addr = cfg.initial_cluster.get(&node_id).cloned().unwrap_or_default();
+                members.insert(node_id, BasicNode { addr });
             }
             // Every member of a new cluster initializes with the same membership; whoever
             // hears from an elected leader first has a log already and is refused, harmlessly.
@@ -199,6 +205,7 @@ impl NativeBackend {
                 cfg.quota_backend_bytes
             },
             clustered,
+            my_peer_url: cfg.initial_cluster.get(&node_id).cloned().unwrap_or_default(),
             cluster_id: cfg.cluster_id,
             peers,
             request_timeout: Duration::from_millis(5_000 + 2 * election),
@@ -366,7 +373,7 @@ impl NativeBackend {
     /// Proposes `cmd` here when this member leads, else through the leader, and waits until
     /// this member applied it (so a client reads its own write on the member it wrote to).
     async fn propose_indexed(&self, cmd: Command) -> Result<(CommandResult, u64)> {
-        if !self.clustered {
+        if !self.replicated() {
             return self.proposer.propose(cmd).await;
         }
         let deadline = Instant::now() + self.request_timeout;
@@ -409,7 +416,7 @@ impl NativeBackend {
     /// Before a linearizable read: confirms the leader's read index and waits until this
     /// member applied up to it. A single voter applied every acknowledged write already.
     async fn read_barrier(&self) -> Result<()> {
-        if !self.clustered {
+        if !self.replicated() {
             return Ok(());
         }
         let deadline = Instant::now() + self.request_timeout;
@@ -486,6 +493,21 @@ impl NativeBackend {
             }
         }
         Err(too_long())
+    }
+
+    /// Whether the raft group has other members (it may have grown from a single node since
+    /// start): then writes and linearizable reads involve the leader and the quorum.
+    fn replicated(&self) -> bool {
+        self.clustered
+            || self
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .nodes()
+                .count()
+                > 1
     }
 
     fn is_leader(&self) -> bool {
@@ -586,6 +608,7 @@ impl NativeBackend {
                 peer_url,
                 learner,
             } => {
+                self.record_my_address().await?;
                 self.raft
                     .add_learner(id, BasicNode { addr: peer_url }, false)
                     .await
@@ -628,6 +651,35 @@ impl NativeBackend {
     }
 }
 
+impl NativeBackend {
+    /// A single node created before it knew its peer URL is listed without an address; the
+    /// members it adds must be able to reach it, so it records its URL first.
+    async fn record_my_address(&self) -> Result<()> {
+        let known = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.membership_config
+                .membership()
+                .get_node(&self.node_id)
+                .map(|n| n.addr.clone())
+        };
+        if self.my_peer_url.is_empty() || known.as_deref() == Some(self.my_peer_url.as_str()) {
+            return Ok(());
+        }
+        let nodes = BTreeMap::from([(
+            self.node_id,
+            BasicNode {
+                addr: self.my_peer_url.clone(),
+            },
+        )]);
+        self.raft
+            .change_membership(openraft::ChangeMembers::SetNodes(nodes), true)
+            .await
+            .map_err(raft_write_err)?;
+        Ok(())
+    }
+}
+
 /// Promotes learner `id` to voter once it caught up, while this member leads.
 async fn promote_when_caught_up(raft: Raft, id: u64) {
     use openraft::ChangeMembers;
@@ -665,7 +717,7 @@ impl NativeBackend {
     /// Lease keep-alives and time-to-live are the leader's (its clock decides expiry): served
     /// here when this member leads, else asked of the leader.
     async fn leader_call(&self, req: PeerRequest) -> Result<PeerResponse> {
-        if !self.clustered {
+        if !self.replicated() {
             return match self.serve_leader(req).await {
                 PeerResponse::Err(e) => Err(e),
                 r => Ok(r),
@@ -724,7 +776,7 @@ impl NativeBackend {
             }
             _ => {}
         }
-        if self.clustered && !self.is_leader() {
+        if self.replicated() && !self.is_leader() {
             return PeerResponse::Err(BackendError::Unavailable(NOT_LEADER.into()));
         }
         let r = match req {
@@ -909,11 +961,6 @@ impl Backend for NativeBackend {
     }
 
     async fn member_change(&self, change: MemberChange) -> Result<()> {
-        if !self.clustered {
-            // A single-node group: members added through the API are recorded by the
-            // frontend only.
-            return Ok(());
-        }
         match self.leader_call(PeerRequest::Member(change)).await? {
             PeerResponse::Done => Ok(()),
             other => Err(unexpected_peer(other)),
@@ -922,7 +969,7 @@ impl Backend for NativeBackend {
 
     async fn move_leader(&self, target: u64) -> Result<()> {
         let bad = || BackendError::Unavailable("bad leader transferee".into());
-        if !self.clustered {
+        if !self.replicated() {
             return Err(bad());
         }
         let (voters, target_addr) = {
@@ -1084,7 +1131,7 @@ async fn expire_leases(backend: std::sync::Weak<NativeBackend>) {
     loop {
         tick.tick().await;
         let Some(b) = backend.upgrade() else { return };
-        if b.clustered {
+        if b.replicated() {
             let leads = b.is_leader();
             if leads && !was_leader {
                 let s = b.store.clone();
