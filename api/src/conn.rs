@@ -69,7 +69,9 @@ async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, tx: mpsc::Sender<io::R
         Ok(Ok(tls)) => {
             let _ = tx.send(Ok(AuthorityFix::new(Conn::Tls(Box::new(tls))))).await;
         }
-        Ok(Err(e)) => tracing::warn!(remote = ?peer, error = %e, "rejected connection: TLS handshake failed"),
+        Ok(Err(e)) => {
+            tracing::warn!(remote = ?peer, error = %crate::tls::go_error(&e), "rejected connection: TLS handshake failed")
+        }
         Err(_) => tracing::warn!(remote = ?peer, "rejected connection: TLS handshake timed out"),
     }
 }

@@ -71,15 +71,23 @@ impl ClientTls {
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&self.versions()?)
             .context("TLS versions")?;
-        let builder = if self.trusted_ca_file.is_empty() {
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyServerCert(provider)))
+        let inner: Arc<dyn rustls::client::danger::ServerCertVerifier> = if self.trusted_ca_file.is_empty() {
+            Arc::new(AnyServerCert(provider.clone()))
         } else {
             let mut roots = RootCertStore::empty();
             for cert in CertificateDer::pem_file_iter(&self.trusted_ca_file).context("reading --peer-trusted-ca-file")? {
                 roots.add(cert.context("parsing --peer-trusted-ca-file")?).context("adding a trusted CA")?;
             }
-            builder.with_root_certificates(roots)
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .context("peer certificate verifier")?
         };
+        let verifier = NamedServer {
+            inner,
+            allowed_cn: self.allowed_cn.clone(),
+            allowed_hostname: self.allowed_hostname.clone(),
+        };
+        let builder = builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier));
         let (certs, key) = if !self.cert_file.is_empty() && !self.key_file.is_empty() {
             load_pair(Path::new(&self.cert_file), Path::new(&self.key_file))?
         } else {
@@ -173,43 +181,49 @@ struct TrustedRootAsClient {
 }
 
 impl TrustedRootAsClient {
-    /// etcd's allowed CN / host name checks on a verified client certificate. A refusal is a
-    /// "bad certificate" alert, which a Go client reports as "remote error: tls: bad certificate".
     fn check_names(&self, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-        if self.allowed_cn.is_empty() && self.allowed_hostname.is_empty() {
-            return Ok(());
-        }
-        // Logged by the acceptor (as the handshake failure), not here.
-        let refuse = || rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName);
-        let (_, c) = x509_parser::parse_x509_certificate(cert).map_err(|_| refuse())?;
-        if !self.allowed_cn.is_empty() {
-            let cn = c.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok());
-            if cn != Some(self.allowed_cn.as_str()) {
-                tracing::debug!(cn = ?cn, allowed = %self.allowed_cn, "rejected a peer certificate: common name not allowed");
-                return Err(refuse());
-            }
-        }
-        if !self.allowed_hostname.is_empty() {
-            let want = self.allowed_hostname.as_str();
-            let ip: Option<std::net::IpAddr> = want.parse().ok();
-            let ok = c.subject_alternative_name().ok().flatten().is_some_and(|san| {
-                san.value.general_names.iter().any(|n| match n {
-                    x509_parser::extensions::GeneralName::DNSName(d) => d.eq_ignore_ascii_case(want),
-                    x509_parser::extensions::GeneralName::IPAddress(b) => match (ip, b.len()) {
-                        (Some(std::net::IpAddr::V4(v4)), 4) => v4.octets() == **b,
-                        (Some(std::net::IpAddr::V6(v6)), 16) => v6.octets() == **b,
-                        _ => false,
-                    },
-                    _ => false,
-                })
-            });
-            if !ok {
-                tracing::debug!(allowed = %want, "rejected a peer certificate: not valid for the allowed host name");
-                return Err(refuse());
-            }
-        }
-        Ok(())
+        check_names(cert, &self.allowed_cn, &self.allowed_hostname)
     }
+}
+
+/// etcd's --peer-cert-allowed-cn / --peer-cert-allowed-hostname check on a verified
+/// certificate (etcd applies it to the peer's client and server certificates alike). A refusal
+/// is a "bad certificate" alert, which a Go client reports as "remote error: tls: bad
+/// certificate"; the log line has etcd's wording.
+fn check_names(cert: &CertificateDer<'_>, allowed_cn: &str, allowed_hostname: &str) -> Result<(), rustls::Error> {
+    if allowed_cn.is_empty() && allowed_hostname.is_empty() {
+        return Ok(());
+    }
+    // etcd's wording ("client certificate authentication failed") in the log line.
+    let refuse = || rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName);
+    let (_, c) = x509_parser::parse_x509_certificate(cert).map_err(|_| refuse())?;
+    if !allowed_cn.is_empty() {
+        let cn = c.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok());
+        if cn != Some(allowed_cn) {
+            tracing::warn!(cn = ?cn, allowed = %allowed_cn, "client certificate authentication failed: common name not allowed");
+            return Err(refuse());
+        }
+    }
+    if !allowed_hostname.is_empty() {
+        let want = allowed_hostname;
+        let ip: Option<std::net::IpAddr> = want.parse().ok();
+        let ok = c.subject_alternative_name().ok().flatten().is_some_and(|san| {
+            san.value.general_names.iter().any(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => d.eq_ignore_ascii_case(want),
+                x509_parser::extensions::GeneralName::IPAddress(b) => match (ip, b.len()) {
+                    (Some(std::net::IpAddr::V4(v4)), 4) => v4.octets() == **b,
+                    (Some(std::net::IpAddr::V6(v6)), 16) => v6.octets() == **b,
+                    _ => false,
+                },
+                _ => false,
+            })
+        });
+        if !ok {
+            tracing::warn!(allowed = %want, "client certificate authentication failed: not valid for the allowed host name");
+            return Err(refuse());
+        }
+    }
+    Ok(())
 }
 
 impl rustls::server::danger::ClientCertVerifier for TrustedRootAsClient {
@@ -249,6 +263,76 @@ impl rustls::server::danger::ClientCertVerifier for TrustedRootAsClient {
         }?;
         self.check_names(end_entity)?;
         Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A TLS error as Go words it where etcd's users (and tests) look for it: an alert from the
+/// other side is "remote error: tls: bad certificate" and the like.
+pub fn go_error(e: &std::io::Error) -> String {
+    use rustls::AlertDescription as A;
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::AlertReceived(alert)) => {
+            let what = match alert {
+                A::BadCertificate => "bad certificate".to_string(),
+                A::UnknownCA => "unknown certificate authority".to_string(),
+                A::CertificateExpired => "expired certificate".to_string(),
+                A::CertificateRevoked => "revoked certificate".to_string(),
+                A::HandshakeFailure => "handshake failure".to_string(),
+                A::AccessDenied => "access denied".to_string(),
+                A::CertificateRequired => "certificate required".to_string(),
+                other => format!("{other:?}").to_lowercase(),
+            };
+            format!("remote error: tls: {what}")
+        }
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)) => {
+            "client certificate authentication failed".to_string()
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// A peer's server certificate: verified by `inner`, then held to the allowed CN / host name.
+#[derive(Debug)]
+struct NamedServer {
+    inner: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    allowed_cn: String,
+    allowed_hostname: String,
+}
+
+impl rustls::client::danger::ServerCertVerifier for NamedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let ok = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        check_names(end_entity, &self.allowed_cn, &self.allowed_hostname)?;
+        Ok(ok)
     }
 
     fn verify_tls12_signature(
