@@ -504,6 +504,25 @@ impl Cluster {
         let mut hashes = Vec::new();
         for i in 0..3 {
             hashes.push(self.b(i).hash_kv(rev).await.unwrap().hash);
+            // Revisions are gap-free: every one from 2 (the first write) to `rev` is in the
+            // member's change log exactly once.
+            let mut feed = self.b(i).watch(2).await.unwrap();
+            let mut seen = Vec::new();
+            while seen.last().copied().unwrap_or(1) < rev {
+                match tokio::time::timeout(Duration::from_secs(10), feed.next())
+                    .await
+                    .expect("change log read")
+                {
+                    Some(Ok(FeedItem::Changes(b))) => seen.push(b.revision),
+                    Some(Ok(FeedItem::Progress(_))) => {}
+                    other => panic!("change log of member {i} ended: {other:?}"),
+                }
+            }
+            assert_eq!(
+                seen,
+                (2..=rev).collect::<Vec<_>>(),
+                "member {i}'s revisions"
+            );
         }
         assert!(
             hashes.iter().all(|h| *h == hashes[0]),
