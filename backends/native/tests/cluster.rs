@@ -576,8 +576,16 @@ async fn a_lagging_member_catches_up_from_a_snapshot() {
             .unwrap()
             .revision;
     }
-    // The leader purged the entries the member is missing: only a snapshot can bring it up.
-    let purged = c.b(leader).raft_metrics().purged.map_or(0, |l| l.index);
+    // The leader purges the entries the member is missing (snapshots are built and the log
+    // purged in the background): then only a snapshot can bring it up.
+    let mut purged = 0;
+    for _ in 0..200 {
+        purged = c.b(leader).raft_metrics().purged.map_or(0, |l| l.index);
+        if purged > behind + 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         purged > behind + 1,
         "log purged up to {purged}, member at {behind}"
