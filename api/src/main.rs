@@ -197,35 +197,30 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
             let mut ncfg = native_config(&flags, cfg.member_id, cfg.cluster_id)?;
             let identity_file = std::path::Path::new(&flags.data_dir()).join(IDENTITY_FILE);
             let stored = read_identity(&identity_file)?;
-            if let Some((member_id, cluster_id)) = stored {
+            let ids = if let Some(ids) = stored {
                 // Like etcd (which keeps them in its WAL): the IDs of a data dir are fixed by
                 // its first start; --initial-cluster* only matter for an empty data dir.
-                if (member_id, cluster_id) != (cfg.member_id, cfg.cluster_id) {
-                    tracing::info!(
-                        member_id = %format!("{member_id:x}"), cluster_id = %format!("{cluster_id:x}"),
-                        "using the member and cluster IDs recorded in the data dir"
-                    );
-                }
-                cfg.member_id = member_id;
-                cfg.cluster_id = cluster_id;
-                ncfg.member_id = member_id;
-                ncfg.cluster_id = cluster_id;
+                Some((ids, "using the member and cluster IDs recorded in the data dir"))
             } else if clustered(&flags)? && flags.initial_cluster_state == "existing" {
                 // Joining: the cluster chose this member's ID when it was added.
                 let urls: Vec<String> = ncfg.initial_cluster.values().cloned().collect();
                 let mine = cfg.peer_urls.first().cloned().unwrap_or_default();
-                let (member_id, cluster_id) =
+                let ids =
                     NativeBackend::discover(&urls, &mine, ncfg.peer_tls.clone(), std::time::Duration::from_secs(60))
                         .await
                         .context("joining an existing cluster")?;
-                tracing::info!(
-                    member_id = %format!("{member_id:x}"), cluster_id = %format!("{cluster_id:x}"),
-                    "joining an existing cluster"
-                );
-                cfg.member_id = member_id;
-                cfg.cluster_id = cluster_id;
-                ncfg.member_id = member_id;
-                ncfg.cluster_id = cluster_id;
+                Some((ids, "joining an existing cluster"))
+            } else {
+                None
+            };
+            if let Some(((member_id, cluster_id), why)) = ids {
+                if (member_id, cluster_id) != (cfg.member_id, cfg.cluster_id) {
+                    tracing::info!(
+                        member_id = %format!("{member_id:x}"), cluster_id = %format!("{cluster_id:x}"), "{why}"
+                    );
+                }
+                (cfg.member_id, cfg.cluster_id) = (member_id, cluster_id);
+                (ncfg.member_id, ncfg.cluster_id) = (member_id, cluster_id);
             }
             let b = NativeBackend::open(ncfg)
                 .await

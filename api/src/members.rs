@@ -128,8 +128,19 @@ impl Members {
     /// The stored membership (this member alone until something changed it) with this
     /// member's published name and client URLs.
     async fn load(&self) -> Result<(u64, State), BackendError> {
-        let doc = self.backend.doc_get(MEMBERS_DOC).await?;
-        let (version, mut state) = match doc {
+        let (version, mut state) = self.stored().await?;
+        for m in state.members.iter_mut().filter(|m| m.id == self.me.id) {
+            m.name = self.me.name.clone();
+            m.client_urls = self.me.client_urls.clone();
+        }
+        state.members.sort_by_key(|m| m.id);
+        Ok((version, state))
+    }
+
+    /// The membership as stored, with its version (the seed and version 0 before the first
+    /// write).
+    async fn stored(&self) -> Result<(u64, State), BackendError> {
+        Ok(match self.backend.doc_get(MEMBERS_DOC).await? {
             Some(d) => (
                 d.version,
                 serde_json::from_slice(&d.value).map_err(BackendError::internal)?,
@@ -145,13 +156,7 @@ impl Members {
                     removed: Vec::new(),
                 },
             ),
-        };
-        for m in state.members.iter_mut().filter(|m| m.id == self.me.id) {
-            m.name = self.me.name.clone();
-            m.client_urls = self.me.client_urls.clone();
-        }
-        state.members.sort_by_key(|m| m.id);
-        Ok((version, state))
+        })
     }
 
     /// Every member, ordered by ID as etcd lists them.
@@ -200,14 +205,7 @@ impl Members {
     pub async fn publish(&self) -> Result<(), ApiError> {
         let me = self.me.clone();
         loop {
-            let doc = self.backend.doc_get(MEMBERS_DOC).await?;
-            let (version, mut state): (u64, State) = match doc {
-                Some(d) => (
-                    d.version,
-                    serde_json::from_slice(&d.value).map_err(|e| ApiError::Internal(e.to_string()))?,
-                ),
-                None => (0, self.load().await?.1),
-            };
+            let (version, mut state) = self.stored().await?;
             let Some(m) = state.members.iter_mut().find(|m| m.id == me.id) else {
                 // Not a member (removed, or not added yet): nothing to publish.
                 return Ok(());

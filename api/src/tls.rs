@@ -71,19 +71,22 @@ impl ClientTls {
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&self.versions()?)
             .context("TLS versions")?;
-        let inner: Arc<dyn rustls::client::danger::ServerCertVerifier> = if self.trusted_ca_file.is_empty() {
-            Arc::new(AnyServerCert(provider.clone()))
+        let inner: Option<Arc<dyn rustls::client::danger::ServerCertVerifier>> = if self.trusted_ca_file.is_empty() {
+            None
         } else {
             let mut roots = RootCertStore::empty();
             for cert in CertificateDer::pem_file_iter(&self.trusted_ca_file).context("reading --peer-trusted-ca-file")? {
                 roots.add(cert.context("parsing --peer-trusted-ca-file")?).context("adding a trusted CA")?;
             }
-            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .context("peer certificate verifier")?
+            Some(
+                rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .context("peer certificate verifier")?,
+            )
         };
         let verifier = NamedServer {
             inner,
+            provider: provider.clone(),
             allowed_cn: self.allowed_cn.clone(),
             allowed_hostname: self.allowed_hostname.clone(),
         };
@@ -291,21 +294,8 @@ impl rustls::server::danger::ClientCertVerifier for TrustedRootAsClient {
 /// A TLS error as Go words it where etcd's users (and tests) look for it: an alert from the
 /// other side is "remote error: tls: bad certificate" and the like.
 pub fn go_error(e: &std::io::Error) -> String {
-    use rustls::AlertDescription as A;
     match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        Some(rustls::Error::AlertReceived(alert)) => {
-            let what = match alert {
-                A::BadCertificate => "bad certificate".to_string(),
-                A::UnknownCA => "unknown certificate authority".to_string(),
-                A::CertificateExpired => "expired certificate".to_string(),
-                A::CertificateRevoked => "revoked certificate".to_string(),
-                A::HandshakeFailure => "handshake failure".to_string(),
-                A::AccessDenied => "access denied".to_string(),
-                A::CertificateRequired => "certificate required".to_string(),
-                other => format!("{other:?}").to_lowercase(),
-            };
-            format!("remote error: tls: {what}")
-        }
+        Some(rustls::Error::AlertReceived(alert)) => cairn_native::go_remote_error(alert),
         Some(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)) => {
             "client certificate authentication failed".to_string()
         }
@@ -313,10 +303,13 @@ pub fn go_error(e: &std::io::Error) -> String {
     }
 }
 
-/// A peer's server certificate: verified by `inner`, then held to the allowed CN / host name.
+/// A peer's server certificate: verified against the peer CA (`inner`) or, without one (etcd's
+/// auto TLS: InsecureSkipVerify), not at all; then held to the allowed CN / host name.
+/// Handshake signatures are always checked.
 #[derive(Debug)]
 struct NamedServer {
-    inner: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    inner: Option<Arc<dyn rustls::client::danger::ServerCertVerifier>>,
+    provider: Arc<CryptoProvider>,
     allowed_cn: String,
     allowed_hostname: String,
 }
@@ -330,48 +323,10 @@ impl rustls::client::danger::ServerCertVerifier for NamedServer {
         ocsp_response: &[u8],
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let ok = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        if let Some(inner) = &self.inner {
+            inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        }
         check_names(end_entity, &self.allowed_cn, &self.allowed_hostname)?;
-        Ok(ok)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-/// Accepts any server certificate (signatures are still checked): etcd's peer transport with
-/// auto TLS (InsecureSkipVerify).
-#[derive(Debug)]
-struct AnyServerCert(Arc<CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyServerCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
@@ -381,7 +336,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyServerCert {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -390,11 +345,11 @@ impl rustls::client::danger::ServerCertVerifier for AnyServerCert {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 

@@ -41,7 +41,7 @@ use crate::log_store::LogStore;
 use crate::network::PeerNetwork;
 use crate::peer::{PeerRequest, PeerResponse};
 pub use crate::peer::proto as peer_proto;
-pub use crate::peer::{PeerService, Peers};
+pub use crate::peer::{go_remote_error, PeerService, Peers};
 use crate::proposer::NOT_LEADER;
 use crate::state_machine::StateMachine;
 use crate::store::Store;

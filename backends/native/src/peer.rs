@@ -282,12 +282,18 @@ impl tokio::io::AsyncWrite for PeerTls {
 /// A TLS alert from the peer, worded as Go reports it ("remote error: tls: bad certificate"),
 /// so operators (and etcd's tests) see etcd's message.
 fn go_tls_error(e: std::io::Error) -> std::io::Error {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::AlertReceived(alert)) => {
+            std::io::Error::new(e.kind(), go_remote_error(alert))
+        }
+        _ => e,
+    }
+}
+
+/// A TLS alert received from the other side, in Go's words ("remote error: tls: bad
+/// certificate"), which etcd's users (and tests) look for in logs.
+pub fn go_remote_error(alert: &rustls::AlertDescription) -> String {
     use rustls::AlertDescription as A;
-    let Some(rustls::Error::AlertReceived(alert)) =
-        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
-    else {
-        return e;
-    };
     let what = match alert {
         A::BadCertificate => "bad certificate".to_string(),
         A::UnknownCA => "unknown certificate authority".to_string(),
@@ -298,7 +304,7 @@ fn go_tls_error(e: std::io::Error) -> std::io::Error {
         A::CertificateRequired => "certificate required".to_string(),
         other => format!("{other:?}").to_lowercase(),
     };
-    std::io::Error::new(e.kind(), format!("remote error: tls: {what}"))
+    format!("remote error: tls: {what}")
 }
 
 /// Logs a failed peer connection at most once a second per peer address.
