@@ -137,6 +137,17 @@ impl Members {
         Ok((version, state))
     }
 
+    /// Replaces the stored membership if it is still at `version`; false when another writer
+    /// got there first.
+    async fn write(&self, version: u64, state: &State) -> Result<bool, ApiError> {
+        let bytes = serde_json::to_vec(state).map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(self
+            .backend
+            .doc_put(MEMBERS_DOC, version, bytes)
+            .await?
+            .is_some())
+    }
+
     /// The membership as stored, with its version (the seed and version 0 before the first
     /// write).
     async fn stored(&self) -> Result<(u64, State), BackendError> {
@@ -178,14 +189,7 @@ impl Members {
         loop {
             let (version, mut state) = self.load().await?;
             let out = change(&mut state)?;
-            let bytes =
-                serde_json::to_vec(&state).map_err(|e| ApiError::Internal(e.to_string()))?;
-            if self
-                .backend
-                .doc_put(MEMBERS_DOC, version, bytes)
-                .await?
-                .is_some()
-            {
+            if self.write(version, &state).await? {
                 return Ok((out, state));
             }
         }
@@ -215,14 +219,7 @@ impl Members {
             }
             m.name = me.name.clone();
             m.client_urls = me.client_urls.clone();
-            let bytes =
-                serde_json::to_vec(&state).map_err(|e| ApiError::Internal(e.to_string()))?;
-            if self
-                .backend
-                .doc_put(MEMBERS_DOC, version, bytes)
-                .await?
-                .is_some()
-            {
+            if self.write(version, &state).await? {
                 return Ok(());
             }
         }
