@@ -54,6 +54,9 @@ fn rpc_err<E: std::error::Error>(s: tonic::Status) -> RPCError<NodeId, BasicNode
     }
 }
 
+// openraft's RPCError is what the RaftNetwork trait returns; boxing it here would only move the
+// allocation.
+#[allow(clippy::result_large_err)]
 impl PeerConnection {
     /// Logs a failed RPC (throttled: a member that is down would otherwise fill the log at
     /// the heartbeat rate).

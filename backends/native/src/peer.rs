@@ -76,10 +76,13 @@ pub(crate) fn decode<T: DeserializeOwned>(f: &Frame) -> Result<T, Status> {
 /// How long one peer RPC may take (an install-snapshot chunk included).
 pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Each member's peer URL and client.
+type Clients = HashMap<u64, (String, PeerClient<Channel>)>;
+
 /// Channels to the other members, by member ID.
 #[derive(Clone)]
 pub struct Peers {
-    inner: Arc<parking_lot::Mutex<HashMap<u64, (String, PeerClient<Channel>)>>>,
+    inner: Arc<parking_lot::Mutex<Clients>>,
     tls: Option<Arc<rustls::ClientConfig>>,
     /// Members this one does not talk to (fault injection: a partition is every member of one
     /// side blocking every member of the other).

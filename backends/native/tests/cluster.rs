@@ -190,15 +190,15 @@ async fn get(b: &NativeBackend, key: &str, serializable: bool) -> Option<(Vec<u8
 
 /// The tests here start whole clusters with tight timers: one at a time, so that they do not
 /// starve each other's elections of CPU.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_members_replicate_and_survive_a_leader_stop() {
-    let _serial = serial();
+    let _serial = serial().await;
     let mut c = Cluster::start(3).await;
     let leader = c.leader().await;
     let follower = (leader + 1) % 3;
@@ -429,7 +429,7 @@ impl Workload {
 /// and the members must end with the same HashKV.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn history_stays_linearizable_through_faults() {
-    let _serial = serial();
+    let _serial = serial().await;
     use cairn_backend_tests::history::check;
     use std::time::Instant;
 
@@ -539,7 +539,7 @@ impl Cluster {
 /// either way the history stays linearizable and the members converge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_disk_keeps_the_history_linearizable() {
-    let _serial = serial();
+    let _serial = serial().await;
     let c = Cluster::start_slow(3, Some((2, Duration::from_millis(100)))).await;
     let w = Workload::start(&c);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -560,7 +560,7 @@ async fn a_slow_disk_keeps_the_history_linearizable() {
 /// snapshot catches up from a snapshot sent by the leader, and ends with the same data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lagging_member_catches_up_from_a_snapshot() {
-    let _serial = serial();
+    let _serial = serial().await;
     // A snapshot every 20 entries, 10 entries kept behind it.
     let mut c = Cluster::start_with(3, (20, 10)).await;
     let leader = c.leader().await;
