@@ -155,7 +155,13 @@ impl NativeBackend {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(
                 cfg.snapshot_count.clamp(1, MAX_SNAPSHOT_EVERY),
             ),
-            max_in_snapshot_log_to_keep: cfg.snapshot_catchup_entries,
+            // Entries kept for members that lag a little; a single node keeps fewer (a group
+            // commit entry can hold hundreds of requests, and they stay in memory).
+            max_in_snapshot_log_to_keep: if clustered {
+                cfg.snapshot_catchup_entries
+            } else {
+                cfg.snapshot_catchup_entries.min(1_000)
+            },
             ..Default::default()
         }
         .validate()?;
