@@ -171,6 +171,7 @@ def main():
     ap.add_argument("--check", help="expected-pass list; exit 1 unless each selected one passed")
     ap.add_argument("--src", default=E2E_SRC, help="e2e test sources, to tell t.Log lines from errors")
     ap.add_argument("--not-applicable", help="tests not selected, with the reason (name, whitespace, reason)")
+    ap.add_argument("--retried", help="tests that failed and were run a second time, one a line")
     args = ap.parse_args()
 
     tests, running, panic = parse(args.log, LogLineClassifier(args.src))
@@ -198,6 +199,13 @@ def main():
             reason = "failed without a message"
         rows.append((name, status, t.seconds, reason))
 
+    retried = set(read_names(args.retried)) if args.retried and os.path.exists(args.retried) else set()
+    rows = [
+        (n, st, secs, ("passed on a second run; first run: " if st == "pass" else "failed twice; first run: ")
+         + (why or "no message"))
+        if n in retried else (n, st, secs, why)
+        for n, st, secs, why in rows
+    ]
     counts = {s: sum(1 for r in rows if r[1] == s) for s in ("pass", "fail", "skip")}
     totals = "%d passed, %d failed, %d skipped" % (counts["pass"], counts["fail"], counts["skip"])
     na_rows = []
