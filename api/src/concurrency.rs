@@ -10,6 +10,7 @@
 
 use std::pin::Pin;
 
+use cairn_backend::prefix_end;
 use cairn_proto::etcdserverpb::{
     compare, kv_client::KvClient, lease_client::LeaseClient, range_request, request_op, watch_client::WatchClient,
     watch_request, Compare, DeleteRangeRequest, LeaseGrantRequest, PutRequest, RangeRequest, RangeResponse, RequestOp,
@@ -141,18 +142,6 @@ impl Client {
             self.wait_delete(kv.key.clone(), rev).await?;
         }
     }
-}
-
-/// etcd's GetPrefixRangeEnd.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }
 
 /// `Get(prefix, WithFirstCreate())`: the key under `prefix` with the lowest create revision.
