@@ -33,10 +33,11 @@ impl StateMachine {
     async fn snapshot(&self, with_data: bool) -> Result<Snapshot<TypeConfig>, StorageError> {
         let store = self.store.clone();
         let (state, data) = blocking(move || -> cairn_backend::Result<_> {
-            store.sync()?;
-            let state = store.applied_state()?;
-            let data = if with_data { store.dump()? } else { Vec::new() };
-            Ok((state, data))
+            if with_data {
+                store.dump()
+            } else {
+                Ok((store.synced_state()?, Vec::new()))
+            }
         })
         .await?
         .map_err(sm_err)?;

@@ -50,6 +50,18 @@ pub enum Command {
     Batch(Vec<Command>),
 }
 
+impl Command {
+    /// Whether this command (every command of a batch) is a txn: the only commands whose
+    /// changes readers see through the store's overlay before they are committed.
+    pub fn only_txns(&self) -> bool {
+        match self {
+            Command::Txn(_) => true,
+            Command::Batch(cmds) => cmds.iter().all(Command::only_txns),
+            _ => false,
+        }
+    }
+}
+
 impl std::fmt::Display for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -18,6 +18,9 @@ const BATCH: usize = 5_000;
 impl Store {
     /// Runs one batch; returns true when there is more to do.
     pub fn compact_step(&self) -> Result<bool> {
+        // The open write txn first (redb has one writer at a time); applies wait meanwhile.
+        let mut w = self.writer.lock();
+        self.commit(&mut w, false)?;
         let db = self.db.read();
         let mut txn = db.begin_write().map_err(db_err)?;
         txn.set_durability(Durability::None);

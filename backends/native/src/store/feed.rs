@@ -15,6 +15,8 @@ impl Store {
         to: Revision,
         max_revisions: usize,
     ) -> Result<Vec<ChangeBatch>> {
+        // The change log is not in the overlay.
+        self.flush()?;
         let db = self.db.read();
         let r = db.begin_read().map_err(db_err)?;
         let events = r.open_table(EVENTS).map_err(db_err)?;

@@ -1,17 +1,21 @@
 //! The state machine's storage: etcd's MVCC key space, leases and raft metadata in redb.
 //!
 //! Invariants:
-//! - Every table change of one raft entry happens in one redb write txn together with the
-//!   `last_applied` log id, so after a crash the store is exactly the state after some entry
-//!   and raft replays the rest from the write-ahead log.
+//! - Applied entries accumulate in one open redb write txn, together with the `last_applied`
+//!   log id, and are committed together every [`FLUSH_EVERY`] or [`FLUSH_ROWS`] rows (as etcd
+//!   batches bbolt commits), so after a crash the store is exactly the state after some entry
+//!   and raft replays the rest from the write-ahead log. Readers see applied but uncommitted
+//!   rows through the [`overlay`]; whatever the overlay does not cover is committed first
+//!   ([`Store::flush`]).
 //! - Commits are not synced one by one (the write-ahead log is the durable copy); a synced
 //!   commit happens at least every [`SYNC_EVERY`] and before a snapshot lets raft purge its log.
-//! - The change feed is published only after the commit that made it visible, so a watcher
+//! - The change feed is published only after the change is visible to readers, so a watcher
 //!   that subscribes, then reads history, misses nothing.
 
 mod codec;
 mod compact;
 mod feed;
+mod overlay;
 mod snapshot;
 mod view;
 
@@ -30,6 +34,7 @@ use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::broadcast;
 
 pub(crate) use codec::*;
+use overlay::Overlay;
 pub(crate) use view::db_err;
 use view::View;
 
@@ -38,6 +43,10 @@ use crate::types::{Command, CommandResult, LogId, StoredMembership};
 
 /// Longest time between synced commits of the state machine.
 const SYNC_EVERY: Duration = Duration::from_millis(1000);
+/// Longest time applied rows wait in the open write txn before it is committed.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// Most history rows in the open write txn (and the overlay) before it is committed.
+const FLUSH_ROWS: usize = 10_000;
 /// Longest time the quota check relies on an estimate of the in-use bytes.
 const MEASURE_EVERY: Duration = Duration::from_millis(1000);
 
@@ -45,6 +54,10 @@ pub(crate) struct Store {
     /// Behind a lock only so that [`Store::defragment`] can get `&mut Database`; everything
     /// else holds the read side for the whole of its redb transaction.
     db: RwLock<Database>,
+    /// The write txn applies accumulate into. Lock order: `writer`, then `db`, then `overlay`.
+    writer: Mutex<Pending>,
+    /// The rows of `writer`'s txn, for readers.
+    overlay: RwLock<Overlay>,
     path: std::path::PathBuf,
     pub feed: broadcast::Sender<Arc<ChangeBatch>>,
     pub leases: LeaseClock,
@@ -58,6 +71,12 @@ pub(crate) struct Store {
     measured_in_use: AtomicI64,
     written_since: AtomicI64,
     measured_at: Mutex<Instant>,
+}
+
+/// The open write txn and when it was begun.
+struct Pending {
+    txn: Option<WriteTransaction>,
+    opened: Instant,
 }
 
 /// What `applied_state` needs.
@@ -94,6 +113,11 @@ impl Store {
         let (feed, _) = broadcast::channel(4096);
         let store = Arc::new(Store {
             db: RwLock::new(db),
+            writer: Mutex::new(Pending {
+                txn: None,
+                opened: Instant::now(),
+            }),
+            overlay: RwLock::new(Overlay::default()),
             path: path.to_path_buf(),
             feed,
             leases: LeaseClock::default(),
@@ -132,43 +156,56 @@ impl Store {
     }
 
     pub fn applied_state(&self) -> Result<AppliedState> {
+        self.flush()?;
+        self.committed_state()
+    }
+
+    /// Makes everything applied so far durable and returns the applied state it reached: no
+    /// apply can slip in between, so raft may purge its log up to that point.
+    pub fn synced_state(&self) -> Result<AppliedState> {
+        let mut w = self.writer.lock();
+        self.sync_locked(&mut w)?;
+        self.committed_state()
+    }
+
+    fn committed_state(&self) -> Result<AppliedState> {
         let db = self.db.read();
         let r = db.begin_read().map_err(db_err)?;
-        let meta = r.open_table(META).map_err(db_err)?;
-        let get = |name| -> Result<Option<Vec<u8>>> {
-            Ok(meta.get(name).map_err(db_err)?.map(|v| v.value().to_vec()))
-        };
-        let last_applied = match get(M_APPLIED)? {
-            Some(b) => postcard::from_bytes(&b).map_err(db_err)?,
-            None => None,
-        };
-        let membership = match get(M_MEMBERSHIP)? {
-            Some(b) => postcard::from_bytes(&b).map_err(db_err)?,
-            None => StoredMembership::default(),
-        };
-        Ok(AppliedState {
-            last_applied,
-            membership,
-        })
+        applied_in(&r)
     }
 
     /// Applies a batch of committed raft entries in one redb txn; returns one result per entry.
     pub fn apply(&self, entries: Vec<crate::types::Entry>) -> Result<Vec<CommandResult>> {
+        let mut w = self.writer.lock();
         let db = self.db.read();
-        let mut txn = db.begin_write().map_err(db_err)?;
-        let sync = self.last_sync.lock().elapsed() >= SYNC_EVERY;
-        txn.set_durability(if sync {
-            Durability::Immediate
-        } else {
-            Durability::None
-        });
+        if w.txn.is_none() {
+            w.txn = Some(db.begin_write().map_err(db_err)?);
+            w.opened = Instant::now();
+        }
+        let r = self.apply_in(&mut w, entries);
+        if r.is_err() {
+            // The txn may hold half an entry: drop it (raft stops on this error).
+            w.txn = None;
+        }
+        r
+    }
+
+    fn apply_in(
+        &self,
+        w: &mut Pending,
+        entries: Vec<crate::types::Entry>,
+    ) -> Result<Vec<CommandResult>> {
+        let txn = w.txn.as_ref().expect("an open write txn");
+        // Only puts and deletes of txns are covered by the overlay; anything else is committed
+        // before the apply returns.
+        let mut flush = false;
         let mut results = Vec::with_capacity(entries.len());
         let mut batches = Vec::new();
         let mut lease_changes = Vec::new();
         let mut compacted = false;
         let new_revs;
         {
-            let mut t = Tables::open(&txn)?;
+            let mut t = Tables::open(txn)?;
             let mut rev = read_i64(&t.meta, M_REVISION)?;
             let mut compact = read_i64(&t.meta, M_COMPACT)?;
             let mut last = None;
@@ -178,10 +215,12 @@ impl Store {
                 let result = match entry.payload {
                     openraft::EntryPayload::Blank => CommandResult::None,
                     openraft::EntryPayload::Membership(m) => {
+                        flush = true;
                         membership = Some(StoredMembership::new(Some(entry.log_id), m));
                         CommandResult::None
                     }
                     openraft::EntryPayload::Normal(cmd) => {
+                        flush |= !cmd.only_txns();
                         let (res, batch) =
                             t.run(cmd, &mut rev, &mut compact, &mut lease_changes)?;
                         compacted |= res.compacted();
@@ -207,12 +246,18 @@ impl Store {
             }
             new_revs = (rev, compact);
         }
-        txn.commit().map_err(db_err)?;
-        // Only after the commit: whoever sees the new revision can read it.
-        self.revision.store(new_revs.0, Ordering::Release);
-        self.compact.store(new_revs.1, Ordering::Release);
-        if sync {
-            *self.last_sync.lock() = Instant::now();
+        {
+            // Readers see the rows and the new revision together.
+            let mut ov = self.overlay.write();
+            for b in &batches {
+                ov.record(b);
+            }
+            flush |= ov.rows() >= FLUSH_ROWS;
+            self.revision.store(new_revs.0, Ordering::Release);
+            self.compact.store(new_revs.1, Ordering::Release);
+        }
+        if flush || w.opened.elapsed() >= FLUSH_EVERY {
+            self.commit(w, false)?;
         }
         for change in lease_changes {
             match change {
@@ -236,8 +281,46 @@ impl Store {
         Ok(results)
     }
 
+    /// Commits the open write txn (synced when `sync` or when the last synced commit is older
+    /// than [`SYNC_EVERY`]) and empties the overlay. A failed commit loses the txn: raft stops
+    /// on the error, as the store can no longer be trusted.
+    fn commit(&self, w: &mut Pending, sync: bool) -> Result<()> {
+        let Some(mut txn) = w.txn.take() else {
+            return Ok(());
+        };
+        let sync = sync || self.last_sync.lock().elapsed() >= SYNC_EVERY;
+        txn.set_durability(if sync {
+            Durability::Immediate
+        } else {
+            Durability::None
+        });
+        txn.commit().map_err(db_err)?;
+        // After the commit: a reader in between sees the rows twice, identical, the overlay's
+        // copy winning (see overlay.rs).
+        self.overlay.write().clear();
+        if sync {
+            *self.last_sync.lock() = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Commits everything applied so far (not synced), for readers of what the overlay does not
+    /// cover.
+    pub fn flush(&self) -> Result<()> {
+        let mut w = self.writer.lock();
+        self.commit(&mut w, false)
+    }
+
     /// Makes everything applied so far durable.
     pub fn sync(&self) -> Result<()> {
+        let mut w = self.writer.lock();
+        self.sync_locked(&mut w)
+    }
+
+    fn sync_locked(&self, w: &mut Pending) -> Result<()> {
+        if w.txn.is_some() {
+            return self.commit(w, true);
+        }
         let db = self.db.read();
         let mut txn = db.begin_write().map_err(db_err)?;
         txn.set_durability(Durability::Immediate);
@@ -249,32 +332,33 @@ impl Store {
     /// A range (or a read-only txn) served from the latest committed state.
     pub fn read_txn(&self, req: &TxnRequest) -> Result<TxnResponse> {
         let db = self.db.read();
+        let ov = self.overlay.read();
         let r = db.begin_read().map_err(db_err)?;
         let current = r.open_table(CURRENT).map_err(db_err)?;
         let history = r.open_table(HISTORY).map_err(db_err)?;
         let leases = r.open_table(LEASES).map_err(db_err)?;
-        let meta = r.open_table(META).map_err(db_err)?;
-        let base = read_i64(&meta, M_REVISION)?;
-        let compact = read_i64(&meta, M_COMPACT)?;
-        let mut view = View::new(&current, &history, &leases, base, compact);
+        let (base, compact) = self.current();
+        let mut view = View::new(&current, &history, &leases, base, compact).with_overlay(&ov);
         let (resp, _) = exec::execute(&mut view, req)?;
         Ok(resp)
     }
 
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
         let db = self.db.read();
+        let ov = self.overlay.read();
         let r = db.begin_read().map_err(db_err)?;
         let current = r.open_table(CURRENT).map_err(db_err)?;
         let history = r.open_table(HISTORY).map_err(db_err)?;
         let leases = r.open_table(LEASES).map_err(db_err)?;
-        let meta = r.open_table(META).map_err(db_err)?;
-        let base = read_i64(&meta, M_REVISION)?;
-        let compact = read_i64(&meta, M_COMPACT)?;
-        let mut view = View::new(&current, &history, &leases, base, compact);
+        let (base, compact) = self.current();
+        let mut view = View::new(&current, &history, &leases, base, compact).with_overlay(&ov);
         exec::range(&mut view, req)
     }
 
     pub fn lease_info(&self, id: LeaseId, keys: bool) -> Result<LeaseInfo> {
+        if keys {
+            self.flush()?;
+        }
         let db = self.db.read();
         let r = db.begin_read().map_err(db_err)?;
         let leases = r.open_table(LEASES).map_err(db_err)?;
@@ -339,6 +423,7 @@ impl Store {
                 compact_revision: compact,
             });
         }
+        self.flush()?;
         let db = self.db.read();
         let r = db.begin_read().map_err(db_err)?;
         let history = r.open_table(HISTORY).map_err(db_err)?;
@@ -364,6 +449,8 @@ impl Store {
     /// File size and bytes in use (redb's allocated pages). Reading redb's statistics needs a
     /// write txn, which is aborted.
     pub fn sizes(&self) -> Result<(i64, i64)> {
+        let mut w = self.writer.lock();
+        self.commit(&mut w, false)?;
         let db = self.db.read();
         let txn = db.begin_write().map_err(db_err)?;
         let stats = txn.stats().map_err(db_err)?;
@@ -389,6 +476,8 @@ impl Store {
     /// wait on the lock meanwhile, so none of them sees a half-compacted file; redb refuses
     /// while a read txn is open, which the lock rules out, so that is only retried briefly.
     pub fn defragment(&self) -> Result<()> {
+        let mut w = self.writer.lock();
+        self.commit(&mut w, false)?;
         let mut db = self.db.write();
         // Unsynced commits pin the last synced state like a reader would; a synced commit
         // releases them.
@@ -407,6 +496,7 @@ impl Store {
         }
         *self.last_sync.lock() = Instant::now();
         drop(db);
+        drop(w);
         self.sizes().map(|_| ())
     }
 
@@ -415,6 +505,26 @@ impl Store {
             .map(|m| m.len() as i64)
             .unwrap_or(0)
     }
+}
+
+/// The applied state as of a read txn.
+fn applied_in(r: &redb::ReadTransaction) -> Result<AppliedState> {
+    let meta = r.open_table(META).map_err(db_err)?;
+    let get = |name| -> Result<Option<Vec<u8>>> {
+        Ok(meta.get(name).map_err(db_err)?.map(|v| v.value().to_vec()))
+    };
+    let last_applied = match get(M_APPLIED)? {
+        Some(b) => postcard::from_bytes(&b).map_err(db_err)?,
+        None => None,
+    };
+    let membership = match get(M_MEMBERSHIP)? {
+        Some(b) => postcard::from_bytes(&b).map_err(db_err)?,
+        None => StoredMembership::default(),
+    };
+    Ok(AppliedState {
+        last_applied,
+        membership,
+    })
 }
 
 /// Opens the database file. A previous instance in this process may still be shutting down
@@ -647,5 +757,115 @@ impl<'t> Tables<'t> {
             revision: rev,
             events,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_backend::{DeleteRangeRequest, PutRequest, RequestOp};
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64, cmd: Command) -> crate::types::Entry {
+        crate::types::Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(cmd),
+        }
+    }
+
+    fn range(
+        store: &Store,
+        range: KeyRange,
+        revision: Revision,
+        limit: i64,
+        count_only: bool,
+    ) -> RangeResponse {
+        store
+            .range(&RangeRequest {
+                range,
+                revision,
+                limit,
+                count_only,
+                ..Default::default()
+            })
+            .expect("range")
+    }
+
+    /// Reads through the overlay (applied, uncommitted rows) answer exactly what the same
+    /// reads answer once everything is committed: one store commits after every entry, the
+    /// other keeps its rows in the open write txn; random puts and deletes over a few keys.
+    #[test]
+    fn overlay_reads_equal_committed_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let committed = Store::open(&dir.path().join("a.redb"), 1 << 20).unwrap();
+        let pending = Store::open(&dir.path().join("b.redb"), 1 << 20).unwrap();
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let key = |i: u64| format!("k{i}").into_bytes();
+        let mut saw_overlay = 0;
+        for index in 1..=400u64 {
+            let op = match next(10) {
+                0 => RequestOp::DeleteRange(DeleteRangeRequest {
+                    range: KeyRange::single(key(next(12))),
+                    prev_kv: true,
+                }),
+                1 => {
+                    let (a, b) = (next(12), next(12));
+                    RequestOp::DeleteRange(DeleteRangeRequest {
+                        range: KeyRange::new(key(a.min(b)), key(a.max(b))),
+                        prev_kv: false,
+                    })
+                }
+                _ => RequestOp::Put(PutRequest {
+                    key: key(next(12)),
+                    value: format!("v{index}").into_bytes(),
+                    ..Default::default()
+                }),
+            };
+            let cmd = || Command::Txn(TxnRequest::unconditional(vec![op.clone()]));
+            let a = committed.apply(vec![entry(index, cmd())]).unwrap();
+            committed.flush().unwrap();
+            let b = pending.apply(vec![entry(index, cmd())]).unwrap();
+            assert_eq!(
+                format!("{a:?}"),
+                format!("{b:?}"),
+                "apply results differ at {index}"
+            );
+            if pending.overlay.read().rows() > 0 {
+                saw_overlay += 1;
+            }
+            assert_eq!(committed.current(), pending.current());
+            let (rev, _) = pending.current();
+            let ranges = [
+                KeyRange::single(key(next(12))),
+                KeyRange::prefix(b"k1".to_vec()),
+                KeyRange::new(b"k".to_vec(), vec![0]),
+                KeyRange::new(key(next(12)), key(next(12) + 5)),
+            ];
+            for r in ranges {
+                for at in [0, rev, (rev - 1).max(1), 1 + next(rev as u64) as i64] {
+                    for (limit, count_only) in [(0, false), (2, false), (0, true)] {
+                        assert_eq!(
+                            range(&committed, r.clone(), at, limit, count_only),
+                            range(&pending, r.clone(), at, limit, count_only),
+                            "range {r:?} at {at} limit {limit} count_only {count_only}, after entry {index}"
+                        );
+                    }
+                }
+            }
+        }
+        // The comparison is only worth something if reads did go through the overlay.
+        assert!(
+            saw_overlay > 300,
+            "overlay held rows after only {saw_overlay} of 400 entries"
+        );
+        pending.flush().unwrap();
+        assert_eq!(pending.overlay.read().rows(), 0);
+        assert_eq!(committed.hash_kv(0).unwrap(), pending.hash_kv(0).unwrap());
     }
 }

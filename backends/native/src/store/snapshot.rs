@@ -23,10 +23,15 @@ struct Dump {
 }
 
 impl Store {
-    /// Serialises every table as of the last applied entry.
-    pub fn dump(&self) -> Result<Vec<u8>> {
+    /// Serialises every table as of the last applied entry, made durable first (raft may purge
+    /// its log up to it); returns that entry's state with the data, both from one read txn.
+    pub fn dump(&self) -> Result<(super::AppliedState, Vec<u8>)> {
+        let mut w = self.writer.lock();
+        self.sync_locked(&mut w)?;
         let db = self.db.read();
         let r = db.begin_read().map_err(db_err)?;
+        drop(w);
+        let state = super::applied_in(&r)?;
         let mut d = Dump::default();
         for item in r
             .open_table(CURRENT)
@@ -83,7 +88,7 @@ impl Store {
             let (k, v) = item.map_err(db_err)?;
             d.docs.push((k.value().to_string(), v.value().to_vec()));
         }
-        postcard::to_allocvec(&d).map_err(db_err)
+        Ok((state, postcard::to_allocvec(&d).map_err(db_err)?))
     }
 
     /// Replaces the whole store with a snapshot taken at `applied`.
@@ -94,6 +99,8 @@ impl Store {
         membership: &StoredMembership,
     ) -> Result<()> {
         let d: Dump = postcard::from_bytes(data.get_ref()).map_err(db_err)?;
+        let mut w = self.writer.lock();
+        self.commit(&mut w, false)?;
         let db = self.db.read();
         let mut txn = db.begin_write().map_err(db_err)?;
         txn.set_durability(redb::Durability::Immediate);

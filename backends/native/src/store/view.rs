@@ -10,6 +10,7 @@ use cairn_backend::{
 use redb::ReadableTable;
 
 use super::codec::{decode_kv, is_tombstone};
+use super::overlay::{merge_current, merge_history, Overlay};
 
 pub(crate) trait CurrentTable: ReadableTable<&'static [u8], &'static [u8]> {}
 impl<T: ReadableTable<&'static [u8], &'static [u8]>> CurrentTable for T {}
@@ -26,6 +27,9 @@ pub(crate) struct View<'a, C, H, L> {
     pub current: &'a C,
     pub history: &'a H,
     pub leases: &'a L,
+    /// Applied rows not yet committed to the tables (readers only; an apply reads its own
+    /// open write txn, which has them).
+    pub overlay: Option<&'a Overlay>,
     pub base: Revision,
     pub compact: Revision,
     /// Newest state of each key this txn wrote (None: deleted).
@@ -45,11 +49,18 @@ impl<'a, C: CurrentTable, H: HistoryTable, L: LeaseTable> View<'a, C, H, L> {
             current,
             history,
             leases,
+            overlay: None,
             base,
             compact,
             pending: BTreeMap::new(),
             events: Vec::new(),
         }
+    }
+
+    /// Reads through `overlay` as well.
+    pub fn with_overlay(mut self, overlay: &'a Overlay) -> Self {
+        self.overlay = Some(overlay);
+        self
     }
 
     fn pending_in(&self, range: &KeyRange) -> bool {
@@ -66,6 +77,7 @@ impl<'a, C: CurrentTable, H: HistoryTable, L: LeaseTable> View<'a, C, H, L> {
 /// Scans live keys of `range` from the CURRENT table.
 pub(crate) fn scan_current<C: CurrentTable>(
     t: &C,
+    ov: Option<&Overlay>,
     range: &KeyRange,
     limit: Option<usize>,
     count_only: bool,
@@ -73,6 +85,17 @@ pub(crate) fn scan_current<C: CurrentTable>(
 ) -> Result<i64> {
     let want = |n: usize| !count_only && limit.is_none_or(|l| n < l);
     if range.is_single() {
+        if let Some(known) = ov.and_then(|o| o.get_current(&range.key)) {
+            return Ok(match known {
+                Some(rec) => {
+                    if want(0) {
+                        visit(decode_kv(&range.key, rec, true));
+                    }
+                    1
+                }
+                None => 0,
+            });
+        }
         return match t.get(range.key.as_slice()).map_err(db_err)? {
             Some(v) => {
                 if want(0) {
@@ -82,6 +105,16 @@ pub(crate) fn scan_current<C: CurrentTable>(
             }
             None => Ok(0),
         };
+    }
+    if let Some(ov) = ov.filter(|o| o.touches(range)) {
+        let mut n = 0usize;
+        merge_current(t, ov, range, |k, v| {
+            if want(n) {
+                visit(decode_kv(k, v, true));
+            }
+            n += 1;
+        })?;
+        return Ok(n as i64);
     }
     let iter = match range.upper() {
         Some(end) => t
@@ -103,6 +136,7 @@ pub(crate) fn scan_current<C: CurrentTable>(
 /// Scans `range` as of revision `rev` from the HISTORY table.
 pub(crate) fn scan_history<H: HistoryTable>(
     t: &H,
+    ov: Option<&Overlay>,
     range: &KeyRange,
     rev: Revision,
     limit: Option<usize>,
@@ -110,19 +144,6 @@ pub(crate) fn scan_history<H: HistoryTable>(
     mut visit: impl FnMut(KeyValue),
 ) -> Result<i64> {
     let rev = rev as u64;
-    let iter = if range.is_single() {
-        t.range::<(&[u8], u64)>((range.key.as_slice(), 0)..=(range.key.as_slice(), rev))
-            .map_err(db_err)?
-    } else {
-        match range.upper() {
-            Some(end) => t
-                .range::<(&[u8], u64)>((range.key.as_slice(), 0)..(end, 0))
-                .map_err(db_err)?,
-            None => t
-                .range::<(&[u8], u64)>((range.key.as_slice(), 0)..)
-                .map_err(db_err)?,
-        }
-    };
     let mut n = 0usize;
     let mut last: Option<(Vec<u8>, Vec<u8>)> = None;
     let mut emit = |last: Option<(Vec<u8>, Vec<u8>)>, n: &mut usize| {
@@ -135,16 +156,16 @@ pub(crate) fn scan_history<H: HistoryTable>(
             }
         }
     };
-    for item in iter {
-        let (k, v) = item.map_err(db_err)?;
-        let (key, r) = k.value();
+    let mut step = |key: &[u8], r: u64, v: &[u8]| {
         if last.as_ref().is_some_and(|(lk, _)| lk.as_slice() != key) {
             emit(last.take(), &mut n);
         }
         if r <= rev {
-            last = Some((key.to_vec(), v.value().to_vec()));
+            last = Some((key.to_vec(), v.to_vec()));
         }
-    }
+    };
+    let empty = Overlay::default();
+    merge_history(t, ov.unwrap_or(&empty), range, rev, &mut step)?;
     emit(last.take(), &mut n);
     Ok(n as i64)
 }
@@ -166,11 +187,13 @@ impl<C: CurrentTable, H: HistoryTable, L: LeaseTable> TxnView for View<'_, C, H,
     ) -> Result<(Vec<KeyValue>, i64)> {
         if !self.pending_in(range) {
             let mut kvs = Vec::new();
-            let count = scan_current(self.current, range, limit, count_only, |kv| kvs.push(kv))?;
+            let count = scan_current(self.current, self.overlay, range, limit, count_only, |kv| {
+                kvs.push(kv)
+            })?;
             return Ok((kvs, count));
         }
         let mut merged: BTreeMap<Vec<u8>, KeyValue> = BTreeMap::new();
-        scan_current(self.current, range, None, false, |kv| {
+        scan_current(self.current, self.overlay, range, None, false, |kv| {
             merged.insert(kv.key.clone(), kv);
         })?;
         for (k, v) in &self.pending {
@@ -197,9 +220,15 @@ impl<C: CurrentTable, H: HistoryTable, L: LeaseTable> TxnView for View<'_, C, H,
         count_only: bool,
     ) -> Result<(Vec<KeyValue>, i64)> {
         let mut kvs = Vec::new();
-        let count = scan_history(self.history, range, rev, limit, count_only, |kv| {
-            kvs.push(kv)
-        })?;
+        let count = scan_history(
+            self.history,
+            self.overlay,
+            range,
+            rev,
+            limit,
+            count_only,
+            |kv| kvs.push(kv),
+        )?;
         Ok((kvs, count))
     }
 

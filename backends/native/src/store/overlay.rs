@@ -1,0 +1,184 @@
+//! What readers need of the changes that are applied but not yet committed to redb.
+//!
+//! Applies accumulate in one open redb write txn, committed every [`super::FLUSH_EVERY`] or
+//! [`super::FLUSH_ROWS`] rows (etcd's backend batches its bbolt commits the same way, and
+//! serves reads through a buffer of the uncommitted writes). A redb read txn sees only committed
+//! data, so readers merge it with this overlay: the CURRENT and HISTORY rows of every event
+//! applied since the last commit. Everything else a reader may look at (the change log, leases,
+//! documents, scalars) is committed before it is read: see `Store::flush`.
+//!
+//! Consistency: rows enter the overlay (under its write lock) after they are in the open txn;
+//! the overlay is cleared (under its write lock) only after the txn committed. A reader holds the
+//! read lock from before it opens its redb read txn until it is done, so it sees committed
+//! state plus overlay = exactly the applied state. Between commit and clear a reader may see a
+//! row in both; the overlay's copy is identical and wins, so nothing is counted twice.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use cairn_backend::{ChangeBatch, EventKind, KeyRange, Result};
+
+use super::codec::{encode_kv, encode_tombstone};
+use super::view::{db_err, CurrentTable, HistoryTable};
+
+#[derive(Default)]
+pub(crate) struct Overlay {
+    /// key -> its live record, or None when deleted since the last commit.
+    current: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// (key, mod revision) -> record (a tombstone for a delete).
+    history: BTreeMap<(Vec<u8>, u64), Vec<u8>>,
+}
+
+impl Overlay {
+    pub fn clear(&mut self) {
+        self.current.clear();
+        self.history.clear();
+    }
+
+    pub fn rows(&self) -> usize {
+        self.history.len()
+    }
+
+    /// Adds the rows one applied revision wrote.
+    pub fn record(&mut self, batch: &ChangeBatch) {
+        let rev = batch.revision;
+        for ev in &batch.events {
+            let key = &ev.kv.key;
+            match ev.kind {
+                EventKind::Put => {
+                    let rec = encode_kv(&ev.kv);
+                    self.current.insert(key.clone(), Some(rec.clone()));
+                    self.history.insert((key.clone(), rev as u64), rec);
+                }
+                EventKind::Delete => {
+                    self.current.insert(key.clone(), None);
+                    self.history
+                        .insert((key.clone(), rev as u64), encode_tombstone(rev));
+                }
+            }
+        }
+    }
+
+    fn current_in<'a>(
+        &'a self,
+        range: &KeyRange,
+    ) -> impl Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)> + 'a {
+        let lo = Bound::Included(range.key.as_slice());
+        let hi = if range.is_single() {
+            Bound::Included(range.key.as_slice())
+        } else {
+            match range.upper() {
+                Some(end) if end <= range.key.as_slice() => Bound::Excluded(range.key.as_slice()),
+                Some(end) => Bound::Excluded(end),
+                None => Bound::Unbounded,
+            }
+        };
+        self.current.range::<[u8], _>((lo, hi))
+    }
+
+    /// Whether any key of `range` changed since the last commit.
+    pub fn touches(&self, range: &KeyRange) -> bool {
+        !self.current.is_empty() && self.current_in(range).next().is_some()
+    }
+
+    /// The newest record of one key: `Some(None)` when it was deleted since the last commit,
+    /// `None` when the overlay does not know it.
+    pub fn get_current(&self, key: &[u8]) -> Option<Option<&[u8]>> {
+        self.current.get(key).map(|r| r.as_deref())
+    }
+}
+
+/// Visits the live records of a (multi-key) `range` in key order: the overlay's where it has
+/// the key, the table's elsewhere.
+pub(crate) fn merge_current<C: CurrentTable>(
+    t: &C,
+    ov: &Overlay,
+    range: &KeyRange,
+    mut visit: impl FnMut(&[u8], &[u8]),
+) -> Result<()> {
+    let mut over = ov.current_in(range).peekable();
+    let iter = match range.upper() {
+        Some(end) => t
+            .range::<&[u8]>(range.key.as_slice()..end)
+            .map_err(db_err)?,
+        None => t.range::<&[u8]>(range.key.as_slice()..).map_err(db_err)?,
+    };
+    for item in iter {
+        let (k, v) = item.map_err(db_err)?;
+        let k = k.value();
+        let mut shadowed = false;
+        while let Some((ok, rec)) = over.peek() {
+            if ok.as_slice() > k {
+                break;
+            }
+            shadowed = ok.as_slice() == k;
+            if let Some(rec) = rec {
+                visit(ok, rec);
+            }
+            over.next();
+        }
+        if !shadowed {
+            visit(k, v.value());
+        }
+    }
+    for (ok, rec) in over {
+        if let Some(rec) = rec {
+            visit(ok, rec);
+        }
+    }
+    Ok(())
+}
+
+/// Visits every history row of keys in `[lo_key, hi)` (`hi` a key bound, revision 0; or, for a
+/// single key, up to `max_rev` of `lo_key`) in (key, revision) order, merged with the overlay.
+pub(crate) fn merge_history<H: HistoryTable>(
+    t: &H,
+    ov: &Overlay,
+    range: &KeyRange,
+    max_rev: u64,
+    mut visit: impl FnMut(&[u8], u64, &[u8]),
+) -> Result<()> {
+    let key = range.key.as_slice();
+    let (iter, over) = if range.is_single() {
+        (
+            t.range::<(&[u8], u64)>((key, 0)..=(key, max_rev))
+                .map_err(db_err)?,
+            ov.history
+                .range((key.to_vec(), 0)..=(key.to_vec(), max_rev)),
+        )
+    } else {
+        match range.upper() {
+            Some(end) if end <= key => return Ok(()),
+            Some(end) => (
+                t.range::<(&[u8], u64)>((key, 0)..(end, 0))
+                    .map_err(db_err)?,
+                ov.history.range((key.to_vec(), 0)..(end.to_vec(), 0)),
+            ),
+            None => (
+                t.range::<(&[u8], u64)>((key, 0)..).map_err(db_err)?,
+                ov.history.range((key.to_vec(), 0)..),
+            ),
+        }
+    };
+    let mut over = over.peekable();
+    for item in iter {
+        let (k, v) = item.map_err(db_err)?;
+        let (k, r) = k.value();
+        let mut shadowed = false;
+        while let Some(((ok, or), rec)) = over.peek() {
+            if (ok.as_slice(), *or) > (k, r) {
+                break;
+            }
+            shadowed = (ok.as_slice(), *or) == (k, r);
+            visit(ok, *or, rec);
+            over.next();
+        }
+        if !shadowed {
+            visit(k, r, v.value());
+        }
+    }
+    for ((ok, or), rec) in over {
+        visit(ok, *or, rec);
+    }
+    Ok(())
+}
