@@ -240,16 +240,22 @@ impl Guard {
         Ok(())
     }
 
-    /// For a watch create: `None` when permitted, else etcd's cancel reason.
+    /// For a watch create: `None` when permitted, else etcd's cancel reason. etcd 3.4 sends
+    /// the text of the gRPC status error (`rpc error: code = PermissionDenied desc =
+    /// etcdserver: permission denied`), not only its message.
     pub fn watch_denied(&self, creds: &Credentials, key: &[u8], range_end: &[u8]) -> Option<String> {
+        // tonic's code names are grpc-go's (`PermissionDenied`, `InvalidArgument`, ...).
+        let text = |s: Status| format!("rpc error: code = {:?} desc = {}", s.code(), s.message());
         let who = match self.resolve(creds) {
             Ok(w) => w,
-            Err(s) => return Some(s.message().to_string()),
+            Err(s) => return Some(text(s)),
         };
         match self.op(&who, key, range_end, Access::Read) {
             Ok(()) => None,
-            Err(e @ (ApiError::InvalidAuthToken | ApiError::AuthOldRevision | ApiError::UserEmpty)) => Some(e.to_string()),
-            Err(_) => Some(ApiError::PermissionDenied.to_string()),
+            Err(e @ (ApiError::InvalidAuthToken | ApiError::AuthOldRevision | ApiError::UserEmpty)) => {
+                Some(text(e.into()))
+            }
+            Err(_) => Some(text(ApiError::PermissionDenied.into())),
         }
     }
 }
