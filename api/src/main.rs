@@ -253,6 +253,7 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
             let opts = PostgresOptions {
                 max_connections: flags.postgres_max_connections,
                 application_name: format!("cairn-{}", cfg.name),
+                quota_backend_bytes: flags.quota_backend_bytes,
                 ..Default::default()
             };
             let b = PostgresBackend::connect(&flags.postgres_url, opts)

@@ -11,6 +11,7 @@
 pub mod error;
 pub mod exec;
 pub mod model;
+pub mod quota;
 pub mod range;
 
 use async_trait::async_trait;

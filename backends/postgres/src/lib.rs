@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use cairn_backend::quota;
 use cairn_backend::range::{fetch_limit, finish_range};
 use cairn_backend::*;
 use futures::TryStreamExt;
@@ -60,6 +61,13 @@ pub struct PostgresOptions {
     pub compaction_batch: i64,
     /// The `application_name` of this process's connections (shows in `pg_stat_activity`).
     pub application_name: String,
+    /// etcd's `--quota-backend-bytes` (0: etcd's default, 2 GiB): a put, a txn with puts or a
+    /// lease grant is refused with `NoSpace` when the size of Cairn's tables
+    /// ([`Backend::status`]'s `db_size_in_use`) plus the request's cost would reach it.
+    pub quota_backend_bytes: u64,
+    /// How long a measured size is trusted (plus the costs this process admitted since) before
+    /// the quota check measures again. A request the estimate would refuse always measures.
+    pub quota_measure_interval: Duration,
 }
 
 impl Default for PostgresOptions {
@@ -73,6 +81,8 @@ impl Default for PostgresOptions {
             lease_sweep_interval: Duration::from_millis(250),
             compaction_batch: 10_000,
             application_name: "cairn".to_string(),
+            quota_backend_bytes: 0,
+            quota_measure_interval: Duration::from_secs(1),
         }
     }
 }
@@ -87,13 +97,68 @@ pub(crate) struct Inner {
     /// Wakes the tailer (a local commit or a notification).
     wake: Notify,
     shutdown: watch::Sender<bool>,
+    /// The quota check's last measurement of Cairn's tables.
+    space: parking_lot::Mutex<Space>,
 }
+
+/// A measured size and what this process admitted since.
+#[derive(Default)]
+struct Space {
+    measured: u64,
+    at: Option<std::time::Instant>,
+    added: u64,
+}
+
+/// The bytes Cairn's tables take: heap, TOAST, indexes, free-space and visibility maps of every
+/// table the schema creates. What the space quota is compared with: it grows with every
+/// version written, shrinks only when compaction removed versions and defragment
+/// (`VACUUM FULL`) rewrote the tables, like etcd's bbolt file.
+const TABLES_SIZE_SQL: &str = "pg_total_relation_size('kv') + pg_total_relation_size('current')
+     + pg_total_relation_size('leases') + pg_total_relation_size('meta') + pg_total_relation_size('docs')";
 
 impl Inner {
     async fn submit(&self, op: WriteOp) -> Result<WriteReply> {
         let (reply, rx) = oneshot::channel();
         self.writer.send(WriteItem { op, reply }).await.map_err(|_| BackendError::Stopped)?;
         rx.await.map_err(|_| BackendError::Stopped)?
+    }
+
+    /// etcd's quota check for a request that adds `cost` bytes (see [`cairn_backend::quota`]).
+    /// Measuring costs a round trip, so a measurement is reused for `quota_measure_interval`
+    /// while the costs this process admitted since stay below an eighth of the room it left
+    /// (a write grows the tables by more than its etcd cost: TOAST, indexes, the superseded
+    /// row): far from the quota that is almost never, close to it every request measures.
+    /// Refuses only on a fresh measurement, so a NOSPACE is never raised from an estimate.
+    async fn check_quota(&self, cost: u64) -> Result<()> {
+        if cost == 0 {
+            return Ok(());
+        }
+        let quota = quota::quota_bytes(self.opts.quota_backend_bytes);
+        {
+            let mut s = self.space.lock();
+            let recent = s.at.is_some_and(|at| at.elapsed() < self.opts.quota_measure_interval);
+            let room = quota.saturating_sub(s.measured);
+            if recent && s.added + cost < room / 8 {
+                s.added += cost;
+                return Ok(());
+            }
+        }
+        let size = self.measure_space().await?;
+        if quota::exceeds(size, cost, quota) {
+            return Err(BackendError::NoSpace);
+        }
+        self.space.lock().added += cost;
+        Ok(())
+    }
+
+    async fn measure_space(&self) -> Result<u64> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT ({TABLES_SIZE_SQL})::bigint")))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
+        let size = row.try_get::<i64, _>(0).map_err(db_err)?.max(0) as u64;
+        *self.space.lock() = Space { measured: size, at: Some(std::time::Instant::now()), added: 0 };
+        Ok(size)
     }
 }
 
@@ -134,7 +199,15 @@ impl PostgresBackend {
         let (writer_tx, writer_rx) = mpsc::channel(4096);
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         let (shutdown, _) = watch::channel(false);
-        let inner = Arc::new(Inner { pool, opts, writer: writer_tx, feed, wake: Notify::new(), shutdown });
+        let inner = Arc::new(Inner {
+            pool,
+            opts,
+            writer: writer_tx,
+            feed,
+            wake: Notify::new(),
+            shutdown,
+            space: parking_lot::Mutex::new(Space::default()),
+        });
         let tasks = vec![
             tokio::spawn(writer::writer_loop(inner.clone(), writer_rx)),
             tokio::spawn(feed::tailer(inner.clone(), rev)),
@@ -285,6 +358,7 @@ impl Backend for PostgresBackend {
 
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
         if req.has_writes() {
+            self.inner.check_quota(quota::txn_cost(&req)).await?;
             return match self.inner.submit(WriteOp::Txn(req)).await? {
                 WriteReply::Txn(resp) => Ok(resp),
                 _ => Err(BackendError::internal("writer answered a txn with something else")),
@@ -347,6 +421,7 @@ impl Backend for PostgresBackend {
     }
 
     async fn lease_grant(&self, id: LeaseId, ttl: i64) -> Result<LeaseGrant> {
+        self.inner.check_quota(quota::LEASE_OVERHEAD).await?;
         loop {
             let chosen = if id == 0 { (rand::random::<u64>() >> 1) as i64 } else { id };
             if chosen == 0 {
@@ -424,12 +499,10 @@ impl Backend for PostgresBackend {
     async fn status(&self) -> Result<BackendStatus> {
         self.read(|conn| {
             Box::pin(async move {
-                let row = sqlx::query(
-                    "SELECT m.revision, m.compact_revision, pg_database_size(current_database()),
-                            pg_total_relation_size('kv') + pg_total_relation_size('current')
-                              + pg_total_relation_size('leases') + pg_total_relation_size('meta')
-                     FROM meta m WHERE m.id = 1",
-                )
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT m.revision, m.compact_revision, pg_database_size(current_database()), ({TABLES_SIZE_SQL})::bigint
+                     FROM meta m WHERE m.id = 1"
+                )))
                 .fetch_one(&mut *conn)
                 .await?;
                 let revision: i64 = row.try_get(0)?;

@@ -1,0 +1,91 @@
+//! `--quota-backend-bytes` on the PostgreSQL backend, driven by the real etcdctl as etcd's e2e
+//! TestCtlV3Alarm does (with a quota above the empty store's tables, which take ~144 KiB):
+//! puts until "database space exceeded", the NOSPACE alarm listed and persisted, `/health`
+//! false, puts refused while the alarm is on, then compact, defrag, `alarm disarm` and a put
+//! that succeeds.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::Command;
+
+use common::process::{ctl, start, Cairn, ETCDCTL};
+
+/// etcdctl's exit status, stdout and stderr.
+fn try_ctl(s: &Cairn, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(ETCDCTL)
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &s.endpoint, "--command-timeout", "10s"])
+        .args(args)
+        .output()
+        .expect("run etcdctl");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn http_get(s: &Cairn, path: &str) -> String {
+    let mut c = std::net::TcpStream::connect(&s.endpoint).unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn nospace_alarm_on_postgres() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = rt.block_on(cairn_postgres::testing::server().create_database()).expect("create a database");
+    let quota = (512 * 1024).to_string();
+    let a = start("a", &["--backend", "postgres", "--postgres-url", &url, "--quota-backend-bytes", &quota]);
+    assert_eq!(ctl(&a, &["put", "1st_test", &"a".repeat(64)]), "OK\n", "a small put fits");
+    let member = ctl(&a, &["member", "list", "-w", "json"]);
+    let member: serde_json::Value = serde_json::from_str(&member).unwrap();
+    let id = member["members"][0]["ID"].as_u64().unwrap();
+
+    // 4 KiB values PostgreSQL cannot compress, until the quota refuses one
+    let mut n: u64 = 0;
+    let err = loop {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (n + 1);
+        let value: String = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b'a' + (x % 26) as u8)
+            })
+            .collect();
+        let (ok, _, err) = try_ctl(&a, &["put", "2nd_test", &value]);
+        if !ok {
+            break err;
+        }
+        n += 1;
+        assert!(n < 1000, "4 MiB written under a 512 KiB quota");
+    };
+    assert!(err.contains("etcdserver: mvcc: database space exceeded"), "{err}");
+    println!("{n} puts of 4 KiB before NOSPACE");
+
+    assert_eq!(ctl(&a, &["alarm", "list"]), format!("memberID:{id} alarm:NOSPACE \n"));
+    let health = http_get(&a, "/health");
+    assert!(health.starts_with("HTTP/1.1 503") && health.contains(r#"{"health":"false""#), "{health}");
+    let (ok, _, err) = try_ctl(&a, &["put", "3rd_test", "small"]);
+    assert!(!ok && err.contains("database space exceeded"), "a put is refused while the alarm is on: {err}");
+
+    // The alarm is persisted: a second process on the database lists it and refuses puts.
+    let b = start("b", &["--backend", "postgres", "--postgres-url", &url, "--quota-backend-bytes", &quota]);
+    assert_eq!(ctl(&b, &["alarm", "list"]), format!("memberID:{id} alarm:NOSPACE \n"));
+    let (ok, _, err) = try_ctl(&b, &["put", "3rd_test", "small"]);
+    assert!(!ok && err.contains("database space exceeded"), "{err}");
+    drop(b);
+
+    let status: serde_json::Value = serde_json::from_str(&ctl(&a, &["endpoint", "status", "-w", "json"])).unwrap();
+    let rev = status[0]["Status"]["header"]["revision"].as_i64().unwrap();
+    ctl(&a, &["compact", &rev.to_string(), "--physical"]);
+    ctl(&a, &["defrag"]);
+    // still refused until the alarm is disarmed, as in etcd
+    let (ok, _, _) = try_ctl(&a, &["put", "4th_test", "small"]);
+    assert!(!ok, "the alarm refuses puts until it is disarmed");
+    assert_eq!(ctl(&a, &["alarm", "disarm"]), format!("memberID:{id} alarm:NOSPACE \n"));
+    assert_eq!(ctl(&a, &["alarm", "list"]), "");
+    assert_eq!(ctl(&a, &["put", "4th_test", &"a".repeat(64)]), "OK\n", "a put below the quota after compact + defrag");
+    let health = http_get(&a, "/health");
+    assert!(health.starts_with("HTTP/1.1 200") && health.contains(r#"{"health":"true""#), "{health}");
+}
