@@ -3,7 +3,9 @@
 //! Every case runs under its own random key prefix and deletes that prefix afterwards, so the
 //! kit can be pointed at a server that holds other data. Revision assertions assume nobody else
 //! writes to the server while a case runs. Compaction is global and destroys history, so the
-//! compaction case runs only when the caller allows it.
+//! compaction case runs only when the caller allows it; so do the `auth/*` cases, which enable
+//! auth and put the endpoint back afterwards (see [`auth`]). `maintenance/*` (in `maint.rs`)
+//! and `tls/*` (`tls.rs`, https endpoints only) run by default.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,12 +22,30 @@ use tonic::Code;
 
 use crate::client::*;
 
+pub mod auth;
+mod maint;
+mod tls;
+
+/// What the caller allows and expects (the command line's `--allow-*` flags).
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Run the compaction case (compaction is global).
+    pub allow_compact: bool,
+    /// Run the `auth/*` cases: they enable etcd's auth (global) and disable it again.
+    pub allow_auth: bool,
+    /// The endpoint is expected to refuse TLS clients without a certificate.
+    pub client_cert_auth: bool,
+}
+
 /// What a case gets: clients of the endpoint and its own key prefix.
 #[derive(Clone)]
 pub struct Ctx {
     pub c: Clients,
     pub p: String,
     pub allow_compact: bool,
+    pub opts: Options,
+    /// Names, passwords and what was created by the `auth/*` cases of this run.
+    pub auth: std::sync::Arc<auth::AuthRun>,
 }
 
 impl Ctx {
@@ -39,11 +59,16 @@ type CaseFuture = Pin<Box<dyn Future<Output = anyhow::Result<String>> + Send>>;
 pub struct Case {
     pub name: &'static str,
     run: fn(Ctx) -> CaseFuture,
+    /// Run after the case whatever its outcome (also after a timeout): puts global state back.
+    after: Option<fn(Ctx) -> CaseFuture>,
 }
 
 macro_rules! case {
-    ($name:literal, $f:ident) => {
-        Case { name: $name, run: |c| Box::pin($f(c)) }
+    ($name:literal, $f:path) => {
+        Case { name: $name, run: |c| Box::pin($f(c)), after: None }
+    };
+    ($name:literal, $f:path, after $g:path) => {
+        Case { name: $name, run: |c| Box::pin($f(c)), after: Some(|c| Box::pin($g(c))) }
     };
 }
 
@@ -77,6 +102,18 @@ pub fn cases() -> Vec<Case> {
         case!("lease/grant-ttl-keys-revoke", lease_grant),
         case!("lease/keep-alive", lease_keepalive),
         case!("lease/expiry-deletes-keys", lease_expiry),
+        case!("maintenance/status", maint::status),
+        case!("maintenance/hash-kv", maint::hash_kv),
+        case!("maintenance/hash", maint::hash),
+        case!("maintenance/defragment", maint::defragment),
+        case!("maintenance/snapshot", maint::snapshot),
+        case!("maintenance/alarm-list", maint::alarm_list),
+        case!("tls/handshake-alpn", tls::handshake),
+        case!("tls/plaintext-refused", tls::plaintext_refused),
+        case!("tls/client-cert-required", tls::client_cert_required),
+        case!("auth/users-roles", auth::users_roles, after auth::restore),
+        case!("auth/enable-permissions", auth::enable_permissions, after auth::restore),
+        case!("auth/root-role", auth::root_role, after auth::restore),
     ]
 }
 
@@ -94,20 +131,44 @@ pub struct Row {
     pub detail: String,
 }
 
-/// Runs the cases whose name contains `filter` (all when empty) against `endpoint`.
+/// Runs the cases whose name contains `filter` (all when empty) against the plain-text
+/// `endpoint`.
 pub async fn run(endpoint: &str, allow_compact: bool, filter: &str) -> anyhow::Result<Vec<Row>> {
-    let c = connect(endpoint).await?;
+    let opts = Options { allow_compact, ..Default::default() };
+    run_with(&Target::plain(endpoint), &opts, filter).await
+}
+
+/// Runs the cases whose name contains `filter` (all when empty) against `target`.
+pub async fn run_with(target: &Target, opts: &Options, filter: &str) -> anyhow::Result<Vec<Row>> {
+    let c = connect_to(target).await?;
+    let auth = std::sync::Arc::new(auth::AuthRun::new());
     let mut rows = Vec::new();
     for case in cases().into_iter().filter(|c| c.name.contains(filter)) {
-        let ctx = Ctx { c: c.clone(), p: random_prefix(), allow_compact };
+        let ctx = Ctx {
+            c: c.clone(),
+            p: random_prefix(),
+            allow_compact: opts.allow_compact,
+            opts: opts.clone(),
+            auth: auth.clone(),
+        };
         let prefix = ctx.p.clone();
-        let out = tokio::time::timeout(Duration::from_secs(30), (case.run)(ctx)).await;
-        let (outcome, detail) = match out {
+        let out = tokio::time::timeout(Duration::from_secs(30), (case.run)(ctx.clone())).await;
+        let (mut outcome, mut detail) = match out {
             Err(_) => (Outcome::Fail, "timed out after 30 s".to_string()),
             Ok(Ok(d)) if d.starts_with("skipped:") => (Outcome::Skip, d),
             Ok(Ok(d)) => (Outcome::Pass, d),
             Ok(Err(e)) => (Outcome::Fail, format!("{e:#}")),
         };
+        if let Some(after) = case.after {
+            let r = match tokio::time::timeout(Duration::from_secs(30), after(ctx)).await {
+                Err(_) => Err(anyhow::anyhow!("timed out after 30 s")),
+                Ok(r) => r,
+            };
+            if let Err(e) = r {
+                outcome = Outcome::Fail;
+                detail = format!("{detail}; RESTORING THE ENDPOINT FAILED: {e:#}");
+            }
+        }
         let _ = c.kv.clone().delete_range(del_prefix(&prefix)).await;
         rows.push(Row { case: case.name, outcome, detail });
     }
@@ -141,7 +202,7 @@ pub fn render(endpoint: &str, rows: &[Row]) -> String {
 
 // ---- helpers ----
 
-fn expect_status<T: std::fmt::Debug>(
+pub(crate) fn expect_status<T: std::fmt::Debug>(
     what: &str,
     r: Result<T, tonic::Status>,
     code: Code,

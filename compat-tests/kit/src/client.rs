@@ -1,8 +1,12 @@
 //! Connections, request builders and small helpers shared by `check` and `diff`.
 
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use cairn_proto::etcdserverpb::auth_client::AuthClient;
+use cairn_proto::etcdserverpb::cluster_client::ClusterClient;
 use cairn_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use cairn_proto::etcdserverpb::kv_client::KvClient;
 use cairn_proto::etcdserverpb::lease_client::LeaseClient;
@@ -10,40 +14,190 @@ use cairn_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use cairn_proto::etcdserverpb::request_op::Request as Op;
 use cairn_proto::etcdserverpb::watch_client::WatchClient;
 use cairn_proto::etcdserverpb::*;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+/// Adds etcd's `token` metadata (from Authenticate) to every request when set.
+#[derive(Clone, Default)]
+pub struct Token(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            r.metadata_mut().insert("token", t.clone());
+        }
+        Ok(r)
+    }
+}
+
+/// The channel every client of [`Clients`] uses: one HTTP/2 connection plus the caller's token.
+pub type Ch = InterceptedService<Channel, Token>;
+
+/// TLS settings of the kit's connections, as etcdctl's `--cacert`, `--cert`, `--key`.
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    /// CA bundle that signs the server certificate (PEM).
+    pub cacert: Option<PathBuf>,
+    /// Client certificate (PEM), sent when the server asks for one.
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    pub fn is_empty(&self) -> bool {
+        self.cacert.is_none() && self.cert.is_none() && self.key.is_none()
+    }
+
+    /// A rustls client config offering ALPN `h2` (grpc-go servers require it), trusting only
+    /// `cacert`, with the client certificate when given.
+    pub fn client_config(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(ca) = &self.cacert {
+            for c in CertificateDer::pem_file_iter(ca).with_context(|| format!("reading --cacert {}", ca.display()))? {
+                roots.add(c.with_context(|| format!("a certificate in {}", ca.display()))?)?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let b = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
+        let mut cfg = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .with_context(|| format!("reading --cert {}", cert.display()))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                let key =
+                    PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading --key {}", key.display()))?;
+                b.with_client_auth_cert(chain, key)?
+            }
+            (None, None) => b.with_no_client_auth(),
+            _ => anyhow::bail!("--cert and --key go together"),
+        };
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// How to reach an endpoint: its address and, for https, the TLS client settings.
+#[derive(Clone)]
+pub struct Target {
+    pub endpoint: String,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The TLS files the config was made from (for cases that connect differently).
+    pub files: TlsFiles,
+    /// ALPN protocol the last TLS handshake negotiated.
+    pub alpn: Arc<Mutex<Option<Vec<u8>>>>,
+}
+
+impl Target {
+    /// Plain text for `host:port` and `http://`; TLS for `https://` or when TLS files are
+    /// given (then `host:port` means https).
+    pub fn new(endpoint: &str, files: &TlsFiles) -> anyhow::Result<Self> {
+        let https = endpoint.starts_with("https://") || (!endpoint.contains("://") && !files.is_empty());
+        let tls = if https { Some(files.client_config()?) } else { None };
+        Ok(Self { endpoint: endpoint.to_string(), tls, files: files.clone(), alpn: Arc::default() })
+    }
+
+    pub fn plain(endpoint: &str) -> Self {
+        Self { endpoint: endpoint.to_string(), tls: None, files: TlsFiles::default(), alpn: Arc::default() }
+    }
+
+    /// `host:port` of the endpoint.
+    pub fn authority(&self) -> &str {
+        let s = self.endpoint.split_once("://").map_or(self.endpoint.as_str(), |(_, r)| r);
+        s.trim_end_matches('/')
+    }
+}
 
 /// gRPC clients of one endpoint (cheap to clone: they share one HTTP/2 connection).
 #[derive(Clone)]
 pub struct Clients {
     pub endpoint: String,
-    pub kv: KvClient<Channel>,
-    pub watch: WatchClient<Channel>,
-    pub lease: LeaseClient<Channel>,
-    pub maint: MaintenanceClient<Channel>,
+    pub target: Target,
+    channel: Channel,
+    pub kv: KvClient<Ch>,
+    pub watch: WatchClient<Ch>,
+    pub lease: LeaseClient<Ch>,
+    pub maint: MaintenanceClient<Ch>,
+    pub cluster: ClusterClient<Ch>,
+    pub auth: AuthClient<Ch>,
 }
 
-/// `host:port` or a URL (`http://host:port`); only plain-text gRPC.
-pub fn endpoint_url(endpoint: &str) -> String {
-    if endpoint.contains("://") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
+impl Clients {
+    fn over(target: Target, channel: Channel, token: Token) -> Self {
+        let ch = InterceptedService::new(channel.clone(), token);
+        Clients {
+            endpoint: target.endpoint.clone(),
+            target,
+            channel,
+            kv: KvClient::new(ch.clone()),
+            watch: WatchClient::new(ch.clone()),
+            lease: LeaseClient::new(ch.clone()),
+            maint: MaintenanceClient::new(ch.clone()),
+            cluster: ClusterClient::new(ch.clone()),
+            auth: AuthClient::new(ch),
+        }
+    }
+
+    /// The same connection, every request carrying `token` (etcd's gRPC metadata `token`).
+    pub fn with_token(&self, token: &str) -> anyhow::Result<Self> {
+        let t = MetadataValue::try_from(token).context("token is not valid metadata")?;
+        Ok(Self::over(self.target.clone(), self.channel.clone(), Token(Some(t))))
+    }
+
+    /// The same connection without a token.
+    pub fn without_token(&self) -> Self {
+        Self::over(self.target.clone(), self.channel.clone(), Token(None))
     }
 }
 
+/// Plain-text gRPC to `endpoint` (`host:port` or `http://host:port`).
 pub async fn connect(endpoint: &str) -> anyhow::Result<Clients> {
-    let ch = Endpoint::from_shared(endpoint_url(endpoint))?
+    connect_to(&Target::plain(endpoint)).await
+}
+
+/// A connection to `t`, over TLS when it has a TLS config.
+pub async fn connect_to(t: &Target) -> anyhow::Result<Clients> {
+    let ep = Endpoint::from_shared(format!("http://{}", t.authority()))?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {endpoint}"))?;
-    Ok(Clients {
-        endpoint: endpoint.to_string(),
-        kv: KvClient::new(ch.clone()),
-        watch: WatchClient::new(ch.clone()),
-        lease: LeaseClient::new(ch.clone()),
-        maint: MaintenanceClient::new(ch),
+        .timeout(Duration::from_secs(30));
+    let ch = match &t.tls {
+        None => ep.connect().await,
+        Some(cfg) => ep.connect_with_connector(tls_connector(cfg.clone(), t.alpn.clone())).await,
+    }
+    .with_context(|| format!("connecting to {}", t.endpoint))?;
+    Ok(Clients::over(t.clone(), ch, Token(None)))
+}
+
+/// Dials TCP and wraps it in TLS; the server name is the URL's host (an IP address is checked
+/// against the certificate's IP SANs); records the negotiated ALPN protocol in `alpn`.
+fn tls_connector(
+    cfg: Arc<rustls::ClientConfig>,
+    alpn: Arc<Mutex<Option<Vec<u8>>>>,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
+       + Send {
+    tower::service_fn(move |uri: http::Uri| {
+        let (cfg, alpn) = (cfg.clone(), alpn.clone());
+        async move {
+            let host = uri.host().unwrap_or("localhost").trim_matches(['[', ']']).to_string();
+            let port = uri.port_u16().unwrap_or(2379);
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let name =
+                ServerName::try_from(host).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await?;
+            *alpn.lock().unwrap() = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        }
     })
 }
 

@@ -20,12 +20,29 @@ struct Cli {
 enum Cmd {
     /// Run the conformance cases against one endpoint and print a table.
     Check {
-        /// host:port (or http://host:port) of the endpoint; the first of a comma-separated list is used.
+        /// host:port, http://host:port or https://host:port of the endpoint; the first of a
+        /// comma-separated list is used. host:port is https when a TLS option is given.
         #[arg(long, default_value = "127.0.0.1:2379")]
         endpoints: String,
+        /// CA bundle (PEM) that verifies the server certificate (TLS).
+        #[arg(long)]
+        cacert: Option<PathBuf>,
+        /// Client certificate (PEM) for TLS.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// Private key (PEM) of the client certificate.
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// The endpoint requires client certificates: check that a TLS client without one is refused.
+        #[arg(long)]
+        client_cert_auth: bool,
         /// Also run the compaction case (compaction is global: it discards old revisions of every key).
         #[arg(long)]
         allow_compact: bool,
+        /// Also run the auth cases: they enable auth (global) as a root user they create, and
+        /// disable it and delete what they created afterwards, also when a case fails.
+        #[arg(long)]
+        allow_auth: bool,
         /// Run only the cases whose name contains this text.
         #[arg(long, default_value = "")]
         only: String,
@@ -77,9 +94,11 @@ fn split(s: &str) -> Vec<String> {
 
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.cmd {
-        Cmd::Check { endpoints, allow_compact, only } => {
+        Cmd::Check { endpoints, cacert, cert, key, client_cert_auth, allow_compact, allow_auth, only } => {
             let ep = endpoints.split(',').next().unwrap_or_default().trim().to_string();
-            let rows = cairn_compat::check::run(&ep, allow_compact, &only).await?;
+            let target = cairn_compat::client::Target::new(&ep, &cairn_compat::client::TlsFiles { cacert, cert, key })?;
+            let opts = cairn_compat::check::Options { allow_compact, allow_auth, client_cert_auth };
+            let rows = cairn_compat::check::run_with(&target, &opts, &only).await?;
             print!("{}", cairn_compat::check::render(&ep, &rows));
             Ok(rows.iter().all(|r| r.outcome != cairn_compat::check::Outcome::Fail))
         }

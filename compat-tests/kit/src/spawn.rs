@@ -32,10 +32,23 @@ impl Server {
     /// fresh data dir, plus `extra` arguments, and polls until a Range succeeds (at most
     /// `ready_within`).
     pub async fn start(bin: &Path, name: &str, extra: &[String], ready_within: Duration) -> anyhow::Result<Self> {
+        Self::start_tls(bin, name, extra, ready_within, None).await
+    }
+
+    /// As [`Server::start`]; with `tls`, the client URL is https (`extra` carries the server's
+    /// TLS flags) and readiness is polled over TLS with these client files.
+    pub async fn start_tls(
+        bin: &Path,
+        name: &str,
+        extra: &[String],
+        ready_within: Duration,
+        tls: Option<&crate::client::TlsFiles>,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(bin.exists(), "server binary {} does not exist", bin.display());
         let dir = tempfile::Builder::new().prefix(&format!("cairn-compat-{name}-")).tempdir()?;
         let (cp, pp) = (free_port()?, free_port()?);
-        let client = format!("http://127.0.0.1:{cp}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{cp}");
         let peer = format!("http://127.0.0.1:{pp}");
         let log = dir.path().join("server.log");
         let out = std::fs::File::create(&log)?;
@@ -52,13 +65,18 @@ impl Server {
             .stderr(out)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let mut s = Server { child, endpoint: format!("127.0.0.1:{cp}"), log, _dir: dir };
+        let endpoint = if tls.is_some() { client.clone() } else { format!("127.0.0.1:{cp}") };
+        let target = match tls {
+            Some(files) => crate::client::Target::new(&endpoint, files)?,
+            None => crate::client::Target::plain(&endpoint),
+        };
+        let mut s = Server { child, endpoint, log, _dir: dir };
         let deadline = Instant::now() + ready_within;
         loop {
             if let Some(status) = s.child.try_wait()? {
                 bail!("{} exited with {status} before it was ready:\n{}", bin.display(), s.log_tail());
             }
-            if let Ok(mut c) = crate::client::connect(&s.endpoint).await {
+            if let Ok(mut c) = crate::client::connect_to(&target).await {
                 if crate::client::current_rev(&mut c).await.is_ok() {
                     return Ok(s);
                 }
