@@ -14,7 +14,7 @@ use crate::client::*;
 pub(super) async fn status(x: Ctx) -> anyhow::Result<String> {
     let mut c = x.c.clone();
     let s1 = c.maint.status(StatusRequest {}).await?.into_inner();
-    let h1 = s1.header.clone().context("Status without a header")?;
+    let h1 = s1.header.context("Status without a header")?;
     let v = s1.version.split('.').collect::<Vec<_>>();
     ensure!(
         v.len() == 3 && v.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit())),

@@ -12,6 +12,12 @@ fn skip_plain(x: &Ctx) -> Option<String> {
     x.c.target.tls.is_none().then(|| "skipped: plain-text endpoint (use https:// or --cacert)".to_string())
 }
 
+/// The innermost part of a transport error (`received fatal alert: BadCertificate`, ...).
+fn short(e: &anyhow::Error) -> String {
+    let s = format!("{e:#}");
+    s.rsplit_once("error: ").map_or(s.clone(), |(_, tail)| tail.to_string())
+}
+
 /// A Range through a fresh connection to `t`, within 5 s.
 async fn try_range(t: &Target) -> anyhow::Result<()> {
     let attempt = async {
@@ -44,7 +50,7 @@ pub(super) async fn plaintext_refused(x: Ctx) -> anyhow::Result<String> {
     let plain = Target::plain(x.c.target.authority());
     match try_range(&plain).await {
         Ok(()) => bail!("a plain-text Range to the https endpoint {} succeeded", plain.authority()),
-        Err(e) => Ok(format!("refused: {}", format!("{e:#}").lines().next().unwrap_or_default())),
+        Err(e) => Ok(format!("refused: {}", short(&e))),
     }
 }
 
@@ -59,6 +65,6 @@ pub(super) async fn client_cert_required(x: Ctx) -> anyhow::Result<String> {
     ensure!(t.tls.is_some(), "no TLS config without the client certificate");
     match try_range(&t).await {
         Ok(()) => bail!("a client without a certificate was served"),
-        Err(e) => Ok(format!("without a certificate: {}", format!("{e:#}").lines().next().unwrap_or_default())),
+        Err(e) => Ok(format!("refused without a certificate: {}", short(&e))),
     }
 }
