@@ -110,6 +110,7 @@ impl Store {
             let meta = r.open_table(META)?;
             (read_i64(&meta, M_REVISION)?, read_i64(&meta, M_COMPACT)?)
         };
+        let live = live_keys(&db)?;
         let (feed, _) = broadcast::channel(4096);
         let store = Arc::new(Store {
             db: RwLock::new(db),
@@ -117,7 +118,7 @@ impl Store {
                 txn: None,
                 opened: Instant::now(),
             }),
-            overlay: RwLock::new(Overlay::default()),
+            overlay: RwLock::new(Overlay::new(live)),
             path: path.to_path_buf(),
             feed,
             leases: LeaseClock::default(),
@@ -507,6 +508,17 @@ impl Store {
     }
 }
 
+/// Every key in CURRENT.
+fn live_keys(db: &Database) -> Result<std::collections::BTreeSet<Vec<u8>>> {
+    let r = db.begin_read().map_err(db_err)?;
+    let t = r.open_table(CURRENT).map_err(db_err)?;
+    let mut out = std::collections::BTreeSet::new();
+    for item in t.iter().map_err(db_err)? {
+        out.insert(item.map_err(db_err)?.0.value().to_vec());
+    }
+    Ok(out)
+}
+
 /// The applied state as of a read txn.
 fn applied_in(r: &redb::ReadTransaction) -> Result<AppliedState> {
     let meta = r.open_table(META).map_err(db_err)?;
@@ -807,6 +819,9 @@ mod tests {
             seed % n
         };
         let key = |i: u64| format!("k{i}").into_bytes();
+        // What is live, as a plain map: the counts (answered from the store's live key set)
+        // and the rows at the latest revision must agree with it.
+        let mut model: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
         let mut saw_overlay = 0;
         for index in 1..=400u64 {
             let op = match next(10) {
@@ -827,6 +842,13 @@ mod tests {
                     ..Default::default()
                 }),
             };
+            match &op {
+                RequestOp::Put(p) => {
+                    model.insert(p.key.clone(), p.value.clone());
+                }
+                RequestOp::DeleteRange(d) => model.retain(|k, _| !d.range.contains(k)),
+                _ => unreachable!(),
+            }
             let cmd = || Command::Txn(TxnRequest::unconditional(vec![op.clone()]));
             let a = committed.apply(vec![entry(index, cmd())]).unwrap();
             committed.flush().unwrap();
@@ -848,6 +870,19 @@ mod tests {
                 KeyRange::new(key(next(12)), key(next(12) + 5)),
             ];
             for r in ranges {
+                let want: Vec<_> = model.iter().filter(|(k, _)| r.contains(k)).collect();
+                let got = range(&pending, r.clone(), 0, 2, false);
+                assert_eq!(
+                    got.count,
+                    want.len() as i64,
+                    "count of {r:?} after entry {index}"
+                );
+                let got: Vec<_> = got.kvs.iter().map(|kv| (&kv.key, &kv.value)).collect();
+                assert_eq!(
+                    got,
+                    want.into_iter().take(2).collect::<Vec<_>>(),
+                    "{r:?} after entry {index}"
+                );
                 for at in [0, rev, (rev - 1).max(1), 1 + next(rev as u64) as i64] {
                     for (limit, count_only) in [(0, false), (2, false), (0, true)] {
                         assert_eq!(
@@ -867,5 +902,11 @@ mod tests {
         pending.flush().unwrap();
         assert_eq!(pending.overlay.read().rows(), 0);
         assert_eq!(committed.hash_kv(0).unwrap(), pending.hash_kv(0).unwrap());
+        // A reopened store rebuilds its live key set from the table.
+        let all = KeyRange::new(vec![0], vec![0]);
+        drop(pending);
+        let reopened = Store::open(&dir.path().join("b.redb"), 1 << 20).unwrap();
+        let got = range(&reopened, all, 0, 0, true);
+        assert_eq!(got.count, model.len() as i64);
     }
 }

@@ -7,13 +7,17 @@
 //! applied since the last commit. Everything else a reader may look at (the change log, leases,
 //! documents, scalars) is committed before it is read: see `Store::flush`.
 //!
+//! The same lock guards the set of every live key (committed or not), which answers a range's
+//! count without walking redb (etcd answers it from its in-memory key index the same way):
+//! a list with a limit reads only `limit` rows, a count_only reads none.
+//!
 //! Consistency: rows enter the overlay (under its write lock) after they are in the open txn;
 //! the overlay is cleared (under its write lock) only after the txn committed. A reader holds the
 //! read lock from before it opens its redb read txn until it is done, so it sees committed
 //! state plus overlay = exactly the applied state. Between commit and clear a reader may see a
 //! row in both; the overlay's copy is identical and wins, so nothing is counted twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 use cairn_backend::{ChangeBatch, EventKind, KeyRange, Result};
@@ -27,9 +31,36 @@ pub(crate) struct Overlay {
     current: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// (key, mod revision) -> record (a tombstone for a delete).
     history: BTreeMap<(Vec<u8>, u64), Vec<u8>>,
+    /// Every live key, committed or not (not emptied by [`Overlay::clear`]).
+    live: BTreeSet<Vec<u8>>,
 }
 
 impl Overlay {
+    /// An empty overlay over a store whose live keys are `live`.
+    pub fn new(live: BTreeSet<Vec<u8>>) -> Self {
+        Overlay {
+            live,
+            ..Default::default()
+        }
+    }
+
+    /// Replaces the live key set (after a snapshot was installed).
+    pub fn reset_live(&mut self, live: BTreeSet<Vec<u8>>) {
+        self.live = live;
+    }
+
+    /// Number of live keys in a multi-key `range`.
+    pub fn count_live(&self, range: &KeyRange) -> i64 {
+        let lo = Bound::Included(range.key.as_slice());
+        let hi = match range.upper() {
+            Some(end) if end <= range.key.as_slice() => return 0,
+            Some(end) => Bound::Excluded(end),
+            None => Bound::Unbounded,
+        };
+        self.live.range::<[u8], _>((lo, hi)).count() as i64
+    }
+
+    /// Empties the rows (after they were committed); the live key set stays.
     pub fn clear(&mut self) {
         self.current.clear();
         self.history.clear();
@@ -46,11 +77,15 @@ impl Overlay {
             let key = &ev.kv.key;
             match ev.kind {
                 EventKind::Put => {
+                    if !self.live.contains(key) {
+                        self.live.insert(key.clone());
+                    }
                     let rec = encode_kv(&ev.kv);
                     self.current.insert(key.clone(), Some(rec.clone()));
                     self.history.insert((key.clone(), rev as u64), rec);
                 }
                 EventKind::Delete => {
+                    self.live.remove(key);
                     self.current.insert(key.clone(), None);
                     self.history
                         .insert((key.clone(), rev as u64), encode_tombstone(rev));
@@ -89,12 +124,12 @@ impl Overlay {
 }
 
 /// Visits the live records of a (multi-key) `range` in key order: the overlay's where it has
-/// the key, the table's elsewhere.
+/// the key, the table's elsewhere; stops when `visit` returns false.
 pub(crate) fn merge_current<C: CurrentTable>(
     t: &C,
     ov: &Overlay,
     range: &KeyRange,
-    mut visit: impl FnMut(&[u8], &[u8]),
+    mut visit: impl FnMut(&[u8], &[u8]) -> bool,
 ) -> Result<()> {
     let mut over = ov.current_in(range).peekable();
     let iter = match range.upper() {
@@ -113,17 +148,21 @@ pub(crate) fn merge_current<C: CurrentTable>(
             }
             shadowed = ok.as_slice() == k;
             if let Some(rec) = rec {
-                visit(ok, rec);
+                if !visit(ok, rec) {
+                    return Ok(());
+                }
             }
             over.next();
         }
-        if !shadowed {
-            visit(k, v.value());
+        if !shadowed && !visit(k, v.value()) {
+            return Ok(());
         }
     }
     for (ok, rec) in over {
         if let Some(rec) = rec {
-            visit(ok, rec);
+            if !visit(ok, rec) {
+                return Ok(());
+            }
         }
     }
     Ok(())

@@ -162,6 +162,7 @@ impl Store {
                 super::read_i64(&meta, M_COMPACT)?,
             )
         };
+        self.overlay.write().reset_live(super::live_keys(&db)?);
         self.revision
             .store(rev, std::sync::atomic::Ordering::Release);
         self.compact

@@ -106,15 +106,38 @@ pub(crate) fn scan_current<C: CurrentTable>(
             None => Ok(0),
         };
     }
-    if let Some(ov) = ov.filter(|o| o.touches(range)) {
+    if let Some(ov) = ov {
+        // A reader: the live key set has the count, so rows are read only up to the limit.
+        let count = ov.count_live(range);
+        if count_only {
+            return Ok(count);
+        }
         let mut n = 0usize;
-        merge_current(t, ov, range, |k, v| {
-            if want(n) {
-                visit(decode_kv(k, v, true));
+        let mut take = |k: &[u8], v: &[u8]| {
+            if !want(n) {
+                return false;
             }
+            visit(decode_kv(k, v, true));
             n += 1;
-        })?;
-        return Ok(n as i64);
+            true
+        };
+        if ov.touches(range) {
+            merge_current(t, ov, range, take)?;
+        } else {
+            let iter = match range.upper() {
+                Some(end) => t
+                    .range::<&[u8]>(range.key.as_slice()..end)
+                    .map_err(db_err)?,
+                None => t.range::<&[u8]>(range.key.as_slice()..).map_err(db_err)?,
+            };
+            for item in iter {
+                let (k, v) = item.map_err(db_err)?;
+                if !take(k.value(), v.value()) {
+                    break;
+                }
+            }
+        }
+        return Ok(count);
     }
     let iter = match range.upper() {
         Some(end) => t
