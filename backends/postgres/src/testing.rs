@@ -348,7 +348,7 @@ impl TestServer {
     pub fn restart(&self) -> anyhow::Result<()> {
         #[cfg(feature = "testcontainers")]
         if let Some(c) = &self.container {
-            return c.restart(&self.admin_url);
+            return c.restart();
         }
         let Some(o) = &self.owned else { bail!("only a server this process started can be restarted") };
         let data = o.dir.path().join("data").display().to_string();
@@ -498,7 +498,7 @@ mod docker {
         }
 
         /// Stops and starts the container; blocks until it accepts connections again.
-        pub(super) fn restart(&self, _admin_url: &str) -> anyhow::Result<()> {
+        pub(super) fn restart(&self) -> anyhow::Result<()> {
             let (tx, rx) = mpsc::channel();
             self.restarts.send(tx).ok().context("the container's keeper thread ended")?;
             rx.recv().context("the container's keeper thread ended")?
