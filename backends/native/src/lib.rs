@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use cairn_backend::{
     Backend, BackendError, BackendStatus, CompactResponse, FeedItem, FeedStream, HashKv,
-    LeaseGrant, LeaseId, LeaseInfo, MemberChange, RangeRequest, RangeResponse, Result, Revision, TxnRequest,
-    TxnResponse,
+    LeaseGrant, LeaseId, LeaseInfo, MemberChange, RangeRequest, RangeResponse, Result, Revision,
+    TxnRequest, TxnResponse,
 };
 use openraft::{BasicNode, Config, SnapshotPolicy};
 use tokio::sync::broadcast::error::RecvError;
@@ -39,9 +39,9 @@ use tokio::sync::mpsc;
 
 use crate::log_store::LogStore;
 use crate::network::PeerNetwork;
-use crate::peer::{PeerRequest, PeerResponse};
 pub use crate::peer::proto as peer_proto;
 pub use crate::peer::{go_remote_error, PeerService, Peers};
+use crate::peer::{PeerRequest, PeerResponse};
 use crate::proposer::NOT_LEADER;
 use crate::state_machine::StateMachine;
 use crate::store::Store;
@@ -102,8 +102,8 @@ impl Default for NativeConfig {
 const DEFAULT_QUOTA: u64 = 2 << 30;
 /// The state machine's page cache.
 const CACHE_BYTES: usize = 64 << 20;
-/// Upper bound on entries between snapshots, whatever --snapshot-count says: a snapshot here
-/// is only a synced commit, and it bounds the memory the in-memory log index uses.
+/// Upper bound on requests (and entries) between snapshots, whatever --snapshot-count says: a
+/// snapshot here is only a synced commit, and it bounds the memory the in-memory log uses.
 const MAX_SNAPSHOT_EVERY: u64 = 10_000;
 
 /// The native backend. Implements [`cairn_backend::Backend`].
@@ -136,7 +136,13 @@ impl NativeBackend {
         let store = Store::open(&cfg.data_dir.join("state.redb"), CACHE_BYTES)?;
         let node_id = cfg.member_id;
         // A member of several: by its flags, or because a single node grew (MemberAdd).
-        let grown = store.applied_state()?.membership.membership().nodes().count() > 1;
+        let grown = store
+            .applied_state()?
+            .membership
+            .membership()
+            .nodes()
+            .count()
+            > 1;
         let clustered = cfg.initial_cluster.len() > 1 || cfg.join_existing || grown;
         let (heartbeat, election) = if clustered {
             // etcd's --heartbeat-interval and --election-timeout, in milliseconds.
@@ -155,12 +161,12 @@ impl NativeBackend {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(
                 cfg.snapshot_count.clamp(1, MAX_SNAPSHOT_EVERY),
             ),
-            // Entries kept for members that lag a little; a single node keeps fewer (a group
-            // commit entry can hold hundreds of requests, and they stay in memory).
+            // Entries kept for members that lag a little; a single node has none and keeps
+            // few (a group-commit entry can hold hundreds of requests, all in memory).
             max_in_snapshot_log_to_keep: if clustered {
                 cfg.snapshot_catchup_entries
             } else {
-                cfg.snapshot_catchup_entries.min(1_000)
+                cfg.snapshot_catchup_entries.min(100)
             },
             ..Default::default()
         }
@@ -181,7 +187,11 @@ impl NativeBackend {
                 }
             } else {
                 // Its peer URL, so that members added later can reach it.
-                let addr = cfg.initial_cluster.get(&node_id).cloned().unwrap_or_default();
+                let addr = cfg
+                    .initial_cluster
+                    .get(&node_id)
+                    .cloned()
+                    .unwrap_or_default();
                 members.insert(node_id, BasicNode { addr });
             }
             // Every member of a new cluster initializes with the same membership; whoever
@@ -211,7 +221,11 @@ impl NativeBackend {
                 cfg.quota_backend_bytes
             },
             clustered,
-            my_peer_url: cfg.initial_cluster.get(&node_id).cloned().unwrap_or_default(),
+            my_peer_url: cfg
+                .initial_cluster
+                .get(&node_id)
+                .cloned()
+                .unwrap_or_default(),
             cluster_id: cfg.cluster_id,
             peers,
             request_timeout: Duration::from_millis(5_000 + 2 * election),
@@ -221,6 +235,10 @@ impl NativeBackend {
             proposer_task,
             tokio::spawn(expire_leases(Arc::downgrade(&backend))),
             tokio::spawn(compactor(backend.store.clone())),
+            tokio::spawn(snapshot_by_requests(
+                Arc::downgrade(&backend),
+                cfg.snapshot_count.clamp(1, MAX_SNAPSHOT_EVERY),
+            )),
         ];
         *backend.tasks.lock() = tasks;
         Ok(backend)
@@ -248,7 +266,9 @@ impl NativeBackend {
                         member_id: Some(id),
                         cluster_id,
                     }) => return Ok((id, cluster_id)),
-                    Ok(PeerResponse::Whois { member_id: None, .. }) => {
+                    Ok(PeerResponse::Whois {
+                        member_id: None, ..
+                    }) => {
                         anyhow::bail!(
                             "member with peer URL {my_peer_url} has not been added to the cluster (etcdctl member add)"
                         )
@@ -586,8 +606,7 @@ fn replication_of(raft: &Raft, id: u64) -> (bool, bool, Option<u64>, u64) {
     let m = raft.metrics();
     let m = m.borrow();
     let membership = m.membership_config.membership();
-    let is_learner =
-        membership.get_node(&id).is_some() && !membership.voter_ids().any(|v| v == id);
+    let is_learner = membership.get_node(&id).is_some() && !membership.voter_ids().any(|v| v == id);
     let matched = m
         .replication
         .as_ref()
@@ -986,7 +1005,10 @@ impl Backend for NativeBackend {
                 .voter_ids()
                 .filter_map(|id| Some((id, membership.get_node(&id)?.addr.clone())))
                 .collect();
-            let addr = voters.iter().find(|(id, _)| *id == target).map(|(_, a)| a.clone());
+            let addr = voters
+                .iter()
+                .find(|(id, _)| *id == target)
+                .map(|(_, a)| a.clone());
             (voters, addr)
         };
         let Some(target_addr) = target_addr else {
@@ -1003,7 +1025,10 @@ impl Backend for NativeBackend {
             .filter(|(id, _)| *id != self.node_id)
             .collect();
         for (id, addr) in &others {
-            let _ = self.peers.call(*id, addr, &PeerRequest::SetElect(false)).await;
+            let _ = self
+                .peers
+                .call(*id, addr, &PeerRequest::SetElect(false))
+                .await;
         }
         // No new entries meanwhile (they would renew the followers' leases and keep the
         // transferee behind); requests wait and then go to the new leader.
@@ -1013,7 +1038,10 @@ impl Backend for NativeBackend {
         self.raft.runtime_config().heartbeat(true);
         drop(paused);
         for (id, addr) in &others {
-            let _ = self.peers.call(*id, addr, &PeerRequest::SetElect(true)).await;
+            let _ = self
+                .peers
+                .call(*id, addr, &PeerRequest::SetElect(true))
+                .await;
         }
         outcome
     }
@@ -1131,6 +1159,28 @@ async fn feed(
 /// Revokes leases whose deadline passed, through raft, so expiry happens once. Only the
 /// leader does; a member that becomes leader first gives every lease a full TTL (as etcd's
 /// lessor does on promotion), since keep-alives went to the old leader.
+/// Takes a snapshot (and so lets raft purge its log) every `every` applied requests. raft's own
+/// policy counts entries, and a group-commit entry holds many requests, all kept in memory
+/// until purged; etcd's --snapshot-count counts requests too.
+async fn snapshot_by_requests(backend: std::sync::Weak<NativeBackend>, every: u64) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut last = 0;
+    loop {
+        tick.tick().await;
+        let Some(b) = backend.upgrade() else { return };
+        let applied = b
+            .store
+            .applied_requests
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if applied - last >= every {
+            last = applied;
+            if let Err(e) = b.raft.trigger().snapshot().await {
+                tracing::warn!(error = %e, "triggering a snapshot failed");
+            }
+        }
+    }
+}
+
 async fn expire_leases(backend: std::sync::Weak<NativeBackend>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut was_leader = false;

@@ -117,7 +117,11 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
     > {
         let r = async {
             let req = self.request(&rpc, &option)?;
-            let resp = self.client()?.install_snapshot(req).await.map_err(rpc_err)?;
+            let resp = self
+                .client()?
+                .install_snapshot(req)
+                .await
+                .map_err(rpc_err)?;
             decode(resp.get_ref()).map_err(rpc_err)
         }
         .await;

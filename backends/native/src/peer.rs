@@ -44,7 +44,9 @@ pub enum PeerRequest {
     Member(MemberChange),
     /// Which member has this peer URL, and which cluster is this (asked by a member that
     /// starts with --initial-cluster-state existing). Any member answers.
-    Whois { peer_url: String },
+    Whois {
+        peer_url: String,
+    },
     /// Enable or disable this member's election timer (during a leadership transfer).
     SetElect(bool),
     /// Start an election now (the transferee of a leadership transfer).
@@ -53,12 +55,18 @@ pub enum PeerRequest {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerResponse {
-    Proposed { result: CommandResult, index: u64 },
+    Proposed {
+        result: CommandResult,
+        index: u64,
+    },
     ReadIndex(u64),
     KeepAlive(i64),
     TimeToLive(LeaseInfo),
     Done,
-    Whois { member_id: Option<u64>, cluster_id: u64 },
+    Whois {
+        member_id: Option<u64>,
+        cluster_id: u64,
+    },
     Err(BackendError),
 }
 
@@ -317,7 +325,9 @@ pub(crate) fn warn_throttled(addr: &str, e: &dyn std::fmt::Display) {
     let mut last = LAST.lock();
     let m = last.get_or_insert_with(HashMap::new);
     let now = std::time::Instant::now();
-    if m.get(addr).is_some_and(|t| now.duration_since(*t) < Duration::from_secs(1)) {
+    if m.get(addr)
+        .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(1))
+    {
         return;
     }
     m.insert(addr.to_string(), now);

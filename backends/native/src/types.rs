@@ -51,6 +51,14 @@ pub enum Command {
 }
 
 impl Command {
+    /// Requests in this command (a batch counts its commands).
+    pub fn count(&self) -> u64 {
+        match self {
+            Command::Batch(cmds) => cmds.iter().map(Command::count).sum(),
+            _ => 1,
+        }
+    }
+
     /// Whether this command (every command of a batch) is a txn: the only commands whose
     /// changes readers see through the store's overlay before they are committed.
     pub fn only_txns(&self) -> bool {

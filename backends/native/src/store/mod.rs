@@ -63,6 +63,9 @@ pub(crate) struct Store {
     pub leases: LeaseClock,
     /// Current and compact revision, mirrored from META for cheap reads.
     pub revision: AtomicI64,
+    /// Requests applied since the process started (a group-commit entry counts each of its
+    /// requests): what `--snapshot-count` counts.
+    pub applied_requests: std::sync::atomic::AtomicU64,
     pub compact: AtomicI64,
     last_sync: Mutex<Instant>,
     pub compactor: tokio::sync::Notify,
@@ -71,6 +74,18 @@ pub(crate) struct Store {
     measured_in_use: AtomicI64,
     written_since: AtomicI64,
     measured_at: Mutex<Instant>,
+}
+
+impl Drop for Store {
+    /// Ends the open write txn before the database closes (closing waits for it). It is
+    /// committed, not synced: raft's log still has its entries if this is a crash.
+    fn drop(&mut self) {
+        if let Some(txn) = self.writer.get_mut().txn.take() {
+            if let Err(e) = txn.commit() {
+                tracing::warn!(error = %e, "committing the state machine on close failed");
+            }
+        }
+    }
 }
 
 /// The open write txn and when it was begun.
@@ -123,6 +138,7 @@ impl Store {
             feed,
             leases: LeaseClock::default(),
             revision: AtomicI64::new(rev),
+            applied_requests: Default::default(),
             compact: AtomicI64::new(compact),
             last_sync: Mutex::new(Instant::now()),
             compactor: tokio::sync::Notify::new(),
@@ -222,6 +238,8 @@ impl Store {
                     }
                     openraft::EntryPayload::Normal(cmd) => {
                         flush |= !cmd.only_txns();
+                        self.applied_requests
+                            .fetch_add(cmd.count(), Ordering::Relaxed);
                         let (res, batch) =
                             t.run(cmd, &mut rev, &mut compact, &mut lease_changes)?;
                         compacted |= res.compacted();
