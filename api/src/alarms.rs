@@ -4,7 +4,8 @@
 //!
 //! Alarms are persisted as the backend document [`ALARMS_DOC`] (etcd keeps them in its
 //! backend's "alarm" bucket), so they survive a restart; changes go through the document's
-//! compare-and-set, and this process keeps a copy for the per-request checks.
+//! compare-and-set, and this process keeps a copy for the per-request checks, re-read every
+//! second so that alarms raised or disarmed through another process or member apply here too.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -141,6 +142,31 @@ impl Alarms {
         .await?;
         tracing::warn!(alarm = alarm_name(alarm), from = %format!("{member_id:x}"), "alarm disarmed");
         Ok(Some(member(alarm, member_id)))
+    }
+
+    /// Keeps this process's copy in step with the stored set, which other processes on the
+    /// same database (or other members) change: reads it every `every`.
+    pub fn spawn_refresh(&self, every: std::time::Duration) -> Option<tokio::task::JoinHandle<()>> {
+        let backend = self.backend.clone()?;
+        let active = self.active.clone();
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match backend.doc_get(ALARMS_DOC).await {
+                    Ok(doc) => {
+                        let stored = doc.map(|d| decode(&d.value)).unwrap_or_default();
+                        let mut mine = active.lock().unwrap();
+                        if *mine != stored {
+                            tracing::info!(alarms = ?stored, "alarms changed elsewhere");
+                            *mine = stored;
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "could not refresh alarms"),
+                }
+            }
+        }))
     }
 
     /// The active alarms of one type, or all of them for `AlarmType::None`.

@@ -173,6 +173,7 @@ impl Server {
         let refresher = header.start_refresh(self.backend.clone()).await;
         let auth_reloader = self.auth.spawn_reload();
         let alarms = Alarms::load(self.backend.clone()).await.context("loading alarms")?;
+        let alarm_refresher = alarms.spawn_refresh(std::time::Duration::from_secs(1));
         let metrics =
             Metrics::new(self.backend.clone(), self.cfg.member_id, &self.cfg.version, major_minor(&self.cfg.version));
         let (router, http_state) = self.router(&header, alarms, metrics);
@@ -200,6 +201,9 @@ impl Server {
             _ = async { let _ = stopped_rx.await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
         };
         refresher.abort();
+        if let Some(t) = alarm_refresher {
+            t.abort();
+        }
         metrics_servers.iter().for_each(|m| m.abort());
         auth_reloader.abort();
         acceptors.iter().for_each(|a| a.abort());

@@ -36,6 +36,8 @@ fn nospace_alarm_on_postgres() {
     let url = rt.block_on(cairn_postgres::testing::server().create_database()).expect("create a database");
     let quota = (512 * 1024).to_string();
     let a = start("a", &["--backend", "postgres", "--postgres-url", &url, "--quota-backend-bytes", &quota]);
+    // A second process on the same database, running before the alarm is raised.
+    let b = start("b", &["--backend", "postgres", "--postgres-url", &url, "--quota-backend-bytes", &quota]);
     assert_eq!(ctl(&a, &["put", "1st_test", &"a".repeat(64)]), "OK\n", "a small put fits");
     let member = ctl(&a, &["member", "list", "-w", "json"]);
     let member: serde_json::Value = serde_json::from_str(&member).unwrap();
@@ -69,12 +71,21 @@ fn nospace_alarm_on_postgres() {
     let (ok, _, err) = try_ctl(&a, &["put", "3rd_test", "small"]);
     assert!(!ok && err.contains("database space exceeded"), "a put is refused while the alarm is on: {err}");
 
-    // The alarm is persisted: a second process on the database lists it and refuses puts.
-    let b = start("b", &["--backend", "postgres", "--postgres-url", &url, "--quota-backend-bytes", &quota]);
-    assert_eq!(ctl(&b, &["alarm", "list"]), format!("memberID:{id} alarm:NOSPACE \n"));
+    // The process that was already running learns of the alarm (within its 1 s refresh) and
+    // refuses puts too.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while ctl(&b, &["alarm", "list"]) != format!("memberID:{id} alarm:NOSPACE \n") {
+        assert!(std::time::Instant::now() < deadline, "b never saw a's NOSPACE alarm");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let (ok, _, err) = try_ctl(&b, &["put", "3rd_test", "small"]);
     assert!(!ok && err.contains("database space exceeded"), "{err}");
-    drop(b);
+    // The alarm is persisted: a process started now lists it and refuses puts.
+    let c = start("c", &["--backend", "postgres", "--postgres-url", &url, "--quota-backend-bytes", &quota]);
+    assert_eq!(ctl(&c, &["alarm", "list"]), format!("memberID:{id} alarm:NOSPACE \n"));
+    let (ok, _, err) = try_ctl(&c, &["put", "3rd_test", "small"]);
+    assert!(!ok && err.contains("database space exceeded"), "{err}");
+    drop(c);
 
     let status: serde_json::Value = serde_json::from_str(&ctl(&a, &["endpoint", "status", "-w", "json"])).unwrap();
     let rev = status[0]["Status"]["header"]["revision"].as_i64().unwrap();
@@ -88,4 +99,11 @@ fn nospace_alarm_on_postgres() {
     assert_eq!(ctl(&a, &["put", "4th_test", &"a".repeat(64)]), "OK\n", "a put below the quota after compact + defrag");
     let health = http_get(&a, "/health");
     assert!(health.starts_with("HTTP/1.1 200") && health.contains(r#"{"health":"true""#), "{health}");
+    // ... and b learns that it was disarmed through a.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !ctl(&b, &["alarm", "list"]).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "b never saw the alarm disarmed");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(ctl(&b, &["put", "5th_test", "small"]), "OK\n");
 }
