@@ -23,7 +23,7 @@ use std::ops::Bound;
 use cairn_backend::{ChangeBatch, EventKind, KeyRange, Result};
 
 use super::codec::{encode_kv, encode_tombstone};
-use super::view::{db_err, CurrentTable, HistoryTable};
+use super::view::{current_rows, db_err, CurrentTable, HistoryTable};
 
 #[derive(Default)]
 pub(crate) struct Overlay {
@@ -111,11 +111,6 @@ impl Overlay {
         self.current.range::<[u8], _>((lo, hi))
     }
 
-    /// Whether any key of `range` changed since the last commit.
-    pub fn touches(&self, range: &KeyRange) -> bool {
-        !self.current.is_empty() && self.current_in(range).next().is_some()
-    }
-
     /// The newest record of one key: `Some(None)` when it was deleted since the last commit,
     /// `None` when the overlay does not know it.
     pub fn get_current(&self, key: &[u8]) -> Option<Option<&[u8]>> {
@@ -132,13 +127,7 @@ pub(crate) fn merge_current<C: CurrentTable>(
     mut visit: impl FnMut(&[u8], &[u8]) -> bool,
 ) -> Result<()> {
     let mut over = ov.current_in(range).peekable();
-    let iter = match range.upper() {
-        Some(end) => t
-            .range::<&[u8]>(range.key.as_slice()..end)
-            .map_err(db_err)?,
-        None => t.range::<&[u8]>(range.key.as_slice()..).map_err(db_err)?,
-    };
-    for item in iter {
+    for item in current_rows(t, range)? {
         let (k, v) = item.map_err(db_err)?;
         let k = k.value();
         let mut shadowed = false;

@@ -113,7 +113,7 @@ pub(crate) fn scan_current<C: CurrentTable>(
             return Ok(count);
         }
         let mut n = 0usize;
-        let mut take = |k: &[u8], v: &[u8]| {
+        let take = |k: &[u8], v: &[u8]| {
             if !want(n) {
                 return false;
             }
@@ -121,32 +121,11 @@ pub(crate) fn scan_current<C: CurrentTable>(
             n += 1;
             true
         };
-        if ov.touches(range) {
-            merge_current(t, ov, range, take)?;
-        } else {
-            let iter = match range.upper() {
-                Some(end) => t
-                    .range::<&[u8]>(range.key.as_slice()..end)
-                    .map_err(db_err)?,
-                None => t.range::<&[u8]>(range.key.as_slice()..).map_err(db_err)?,
-            };
-            for item in iter {
-                let (k, v) = item.map_err(db_err)?;
-                if !take(k.value(), v.value()) {
-                    break;
-                }
-            }
-        }
+        merge_current(t, ov, range, take)?;
         return Ok(count);
     }
-    let iter = match range.upper() {
-        Some(end) => t
-            .range::<&[u8]>(range.key.as_slice()..end)
-            .map_err(db_err)?,
-        None => t.range::<&[u8]>(range.key.as_slice()..).map_err(db_err)?,
-    };
     let mut n = 0usize;
-    for item in iter {
+    for item in current_rows(t, range)? {
         let (k, v) = item.map_err(db_err)?;
         if want(n) {
             visit(decode_kv(k.value(), v.value(), true));
@@ -154,6 +133,19 @@ pub(crate) fn scan_current<C: CurrentTable>(
         n += 1;
     }
     Ok(n as i64)
+}
+
+/// The CURRENT rows of a multi-key `range`.
+pub(crate) fn current_rows<'t, C: CurrentTable>(
+    t: &'t C,
+    range: &KeyRange,
+) -> Result<redb::Range<'t, &'static [u8], &'static [u8]>> {
+    let key = range.key.as_slice();
+    match range.upper() {
+        Some(end) => t.range::<&[u8]>(key..end),
+        None => t.range::<&[u8]>(key..),
+    }
+    .map_err(db_err)
 }
 
 /// Scans `range` as of revision `rev` from the HISTORY table.
