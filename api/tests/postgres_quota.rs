@@ -7,20 +7,8 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::process::Command;
 
-use common::process::{ctl, start, Cairn, ETCDCTL};
-
-/// etcdctl's exit status, stdout and stderr.
-fn try_ctl(s: &Cairn, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(ETCDCTL)
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &s.endpoint, "--command-timeout", "10s"])
-        .args(args)
-        .output()
-        .expect("run etcdctl");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
+use common::process::{ctl, start, try_ctl, Cairn};
 
 fn http_get(s: &Cairn, path: &str) -> String {
     let mut c = std::net::TcpStream::connect(&s.endpoint).unwrap();

@@ -85,8 +85,8 @@ pub fn spawn(name: &str, args: &[&str]) -> Starting {
     }
 }
 
-/// Runs etcdctl (v3 API) against `s` and returns its stdout; fails the test on a non-zero exit.
-pub fn ctl(s: &Cairn, args: &[&str]) -> String {
+/// Runs etcdctl (v3 API) against `s`; returns whether it exited 0, its stdout and its stderr.
+pub fn try_ctl(s: &Cairn, args: &[&str]) -> (bool, String, String) {
     assert!(
         std::path::Path::new(ETCDCTL).exists(),
         "{ETCDCTL} is missing: install Debian's etcd-client"
@@ -97,10 +97,16 @@ pub fn ctl(s: &Cairn, args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("run etcdctl");
-    assert!(
+    (
         out.status.success(),
-        "etcdctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs etcdctl (v3 API) against `s` and returns its stdout; fails the test on a non-zero exit.
+pub fn ctl(s: &Cairn, args: &[&str]) -> String {
+    let (ok, stdout, stderr) = try_ctl(s, args);
+    assert!(ok, "etcdctl {args:?} failed: {stderr}");
+    stdout
 }

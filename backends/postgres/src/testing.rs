@@ -318,14 +318,7 @@ impl TestServer {
              {runas}{pg_ctl} -D {dir}/data stop -m immediate >/dev/null 2>&1; rm -rf {dir}",
             pid = std::process::id()
         );
-        Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawning the server watchdog")?;
-        Ok(())
+        spawn_detached_sh(&script).context("spawning the server watchdog")
     }
 
     /// The URL of the maintenance database.
@@ -518,15 +511,20 @@ mod docker {
              curl -s -X DELETE --unix-socket {sock} 'http://docker/containers/{id}?force=true&v=true' >/dev/null 2>&1",
             pid = std::process::id()
         );
-        Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawning the container watchdog")?;
-        Ok(())
+        super::spawn_detached_sh(&script).context("spawning the container watchdog")
     }
+}
+
+/// Starts `sh -c script` detached from the test's stdio: a watchdog that outlives the test
+/// process and removes the server it started.
+fn spawn_detached_sh(script: &str) -> std::io::Result<()> {
+    Command::new("sh")
+        .args(["-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(drop)
 }
 
 #[cfg(test)]
