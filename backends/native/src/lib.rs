@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cairn_backend::{
-    Backend, BackendError, BackendStatus, CompactResponse, FeedItem, FeedStream, HashKv,
+    quota, Backend, BackendError, BackendStatus, CompactResponse, FeedItem, FeedStream, HashKv,
     LeaseGrant, LeaseId, LeaseInfo, MemberChange, RangeRequest, RangeResponse, Result, Revision,
     TxnRequest, TxnResponse,
 };
@@ -99,7 +99,6 @@ impl Default for NativeConfig {
     }
 }
 
-const DEFAULT_QUOTA: u64 = 2 << 30;
 /// The state machine's page cache.
 const CACHE_BYTES: usize = 64 << 20;
 /// Upper bound on requests (and entries) between snapshots, whatever --snapshot-count says: a
@@ -215,11 +214,7 @@ impl NativeBackend {
             proposer,
             store,
             node_id,
-            quota: if cfg.quota_backend_bytes == 0 {
-                DEFAULT_QUOTA
-            } else {
-                cfg.quota_backend_bytes
-            },
+            quota: quota::quota_bytes(cfg.quota_backend_bytes),
             clustered,
             my_peer_url: cfg
                 .initial_cluster
@@ -548,30 +543,11 @@ impl NativeBackend {
         }
         let store = self.store.clone();
         let in_use = blocking(move || store.in_use()).await?;
-        if in_use as u64 + cost >= self.quota {
+        if quota::exceeds(in_use.max(0) as u64, cost, self.quota) {
             return Err(BackendError::NoSpace);
         }
         Ok(())
     }
-}
-
-/// etcd's quota costs: a put's key and value plus a fixed overhead, a lease grant's overhead.
-const KV_OVERHEAD: u64 = 256;
-const LEASE_OVERHEAD: u64 = 64;
-
-/// etcd's cost of a txn: the larger of its branches' top-level puts.
-fn txn_cost(req: &TxnRequest) -> u64 {
-    let branch = |ops: &[cairn_backend::RequestOp]| -> u64 {
-        ops.iter()
-            .map(|op| match op {
-                cairn_backend::RequestOp::Put(p) => {
-                    KV_OVERHEAD + (p.key.len() + p.value.len()) as u64
-                }
-                _ => 0,
-            })
-            .sum()
-    };
-    branch(&req.success).max(branch(&req.failure))
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -862,7 +838,7 @@ impl Backend for NativeBackend {
             let store = self.store.clone();
             return blocking(move || store.read_txn(&req)).await;
         }
-        self.check_quota(txn_cost(&req)).await?;
+        self.check_quota(quota::txn_cost(&req)).await?;
         match self.propose(Command::Txn(req)).await? {
             CommandResult::Txn(r) => Ok(r),
             other => Err(unexpected(other)),
@@ -900,7 +876,7 @@ impl Backend for NativeBackend {
     }
 
     async fn lease_grant(&self, id: LeaseId, ttl: i64) -> Result<LeaseGrant> {
-        self.check_quota(LEASE_OVERHEAD).await?;
+        self.check_quota(quota::LEASE_OVERHEAD).await?;
         let chosen = id != 0;
         loop {
             let id = if chosen {

@@ -69,7 +69,7 @@ pub(crate) struct Store {
     pub compact: AtomicI64,
     last_sync: Mutex<Instant>,
     pub compactor: tokio::sync::Notify,
-    /// redb's in-use bytes when last measured, and the bytes applied since (an estimate of
+    /// The bytes redb's tables hold when last measured, and the bytes applied since (an estimate of
     /// the growth), so that the quota check costs nothing per write; see [`Store::in_use`].
     measured_in_use: AtomicI64,
     written_since: AtomicI64,
@@ -474,7 +474,11 @@ impl Store {
         let txn = db.begin_write().map_err(db_err)?;
         let stats = txn.stats().map_err(db_err)?;
         txn.abort().map_err(db_err)?;
-        let in_use = (stats.allocated_pages() * stats.page_size() as u64) as i64;
+        // What the tables hold (keys, values and tree metadata), not the pages around it:
+        // redb rounds a large value's leaf up to a power-of-two run of pages, keeps pages of
+        // unsynced commits until a synced one, and preallocates its region, all of which
+        // would make the in-use figure jump by pages where etcd's bbolt grows by bytes.
+        let in_use = (stats.stored_bytes() + stats.metadata_bytes()) as i64;
         self.measured_in_use.store(in_use, Ordering::Relaxed);
         self.written_since.store(0, Ordering::Relaxed);
         *self.measured_at.lock() = Instant::now();
