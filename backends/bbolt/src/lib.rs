@@ -1,5 +1,5 @@
-//! A writer for bbolt database files (the B+tree file format etcd keeps its backend in), and
-//! etcd's snapshot layout on top of it ([`etcd`]).
+//! A writer and a reader ([`read`]) for bbolt database files (the B+tree file format etcd keeps
+//! its backend in), and etcd's snapshot layout on top of them ([`etcd`]).
 //!
 //! The writer builds a whole file at once from sorted buckets, the way a compacted bbolt file
 //! looks: two meta pages (0 and 1, FNV-64a checksummed), an empty freelist (page 2), then every
@@ -9,6 +9,7 @@
 //! check (`tx.Check`, run by `etcdctl snapshot status`) passes.
 
 pub mod etcd;
+pub mod read;
 
 use std::collections::BTreeMap;
 
@@ -221,38 +222,11 @@ pub fn write_db(buckets: &BTreeMap<Vec<u8>, Bucket>) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn u16_at(b: &[u8], at: usize) -> u16 {
-        u16::from_le_bytes(b[at..at + 2].try_into().unwrap())
-    }
     fn u32_at(b: &[u8], at: usize) -> u32 {
         u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
     }
     fn u64_at(b: &[u8], at: usize) -> u64 {
         u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
-    }
-
-    /// A minimal bbolt reader for the tests: every (key, value) of the tree at `root`.
-    fn walk(db: &[u8], root: u64, out: &mut Vec<(Vec<u8>, Vec<u8>, bool)>) {
-        let p = &db[root as usize * PAGE_SIZE..];
-        assert_eq!(u64_at(p, 0), root, "page id");
-        let (flags, count) = (u16_at(p, 8), u16_at(p, 10) as usize);
-        for i in 0..count {
-            let e = PAGE_HEADER + i * ELEMENT;
-            if flags == LEAF_FLAG {
-                let (f, pos, ks, vs) = (
-                    u32_at(p, e),
-                    u32_at(p, e + 4) as usize,
-                    u32_at(p, e + 8) as usize,
-                    u32_at(p, e + 12) as usize,
-                );
-                let k = p[e + pos..e + pos + ks].to_vec();
-                let v = p[e + pos + ks..e + pos + ks + vs].to_vec();
-                out.push((k, v, f == BUCKET_LEAF_FLAG));
-            } else {
-                assert_eq!(flags, BRANCH_FLAG);
-                walk(db, u64_at(p, e + 8), out);
-            }
-        }
     }
 
     #[test]
@@ -280,18 +254,74 @@ mod tests {
         assert_eq!(u32_at(meta, 0), MAGIC);
         assert_eq!(u64_at(meta, 56), fnv64a(&meta[..56]));
         assert_eq!(u64_at(meta, 40) as usize * PAGE_SIZE, db.len());
-        let mut top = Vec::new();
-        walk(&db, u64_at(meta, 16), &mut top);
-        assert_eq!(
-            top.iter().map(|t| t.0.clone()).collect::<Vec<_>>(),
-            vec![b"big".to_vec(), b"empty".to_vec()]
+        assert_eq!(read::read_db(&db).unwrap(), buckets);
+    }
+
+    /// The reader takes what bbolt itself writes but the writer never does: inline buckets,
+    /// a newer second meta page, pages past the high-water mark in the file.
+    #[test]
+    fn reads_inline_buckets_and_the_newest_meta() {
+        let mut buckets = BTreeMap::new();
+        let mut small = Bucket::new();
+        small.insert(b"k".to_vec(), b"v".to_vec());
+        buckets.insert(b"tree".to_vec(), small.clone());
+        let mut db = write_db(&buckets);
+        // Page 3 is the "tree" bucket's leaf; rewrite the root bucket's leaf (page 4) so that
+        // "inline" is an inline bucket holding the same leaf, as bbolt stores small buckets.
+        let leaf = db[3 * PAGE_SIZE..3 * PAGE_SIZE + PAGE_HEADER + ELEMENT + 2].to_vec();
+        let mut header = vec![0u8; 16];
+        header.extend_from_slice(&leaf);
+        let entries = [
+            Entry {
+                key: b"inline",
+                value: &header,
+                bucket: true,
+            },
+            Entry {
+                key: b"tree",
+                value: &bucket_header(3),
+                bucket: true,
+            },
+        ];
+        let body = Writer::leaf_body(&entries);
+        let root = &mut db[4 * PAGE_SIZE..5 * PAGE_SIZE];
+        root[10..12].copy_from_slice(&2u16.to_le_bytes());
+        root[PAGE_HEADER..].fill(0);
+        root[PAGE_HEADER..PAGE_HEADER + body.len()].copy_from_slice(&body);
+        // Meta page 0 becomes the newer one; meta page 1 is torn (bad checksum).
+        let m0 = meta_page(0, 4, 5, 7);
+        db[..PAGE_SIZE].copy_from_slice(&m0);
+        db[PAGE_SIZE + PAGE_HEADER + 48] ^= 0xff;
+        db.extend_from_slice(&vec![0u8; 3 * PAGE_SIZE]);
+        let got = read::read_db(&db).unwrap();
+        assert_eq!(got.get(b"inline".as_slice()), Some(&small));
+        assert_eq!(got.get(b"tree".as_slice()), Some(&small));
+    }
+
+    /// Truncated or corrupt files give errors, not panics or made-up data.
+    #[test]
+    fn refuses_damaged_files() {
+        let mut buckets = BTreeMap::new();
+        let mut b = Bucket::new();
+        for i in 0..500u32 {
+            b.insert(i.to_be_bytes().to_vec(), vec![7u8; 50]);
+        }
+        buckets.insert(b"key".to_vec(), b);
+        let db = write_db(&buckets);
+        assert!(
+            read::read_db(&db[..db.len() - PAGE_SIZE]).is_err(),
+            "truncated"
         );
-        let mut got = Vec::new();
-        walk(&db, u64_at(&top[0].1, 0), &mut got);
-        let want: Vec<_> = big.into_iter().map(|(k, v)| (k, v, false)).collect();
-        assert_eq!(got, want);
-        let mut none = Vec::new();
-        walk(&db, u64_at(&top[1].1, 0), &mut none);
-        assert!(none.is_empty());
+        assert!(read::read_db(&[0u8; 100]).is_err(), "too short");
+        let mut bad = db.clone();
+        bad[PAGE_HEADER] ^= 1;
+        bad[PAGE_SIZE + PAGE_HEADER] ^= 1;
+        assert!(read::read_db(&bad).is_err(), "both metas bad");
+        // Every single-byte change past the metas either still reads or is refused.
+        for at in (3 * PAGE_SIZE..db.len()).step_by(97) {
+            let mut d = db.clone();
+            d[at] ^= 0x5a;
+            let _ = read::read_db(&d);
+        }
     }
 }
