@@ -223,9 +223,23 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
                 (cfg.member_id, cfg.cluster_id) = (member_id, cluster_id);
                 (ncfg.member_id, ncfg.cluster_id) = (member_id, cluster_id);
             }
+            // A data dir etcd left (or `etcdctl snapshot restore` made) and Cairn never used:
+            // start from etcd's data, revisions and all.
+            let etcd = if stored.is_none() {
+                cairn_api::snapshot::read_etcd_data_dir(std::path::Path::new(&flags.data_dir()))?
+            } else {
+                None
+            };
+            let etcd_auth = etcd.as_ref().and_then(|e| e.auth.clone());
+            ncfg.import = etcd.map(Arc::new);
             let b = NativeBackend::open(ncfg)
                 .await
                 .context("opening the native backend")?;
+            if let Some(auth) = &etcd_auth {
+                if cairn_api::snapshot::import_auth(b.as_ref(), auth).await? {
+                    tracing::info!(users = auth.users.len(), roles = auth.roles.len(), enabled = auth.enabled, "imported etcd's auth store");
+                }
+            }
             // The other members must reach this one before any of them can lead. A single
             // node serves its peer port too (as etcd does), so that members can be added
             // later; if the port is taken it runs without (and cannot grow).
@@ -269,7 +283,11 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
             if pd.is_empty() {
                 anyhow::bail!("--backend tikv needs --tikv-pd-endpoints");
             }
-            let opts = TikvOptions { namespace: flags.tikv_namespace.clone().into_bytes(), ..Default::default() };
+            let opts = TikvOptions {
+                namespace: flags.tikv_namespace.clone().into_bytes(),
+                quota_backend_bytes: flags.quota_backend_bytes,
+                ..Default::default()
+            };
             let b = TikvBackend::connect(pd, opts).await.context("connecting to TiKV")?;
             tikv = Some(b.clone());
             b
@@ -315,6 +333,7 @@ fn native_config(flags: &Flags, member_id: u64, cluster_id: u64) -> anyhow::Resu
         election_timeout_ms: flags.election_timeout,
         quota_backend_bytes: flags.quota_backend_bytes,
         member_id,
+        import: None,
     })
 }
 

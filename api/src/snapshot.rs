@@ -7,15 +7,21 @@
 //! its sub-revision from the event order. The sub-revisions of versions written at or before
 //! `c` are not kept by the contract; they are numbered in key order within their revision,
 //! which nothing can observe (no read or watch may ask for revisions below `c`). A compaction
-//! racing the read restarts it. Leases, members and alarms are read right after the key space.
+//! racing the read restarts it. Leases, members, alarms and the auth store are read right after
+//! the key space.
+//!
+//! The other way, [`read_etcd_data_dir`] reads an etcd data dir's backend (what `etcdctl
+//! snapshot restore` writes, or an etcd member's own) so a fresh native store can start from
+//! it, and [`import_auth`] carries its auth store over.
 
 use std::sync::Arc;
 
 use cairn_backend::{Backend, BackendError, EventKind, FeedItem, KeyRange, RangeRequest, Revision};
-use cairn_bbolt::etcd::{Lease, Member, Snapshot, Version};
+use cairn_bbolt::etcd::{Auth, AuthPerm, AuthRole, AuthUser, Lease, Member, Snapshot, Version};
 use futures::StreamExt;
 
 use crate::alarms::Alarms;
+use crate::auth::state::{AuthState, Perm, PermType, Role, User};
 use crate::members::Members;
 
 /// How many times a read that lost a race with compaction is retried.
@@ -141,6 +147,14 @@ pub async fn collect(
         }
         None => (Vec::new(), Vec::new()),
     };
+    let auth = match backend.doc_get(crate::auth::store::DOC_NAME).await? {
+        Some(doc) => {
+            let state: AuthState = serde_json::from_slice(&doc.value)
+                .map_err(|e| BackendError::Internal(format!("corrupt auth store: {e}")))?;
+            Some(auth_to_etcd(&state))
+        }
+        None => None,
+    };
     let consistent_index = backend.status().await?.raft_applied_index;
     Ok(Snapshot {
         versions,
@@ -155,7 +169,95 @@ pub async fn collect(
         compact_revision: compact,
         consistent_index,
         cluster_version: cluster_version.to_string(),
+        auth,
     })
+}
+
+/// Cairn's auth store as etcd's buckets hold it.
+pub fn auth_to_etcd(s: &AuthState) -> Auth {
+    Auth {
+        enabled: s.enabled,
+        revision: s.revision,
+        users: s
+            .users
+            .iter()
+            .map(|(name, u)| AuthUser {
+                name: name.clone(),
+                password: u.password.clone(),
+                roles: u.roles.clone(),
+                no_password: u.no_password,
+            })
+            .collect(),
+        roles: s
+            .roles
+            .iter()
+            .map(|(name, r)| AuthRole {
+                name: name.clone(),
+                perms: r
+                    .perms
+                    .iter()
+                    .map(|p| AuthPerm { perm_type: p.perm_type.as_i32(), key: p.key.clone(), range_end: p.range_end.clone() })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// etcd's auth buckets as Cairn's auth store (bcrypt hashes carry over as they are).
+pub fn auth_from_etcd(a: &Auth) -> AuthState {
+    AuthState {
+        enabled: a.enabled,
+        revision: a.revision,
+        users: a
+            .users
+            .iter()
+            .map(|u| {
+                let mut roles = u.roles.clone();
+                roles.sort();
+                roles.dedup();
+                (u.name.clone(), User { roles, password: u.password.clone(), no_password: u.no_password })
+            })
+            .collect(),
+        roles: a
+            .roles
+            .iter()
+            .map(|r| {
+                let mut perms: Vec<Perm> = r
+                    .perms
+                    .iter()
+                    .map(|p| Perm {
+                        perm_type: PermType::from_i32(p.perm_type),
+                        key: p.key.clone(),
+                        range_end: p.range_end.clone(),
+                    })
+                    .collect();
+                perms.sort_by(|a, b| a.key.cmp(&b.key));
+                (r.name.clone(), Role { perms })
+            })
+            .collect(),
+    }
+}
+
+/// Where an etcd data dir keeps its backend.
+pub const ETCD_BACKEND_FILE: &str = "member/snap/db";
+
+/// etcd's data in `data_dir`'s [`ETCD_BACKEND_FILE`], if there is one.
+pub fn read_etcd_data_dir(data_dir: &std::path::Path) -> anyhow::Result<Option<Snapshot>> {
+    use anyhow::Context;
+    let path = data_dir.join(ETCD_BACKEND_FILE);
+    let data = match std::fs::read(&path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let snap = cairn_bbolt::etcd::read_snapshot(&data).with_context(|| format!("reading etcd's backend {}", path.display()))?;
+    Ok(Some(snap))
+}
+
+/// Stores an imported auth store, unless the store already has one (a second start).
+pub async fn import_auth(backend: &dyn Backend, auth: &Auth) -> Result<bool, BackendError> {
+    let value = serde_json::to_vec(&auth_from_etcd(auth)).map_err(|e| BackendError::Internal(e.to_string()))?;
+    Ok(backend.doc_put(crate::auth::store::DOC_NAME, 0, value).await?.is_some())
 }
 
 /// etcd sends the file in 32 KiB pieces, then the SHA-256 of the file.

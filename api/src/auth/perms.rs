@@ -214,7 +214,7 @@ mod tests {
         assert!(c.permits("u", b"a", b"e", Access::Read));
         assert!(c.permits("u", b"b", b"d", Access::Read));
         assert!(!c.permits("u", b"a", b"g", Access::Read));
-        assert!(c.permits("u", b"e", b"", Access::Read) == false);
+        assert!(!c.permits("u", b"e", b"", Access::Read));
     }
 
     #[test]

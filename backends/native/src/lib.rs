@@ -78,6 +78,9 @@ pub struct NativeConfig {
     /// Fault injection for tests: every write-ahead-log fsync takes this much longer (a slow
     /// disk). Zero (the default) in production; no flag sets it.
     pub slow_disk: Duration,
+    /// etcd's backend to load into a fresh store (a data dir `etcdctl snapshot restore` made,
+    /// or an etcd member's); ignored once the store holds data.
+    pub import: Option<Arc<cairn_bbolt::etcd::Snapshot>>,
 }
 
 impl Default for NativeConfig {
@@ -95,6 +98,7 @@ impl Default for NativeConfig {
             peer_tls: None,
             cluster_id: 0,
             slow_disk: Duration::ZERO,
+            import: None,
         }
     }
 }
@@ -133,6 +137,17 @@ impl NativeBackend {
         std::fs::create_dir_all(&cfg.data_dir)?;
         let wal = wal::Wal::open(&cfg.data_dir.join("wal"), cfg.slow_disk)?;
         let store = Store::open(&cfg.data_dir.join("state.redb"), CACHE_BYTES)?;
+        if let Some(etcd) = &cfg.import {
+            if store.import_etcd(etcd)? {
+                tracing::info!(
+                    revision = store.current().0,
+                    compact_revision = store.current().1,
+                    versions = etcd.versions.len(),
+                    leases = etcd.leases.len(),
+                    "imported etcd's backend"
+                );
+            }
+        }
         let node_id = cfg.member_id;
         // A member of several: by its flags, or because a single node grew (MemberAdd).
         let grown = store
@@ -236,6 +251,18 @@ impl NativeBackend {
             )),
         ];
         *backend.tasks.lock() = tasks;
+        if backend.store.import_unsnapshotted()? {
+            if clustered {
+                let weak = Arc::downgrade(&backend);
+                backend.tasks.lock().push(tokio::spawn(async move {
+                    if let Err(e) = snapshot_import(weak).await {
+                        tracing::error!(error = %e, "snapshotting the imported etcd data failed");
+                    }
+                }));
+            } else {
+                snapshot_import(Arc::downgrade(&backend)).await?;
+            }
+        }
         Ok(backend)
     }
 
@@ -1132,9 +1159,46 @@ async fn feed(
     }
 }
 
-/// Revokes leases whose deadline passed, through raft, so expiry happens once. Only the
-/// leader does; a member that becomes leader first gives every lease a full TTL (as etcd's
-/// lessor does on promotion), since keep-alives went to the old leader.
+/// Puts an imported etcd key space into a raft snapshot and purges the log before it, so that
+/// a member joining later installs the snapshot instead of replaying a log that never held
+/// that data; then clears the store's import mark (a crash before that redoes this).
+async fn snapshot_import(backend: std::sync::Weak<NativeBackend>) -> anyhow::Result<()> {
+    let Some(b) = backend.upgrade() else {
+        return Ok(());
+    };
+    let raft = b.raft.clone();
+    drop(b);
+    let m = raft
+        .wait(None)
+        .metrics(|m| m.last_applied.is_some(), "an applied entry")
+        .await?;
+    let applied = m.last_applied.expect("waited for it");
+    raft.trigger().snapshot().await?;
+    raft.wait(Some(Duration::from_secs(60)))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= applied.index),
+            "snapshot of the imported data",
+        )
+        .await?;
+    raft.trigger().purge_log(applied.index).await?;
+    raft.wait(Some(Duration::from_secs(60)))
+        .metrics(
+            |m| m.purged.is_some_and(|p| p.index >= applied.index),
+            "log purged up to the snapshot",
+        )
+        .await?;
+    let Some(b) = backend.upgrade() else {
+        return Ok(());
+    };
+    let store = b.store.clone();
+    blocking(move || store.import_snapshotted()).await?;
+    tracing::info!(
+        index = applied.index,
+        "imported etcd data is in a raft snapshot"
+    );
+    Ok(())
+}
+
 /// Takes a snapshot (and so lets raft purge its log) every `every` applied requests. raft's own
 /// policy counts entries, and a group-commit entry holds many requests, all kept in memory
 /// until purged; etcd's --snapshot-count counts requests too.
@@ -1157,6 +1221,9 @@ async fn snapshot_by_requests(backend: std::sync::Weak<NativeBackend>, every: u6
     }
 }
 
+/// Revokes leases whose deadline passed, through raft, so expiry happens once. Only the
+/// leader does; a member that becomes leader first gives every lease a full TTL (as etcd's
+/// lessor does on promotion), since keep-alives went to the old leader.
 async fn expire_leases(backend: std::sync::Weak<NativeBackend>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut was_leader = false;

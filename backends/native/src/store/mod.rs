@@ -931,4 +931,74 @@ mod tests {
         let got = range(&reopened, all, 0, 0, true);
         assert_eq!(got.count, model.len() as i64);
     }
+
+    /// An etcd key space loads with its revisions into a fresh store only.
+    #[test]
+    fn imports_etcd_into_a_fresh_store_only() {
+        use cairn_bbolt::etcd::{Lease, Snapshot, Version};
+        let v = |key: &str, rev: i64, version: i64, value: &str| Version {
+            key: key.into(),
+            revision: rev,
+            create_revision: rev - version + 1,
+            version,
+            value: value.into(),
+            ..Default::default()
+        };
+        let snap = Snapshot {
+            versions: vec![
+                v("a", 4, 1, "1"),
+                v("b", 5, 1, "x"),
+                v("a", 6, 3, "3"),
+                Version {
+                    key: b"b".to_vec(),
+                    revision: 7,
+                    tombstone: true,
+                    ..Default::default()
+                },
+                Version {
+                    lease: 9,
+                    ..v("l", 8, 1, "on lease")
+                },
+            ],
+            leases: vec![Lease { id: 9, ttl: 60 }],
+            compact_revision: 4,
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb"), 1 << 20).unwrap();
+        assert!(store.import_etcd(&snap).unwrap());
+        assert!(store.import_unsnapshotted().unwrap());
+        assert_eq!(store.current(), (8, 4));
+        let all = KeyRange::new(vec![0], vec![0]);
+        let now = range(&store, all.clone(), 0, 0, false);
+        let got: Vec<_> = now
+            .kvs
+            .iter()
+            .map(|kv| (kv.key.clone(), kv.mod_revision, kv.version, kv.lease))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(b"a".to_vec(), 6, 3, 0), (b"l".to_vec(), 8, 1, 9)]
+        );
+        let at5 = range(&store, all.clone(), 5, 0, false);
+        assert_eq!(at5.kvs.len(), 2, "a@4 and b@5 live at revision 5");
+        assert!(store
+            .range(&RangeRequest {
+                range: all.clone(),
+                revision: 3,
+                ..Default::default()
+            })
+            .is_err());
+        assert_eq!(store.lease_info(9, true).unwrap().keys, vec![b"l".to_vec()]);
+        store.import_snapshotted().unwrap();
+        assert!(!store.import_unsnapshotted().unwrap());
+        // A store that holds data is left alone.
+        assert!(!store
+            .import_etcd(&Snapshot {
+                versions: vec![v("z", 20, 1, "z")],
+                ..Default::default()
+            })
+            .unwrap());
+        assert_eq!(store.current(), (8, 4));
+    }
 }

@@ -3,7 +3,7 @@
 use std::io::Cursor;
 
 use cairn_backend::Result;
-use redb::{ReadableTable, TableDefinition};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::codec::*;
@@ -11,10 +11,13 @@ use super::view::db_err;
 use super::Store;
 use crate::types::{LogId, StoredMembership};
 
+/// A HISTORY row: (key, mod revision) and its record.
+type HistoryRow = ((Vec<u8>, u64), Vec<u8>);
+
 #[derive(Serialize, Deserialize, Default)]
 struct Dump {
     current: Vec<(Vec<u8>, Vec<u8>)>,
-    history: Vec<((Vec<u8>, u64), Vec<u8>)>,
+    history: Vec<HistoryRow>,
     events: Vec<((u64, u32), Vec<u8>)>,
     leases: Vec<(i64, i64)>,
     lease_keys: Vec<(i64, Vec<u8>)>,
@@ -82,6 +85,10 @@ impl Store {
         }
         for item in r.open_table(META).map_err(db_err)?.iter().map_err(db_err)? {
             let (k, v) = item.map_err(db_err)?;
+            // A member installing this has the imported data; the mark is this member's.
+            if k.value() == M_IMPORT_UNSNAPSHOTTED {
+                continue;
+            }
             d.meta.push((k.value().to_string(), v.value().to_vec()));
         }
         for item in r.open_table(DOCS).map_err(db_err)?.iter().map_err(db_err)? {
@@ -169,5 +176,143 @@ impl Store {
             .store(compact, std::sync::atomic::Ordering::Release);
         drop(db);
         self.reset_lease_clock()
+    }
+}
+
+/// Set in META while an imported etcd key space is not yet in a raft snapshot: until it is,
+/// a member joining would replay a log that never held that data.
+pub const M_IMPORT_UNSNAPSHOTTED: &str = "import_unsnapshotted";
+
+impl Store {
+    /// Whether nothing was ever applied or written here: what an import needs.
+    fn is_fresh(&self) -> Result<bool> {
+        let db = self.db.read();
+        let r = db.begin_read().map_err(db_err)?;
+        let fresh = super::applied_in(&r)?.last_applied.is_none()
+            && r.open_table(HISTORY)
+                .map_err(db_err)?
+                .is_empty()
+                .map_err(db_err)?
+            && r.open_table(LEASES)
+                .map_err(db_err)?
+                .is_empty()
+                .map_err(db_err)?;
+        Ok(fresh)
+    }
+
+    /// Loads etcd's data (a data dir's `member/snap/db`, as `etcdctl snapshot restore` leaves
+    /// it) into a fresh store, keeping every revision: each retained version with its create
+    /// and mod revision, version and lease, the current and compact revisions, the leases
+    /// (their TTLs start afresh, as when etcd restarts). Returns false, changing nothing, when
+    /// the store already holds data.
+    pub fn import_etcd(&self, snap: &cairn_bbolt::etcd::Snapshot) -> Result<bool> {
+        if !self.is_fresh()? {
+            return Ok(false);
+        }
+        let compact = snap.compact_revision.max(0);
+        let mut versions: Vec<&cairn_bbolt::etcd::Version> = snap.versions.iter().collect();
+        versions.sort_by_key(|v| (v.revision, v.sub));
+        let revision = versions
+            .last()
+            .map_or(1, |v| v.revision)
+            .max(compact)
+            .max(1);
+        let mut w = self.writer.lock();
+        self.commit(&mut w, false)?;
+        let db = self.db.read();
+        let mut txn = db.begin_write().map_err(db_err)?;
+        txn.set_durability(redb::Durability::Immediate);
+        {
+            let mut current = txn.open_table(CURRENT).map_err(db_err)?;
+            let mut history = txn.open_table(HISTORY).map_err(db_err)?;
+            let mut events = txn.open_table(EVENTS).map_err(db_err)?;
+            let mut lease_keys = txn.open_table(LEASE_KEYS).map_err(db_err)?;
+            // The newest version of each key decides what is live.
+            let mut newest: std::collections::BTreeMap<&[u8], &cairn_bbolt::etcd::Version> =
+                Default::default();
+            for v in &versions {
+                let rec = if v.tombstone {
+                    encode_tombstone(v.revision)
+                } else {
+                    encode_kv(&cairn_backend::KeyValue {
+                        key: v.key.clone(),
+                        create_revision: v.create_revision,
+                        mod_revision: v.revision,
+                        version: v.version,
+                        value: v.value.clone(),
+                        lease: v.lease,
+                    })
+                };
+                history
+                    .insert((v.key.as_slice(), v.revision as u64), rec.as_slice())
+                    .map_err(db_err)?;
+                // The change log is only read above the compact revision.
+                if v.revision > compact {
+                    events
+                        .insert((v.revision as u64, v.sub as u32), v.key.as_slice())
+                        .map_err(db_err)?;
+                }
+                newest.insert(&v.key, v);
+            }
+            for (key, v) in newest {
+                if v.tombstone {
+                    continue;
+                }
+                let rec = history
+                    .get((key, v.revision as u64))
+                    .map_err(db_err)?
+                    .map(|g| g.value().to_vec())
+                    .unwrap_or_default();
+                current.insert(key, rec.as_slice()).map_err(db_err)?;
+                if v.lease != 0 {
+                    lease_keys.insert((v.lease, key), ()).map_err(db_err)?;
+                }
+            }
+            let mut leases = txn.open_table(LEASES).map_err(db_err)?;
+            for l in &snap.leases {
+                leases.insert(l.id, l.ttl).map_err(db_err)?;
+            }
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            meta.insert(M_REVISION, enc_i64(revision).as_slice())
+                .map_err(db_err)?;
+            meta.insert(M_COMPACT, enc_i64(compact).as_slice())
+                .map_err(db_err)?;
+            meta.insert(M_PHYSICAL, enc_i64(compact).as_slice())
+                .map_err(db_err)?;
+            meta.insert(M_IMPORT_UNSNAPSHOTTED, [1u8].as_slice())
+                .map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        self.overlay.write().reset_live(super::live_keys(&db)?);
+        self.revision
+            .store(revision, std::sync::atomic::Ordering::Release);
+        self.compact
+            .store(compact, std::sync::atomic::Ordering::Release);
+        drop(db);
+        drop(w);
+        self.reset_lease_clock()?;
+        Ok(true)
+    }
+
+    /// Whether an imported key space still waits for its first raft snapshot.
+    pub fn import_unsnapshotted(&self) -> Result<bool> {
+        let db = self.db.read();
+        let r = db.begin_read().map_err(db_err)?;
+        let meta = r.open_table(META).map_err(db_err)?;
+        Ok(meta.get(M_IMPORT_UNSNAPSHOTTED).map_err(db_err)?.is_some())
+    }
+
+    /// Clears [`M_IMPORT_UNSNAPSHOTTED`] once a snapshot holds the import.
+    pub fn import_snapshotted(&self) -> Result<()> {
+        let mut w = self.writer.lock();
+        self.commit(&mut w, false)?;
+        let db = self.db.read();
+        let mut txn = db.begin_write().map_err(db_err)?;
+        txn.set_durability(redb::Durability::Immediate);
+        txn.open_table(META)
+            .map_err(db_err)?
+            .remove(M_IMPORT_UNSNAPSHOTTED)
+            .map_err(db_err)?;
+        txn.commit().map_err(db_err)
     }
 }
