@@ -568,8 +568,14 @@ impl NativeBackend {
         if cost == 0 {
             return Ok(());
         }
-        let store = self.store.clone();
-        let in_use = blocking(move || store.in_use()).await?;
+        // Measuring walks redb's trees: off the async threads, and only once a second.
+        let in_use = match self.store.in_use_estimate() {
+            Some(v) => v,
+            None => {
+                let store = self.store.clone();
+                blocking(move || store.in_use()).await?
+            }
+        };
         if quota::exceeds(in_use.max(0) as u64, cost, self.quota) {
             return Err(BackendError::NoSpace);
         }

@@ -488,11 +488,22 @@ impl Store {
     /// Bytes in use for the space quota: the last measurement plus what was applied since,
     /// measured afresh when that is older than [`MEASURE_EVERY`] (measuring walks the trees).
     pub fn in_use(&self) -> Result<i64> {
-        if self.measured_at.lock().elapsed() >= MEASURE_EVERY {
-            return Ok(self.sizes()?.1);
+        match self.in_use_estimate() {
+            Some(v) => Ok(v),
+            None => Ok(self.sizes()?.1),
         }
-        Ok(self.measured_in_use.load(Ordering::Relaxed)
-            + self.written_since.load(Ordering::Relaxed))
+    }
+
+    /// [`Store::in_use`] while the last measurement is recent enough to build on (cheap: no
+    /// I/O, callable from async code); `None` when it is due to be measured again.
+    pub fn in_use_estimate(&self) -> Option<i64> {
+        if self.measured_at.lock().elapsed() >= MEASURE_EVERY {
+            return None;
+        }
+        Some(
+            self.measured_in_use.load(Ordering::Relaxed)
+                + self.written_since.load(Ordering::Relaxed),
+        )
     }
 
     /// Gives free space back to the filesystem (redb's compaction). Applies, reads and feeds
