@@ -1,8 +1,9 @@
 //! `--quota-backend-bytes` on the PostgreSQL backend, driven by the real etcdctl as etcd's e2e
-//! TestCtlV3Alarm does (with a quota above the empty store's tables, which take ~144 KiB):
-//! puts until "database space exceeded", the NOSPACE alarm listed and persisted, `/health`
-//! false, puts refused while the alarm is on, then compact, defrag, `alarm disarm` and a put
-//! that succeeds.
+//! TestCtlV3Alarm does, with its quota (13 bbolt pages, 53,248 bytes: the quota counts the
+//! bytes of Cairn's rows, not its tables' pages, which take ~144 KiB when empty): puts until
+//! "database space exceeded", the NOSPACE alarm listed and persisted, `/health` false, puts
+//! refused while the alarm is on, then compact, defrag, `alarm disarm` and a put that
+//! succeeds.
 
 mod common;
 
@@ -22,7 +23,7 @@ fn http_get(s: &Cairn, path: &str) -> String {
 fn nospace_alarm_on_postgres() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let url = rt.block_on(cairn_postgres::testing::server().create_database()).expect("create a database");
-    let quota = (512 * 1024).to_string();
+    let quota = (13 * 4096).to_string();
     let a = start("a", &["--backend", "postgres", "--postgres-url", &url, "--quota-backend-bytes", &quota]);
     // A second process on the same database, running before the alarm is raised.
     let b = start("b", &["--backend", "postgres", "--postgres-url", &url, "--quota-backend-bytes", &quota]);
@@ -48,7 +49,7 @@ fn nospace_alarm_on_postgres() {
             break err;
         }
         n += 1;
-        assert!(n < 1000, "4 MiB written under a 512 KiB quota");
+        assert!(n < 100, "400 KiB written under a 52 KiB quota");
     };
     assert!(err.contains("etcdserver: mvcc: database space exceeded"), "{err}");
     println!("{n} puts of 4 KiB before NOSPACE");
@@ -79,6 +80,12 @@ fn nospace_alarm_on_postgres() {
     let rev = status[0]["Status"]["header"]["revision"].as_i64().unwrap();
     ctl(&a, &["compact", &rev.to_string(), "--physical"]);
     ctl(&a, &["defrag"]);
+    // What is left: 1st_test, 2nd_test's last two versions (the one before the compact
+    // revision stays as prev_kv) and its live row, the alarm and member documents.
+    let status: serde_json::Value = serde_json::from_str(&ctl(&a, &["endpoint", "status", "-w", "json"])).unwrap();
+    let in_use = status[0]["Status"]["dbSizeInUse"].as_i64().unwrap();
+    println!("dbSizeInUse {in_use} B after compact and defrag");
+    assert!(in_use < 13 * 4096 / 2, "compaction gave the space back: {in_use} B");
     // still refused until the alarm is disarmed, as in etcd
     let (ok, _, _) = try_ctl(&a, &["put", "4th_test", "small"]);
     assert!(!ok, "the alarm refuses puts until it is disarmed");

@@ -9,8 +9,10 @@
 //! or above `rev` are never touched, so the change log from `rev` on stays complete. Each batch
 //! is retried on transient errors; progress is reported through tracing and recorded in
 //! `meta.compacted_through` when done, so a process that starts and finds an unfinished
-//! compaction resumes it. Deleted rows become reusable space for PostgreSQL at the next
-//! (auto)vacuum; `defragment` runs VACUUM FULL to give it back to the filesystem.
+//! compaction resumes it. Each batch subtracts the bytes of the rows it removed from the space
+//! quota's count (`meta.bytes`) in the same statement. Deleted rows become reusable space for
+//! PostgreSQL at the next (auto)vacuum; `defragment` runs VACUUM FULL to give it back to the
+//! filesystem.
 
 use std::time::{Duration, Instant};
 
@@ -56,22 +58,30 @@ pub(crate) async fn physical(pool: &PgPool, rev: Revision, batch: i64) -> Result
         let hi = lo.saturating_add(WINDOW).min(rev);
         loop {
             let n = retry("batch", || async {
+                // The rows and their bytes in the space count (meta.bytes) go together, in one
+                // statement: the count is subtracted under the meta row lock, taken only once
+                // the rows are deleted, so a write batch waits for a statement's end at most.
                 let r = sqlx::query(
-                    "DELETE FROM kv WHERE ctid IN (
-                        SELECT k.ctid FROM kv k
-                        WHERE k.mod_revision >= $1 AND k.mod_revision < $2
-                          AND (k.deleted OR EXISTS (
-                                SELECT 1 FROM kv n WHERE n.key = k.key
-                                  AND n.mod_revision > k.mod_revision AND n.mod_revision < $3))
-                        LIMIT $4)",
+                    "WITH d AS (
+                        DELETE FROM kv WHERE ctid IN (
+                            SELECT k.ctid FROM kv k
+                            WHERE k.mod_revision >= $1 AND k.mod_revision < $2
+                              AND (k.deleted OR EXISTS (
+                                    SELECT 1 FROM kv n WHERE n.key = k.key
+                                      AND n.mod_revision > k.mod_revision AND n.mod_revision < $3))
+                            LIMIT $4)
+                        RETURNING cairn_kv_bytes(key, value) AS b),
+                     u AS (UPDATE meta SET bytes = bytes - (SELECT sum(b) FROM d)::bigint
+                           WHERE id = 1 AND EXISTS (SELECT 1 FROM d))
+                     SELECT count(*) FROM d",
                 )
                 .bind(lo)
                 .bind(hi)
                 .bind(rev)
                 .bind(batch)
-                .execute(pool)
+                .fetch_one(pool)
                 .await?;
-                Ok(r.rows_affected())
+                Ok(r.try_get::<i64, _>(0)?.max(0) as u64)
             })
             .await?;
             removed += n;

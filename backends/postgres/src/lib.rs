@@ -62,8 +62,9 @@ pub struct PostgresOptions {
     /// The `application_name` of this process's connections (shows in `pg_stat_activity`).
     pub application_name: String,
     /// etcd's `--quota-backend-bytes` (0: etcd's default, 2 GiB): a put, a txn with puts or a
-    /// lease grant is refused with `NoSpace` when the size of Cairn's tables
-    /// ([`Backend::status`]'s `db_size_in_use`) plus the request's cost would reach it.
+    /// lease grant is refused with `NoSpace` when the bytes Cairn's data takes (its rows' keys
+    /// and values plus a fixed per-row overhead: [`Backend::status`]'s `db_size_in_use`) plus
+    /// the request's cost would reach it.
     pub quota_backend_bytes: u64,
     /// How long a measured size is trusted (plus the costs this process admitted since) before
     /// the quota check measures again. A request the estimate would refuse always measures.
@@ -97,7 +98,7 @@ pub(crate) struct Inner {
     /// Wakes the tailer (a local commit or a notification).
     wake: Notify,
     shutdown: watch::Sender<bool>,
-    /// The quota check's last measurement of Cairn's tables.
+    /// The quota check's last measurement of the bytes Cairn's data takes.
     space: parking_lot::Mutex<Space>,
 }
 
@@ -109,12 +110,26 @@ struct Space {
     added: u64,
 }
 
-/// The bytes Cairn's tables take: heap, TOAST, indexes, free-space and visibility maps of every
-/// table the schema creates. What the space quota is compared with: it grows with every
-/// version written, shrinks only when compaction removed versions and defragment
-/// (`VACUUM FULL`) rewrote the tables, like etcd's bbolt file.
-const TABLES_SIZE_SQL: &str = "pg_total_relation_size('kv') + pg_total_relation_size('current')
-     + pg_total_relation_size('leases') + pg_total_relation_size('meta') + pg_total_relation_size('docs')";
+/// The bytes Cairn's data takes, as the space quota counts them (and [`Backend::status`]
+/// reports them as `db_size_in_use`): `meta.bytes`, the count of the rows of `kv` (every
+/// version kept), `current` (the live keys) and `leases`, each row its key and value plus a
+/// fixed per-row overhead (`cairn_kv_bytes`, `cairn_current_bytes`, `cairn_lease_bytes` in
+/// schema migration 3), kept exact by every statement that adds or removes such rows; plus the
+/// few `docs` rows (auth store, alarms, members), summed when measured. Like the bytes etcd's
+/// bbolt file holds, it grows with every version written and shrinks when compaction removes
+/// versions; unlike a file size it does not count free pages, and counts values uncompressed.
+const SPACE_SQL: &str = "(SELECT bytes FROM meta WHERE id = 1)
+     + (SELECT coalesce(sum(octet_length(name)::bigint + octet_length(value) + 64), 0) FROM docs)";
+
+/// Recomputes `meta.bytes` from the tables (what migration 3 computed for an existing
+/// database). Run under the `meta` row lock, in a statement after taking it: every writer,
+/// compaction statement and lease grant updates the count under that lock, so what they have
+/// not committed yet they add or subtract after this, and the count stays exact.
+const RECOUNT_SQL: &str = "UPDATE meta SET bytes =
+          (SELECT coalesce(sum(cairn_kv_bytes(key, value)), 0) FROM kv)
+        + (SELECT coalesce(sum(cairn_current_bytes(key, value)), 0) FROM current)
+        + (SELECT count(*) * cairn_lease_bytes() FROM leases)
+     WHERE id = 1 RETURNING bytes";
 
 impl Inner {
     async fn submit(&self, op: WriteOp) -> Result<WriteReply> {
@@ -126,8 +141,9 @@ impl Inner {
     /// etcd's quota check for a request that adds `cost` bytes (see [`cairn_backend::quota`]).
     /// Measuring costs a round trip, so a measurement is reused for `quota_measure_interval`
     /// while the costs this process admitted since stay below an eighth of the room it left
-    /// (a write grows the tables by more than its etcd cost: TOAST, indexes, the superseded
-    /// row): far from the quota that is almost never, close to it every request measures.
+    /// (a write can count about twice its etcd cost: its version in `kv` and its live row in
+    /// `current`; other processes write too): far from the quota that is almost never, close
+    /// to it every request measures.
     /// Refuses only on a fresh measurement, so a NOSPACE is never raised from an estimate.
     async fn check_quota(&self, cost: u64) -> Result<()> {
         if cost == 0 {
@@ -152,7 +168,7 @@ impl Inner {
     }
 
     async fn measure_space(&self) -> Result<u64> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT ({TABLES_SIZE_SQL})::bigint")))
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT ({SPACE_SQL})::bigint")))
             .fetch_one(&self.pool)
             .await
             .map_err(db_err)?;
@@ -427,9 +443,14 @@ impl Backend for PostgresBackend {
             if chosen == 0 {
                 continue;
             }
+            // The lease row and its bytes in the space count go in together (one statement);
+            // the count's update waits for a write batch holding the meta row, not the insert.
             let row = sqlx::query(
-                "INSERT INTO leases (id, ttl, expires_at) VALUES ($1, $2, now() + make_interval(secs => $2::float8))
-                 ON CONFLICT (id) DO NOTHING RETURNING (SELECT revision FROM meta WHERE meta.id = 1)",
+                "WITH i AS (INSERT INTO leases (id, ttl, expires_at) VALUES ($1, $2, now() + make_interval(secs => $2::float8))
+                            ON CONFLICT (id) DO NOTHING RETURNING cairn_lease_bytes() AS b),
+                      u AS (UPDATE meta SET bytes = bytes + (SELECT b FROM i)
+                            WHERE id = 1 AND EXISTS (SELECT 1 FROM i) RETURNING revision)
+                 SELECT revision FROM u",
             )
             .bind(chosen)
             .bind(ttl)
@@ -500,7 +521,7 @@ impl Backend for PostgresBackend {
         self.read(|conn| {
             Box::pin(async move {
                 let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT m.revision, m.compact_revision, pg_database_size(current_database()), ({TABLES_SIZE_SQL})::bigint
+                    "SELECT m.revision, m.compact_revision, pg_database_size(current_database()), ({SPACE_SQL})::bigint
                      FROM meta m WHERE m.id = 1"
                 )))
                 .fetch_one(&mut *conn)
@@ -567,6 +588,23 @@ impl Backend for PostgresBackend {
         // Rewrites the tables, giving the space of removed versions back to the filesystem.
         // Like etcd's defragment it blocks writes (of every process) while it runs.
         sqlx::raw_sql("VACUUM (FULL, ANALYZE) kv, current, leases").execute(&self.inner.pool).await.map_err(db_err)?;
+        // The space count needs no defragment (compaction already subtracted what it removed),
+        // but a defragment recounts it from the tables, so that rows changed outside Cairn's
+        // statements (by hand, or by a process of a build older than migration 3 still running
+        // after the upgrade) cannot leave it wrong for good. Writers wait for it, as they just
+        // waited for VACUUM FULL.
+        let counted = async {
+            let mut tx = self.inner.pool.begin().await?;
+            let kept: i64 = sqlx::query("SELECT bytes FROM meta WHERE id = 1 FOR UPDATE").fetch_one(&mut *tx).await?.try_get(0)?;
+            let counted: i64 = sqlx::query(RECOUNT_SQL).fetch_one(&mut *tx).await?.try_get(0)?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>((kept, counted))
+        }
+        .await
+        .map_err(db_err)?;
+        if counted.0 != counted.1 {
+            tracing::warn!(kept = counted.0, recounted = counted.1, "postgres: the space count was off; defragment recounted it");
+        }
         Ok(())
     }
 

@@ -71,6 +71,33 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         value   bytea  NOT NULL
     );
     "#,
+    // 3: the space quota's count of the bytes Cairn's rows hold (meta.bytes), kept exact by
+    // every statement that adds or removes rows of kv, current or leases (the writer's batch,
+    // compaction's deletes, lease grants) in the same statement or transaction. The functions
+    // are the one definition of what a row counts: its key and value (octet_length: the
+    // uncompressed length, read from the TOAST pointer without fetching the value) plus a
+    // fixed overhead standing for the tuple header, the fixed-width columns and the index
+    // entries (kv: ~24 B header + 4 B line pointer + 45 B of columns + two index entries ~50 B;
+    // current: ~24 + 4 + 32 + one index entry ~20 B; a lease: etcd's leaseOverhead).
+    r#"
+    CREATE FUNCTION cairn_kv_bytes(key bytea, value bytea) RETURNS bigint
+        LANGUAGE sql IMMUTABLE PARALLEL SAFE
+        AS 'SELECT octet_length($1)::bigint + octet_length($2) + 128';
+    CREATE FUNCTION cairn_current_bytes(key bytea, value bytea) RETURNS bigint
+        LANGUAGE sql IMMUTABLE PARALLEL SAFE
+        AS 'SELECT octet_length($1)::bigint + octet_length($2) + 80';
+    CREATE FUNCTION cairn_lease_bytes() RETURNS bigint
+        LANGUAGE sql IMMUTABLE PARALLEL SAFE
+        AS 'SELECT 64::bigint';
+    -- ACCESS EXCLUSIVE on meta: no writer commits (they all lock meta first) until this
+    -- migration does, so the count below (a later statement, a newer snapshot) is exact.
+    ALTER TABLE meta ADD COLUMN bytes bigint NOT NULL DEFAULT 0;
+    UPDATE meta SET bytes =
+          (SELECT coalesce(sum(cairn_kv_bytes(key, value)), 0) FROM kv)
+        + (SELECT coalesce(sum(cairn_current_bytes(key, value)), 0) FROM current)
+        + (SELECT count(*) * cairn_lease_bytes() FROM leases)
+    WHERE id = 1;
+    "#,
 ];
 
 /// Brings the database to the newest schema. Fails when the database has a newer schema than

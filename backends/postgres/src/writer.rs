@@ -138,16 +138,23 @@ fn run_batch(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<
         });
     }
     batch.flush()?;
-    let rev = batch.rev;
+    let (rev, bytes) = (batch.rev, batch.bytes);
     drop(batch);
     let wrote = rev > base;
     if wrote {
         rt.block_on(
-            sqlx::query("WITH u AS (UPDATE meta SET revision = $1 WHERE id = 1 RETURNING revision) SELECT pg_notify($2, revision::text) FROM u")
-                .bind(rev)
-                .bind(CHANNEL)
-                .execute(&mut *tx),
+            sqlx::query(
+                "WITH u AS (UPDATE meta SET revision = $1, bytes = bytes + $3 WHERE id = 1 RETURNING revision)
+                 SELECT pg_notify($2, revision::text) FROM u",
+            )
+            .bind(rev)
+            .bind(CHANNEL)
+            .bind(bytes)
+            .execute(&mut *tx),
         )?;
+    } else if bytes != 0 {
+        // A revoke of a lease without keys: no new revision, one lease row fewer.
+        rt.block_on(sqlx::query("UPDATE meta SET bytes = bytes + $1 WHERE id = 1").bind(bytes).execute(&mut *tx))?;
     }
     rt.block_on(tx.commit()).map_err(|error| {
         // A database error answering COMMIT means it did not commit; anything else (the
@@ -195,11 +202,15 @@ struct Batch<'a> {
     /// The batch's writes not yet flushed: the key's newest kv, or `None` for deleted.
     pending: BTreeMap<Vec<u8>, Option<KeyValue>>,
     rows: Vec<KvRow>,
+    /// What the batch's statements so far changed the space count (`meta.bytes`) by: the
+    /// bytes of the rows they inserted minus those of the rows they replaced or deleted, as
+    /// the database computed them (`cairn_*_bytes`). Added to the count when the batch commits.
+    bytes: i64,
 }
 
 impl<'a> Batch<'a> {
     fn new(rt: &'a Handle, conn: &'a mut PgConnection, base: Revision, compact: Revision) -> Self {
-        Batch { rt, conn, rev: base, compact, flushed_rev: base, pending: BTreeMap::new(), rows: Vec::new() }
+        Batch { rt, conn, rev: base, compact, flushed_rev: base, pending: BTreeMap::new(), rows: Vec::new(), bytes: 0 }
     }
 
     /// Writes the batch's unflushed changes to `kv` and `current`.
@@ -231,10 +242,16 @@ impl<'a> Batch<'a> {
             }
         }
         let conn = &mut *self.conn;
-        self.rt.block_on(async {
-            sqlx::query(
-                "INSERT INTO kv (key, mod_revision, sub, create_revision, version, lease, value, deleted, prev_revision)
-                 SELECT * FROM UNNEST($1::bytea[], $2::int8[], $3::int4[], $4::int8[], $5::int8[], $6::int8[], $7::bytea[], $8::bool[], $9::int8[])",
+        // Each statement also returns what it changed the space count by: the bytes of the
+        // rows it inserted, minus those of the rows it replaced or deleted (for the upsert, read
+        // in the same statement, whose snapshot does not see its own changes).
+        let bytes = self.rt.block_on(async {
+            let mut bytes: i64 = sqlx::query(
+                "WITH ins AS (
+                    INSERT INTO kv (key, mod_revision, sub, create_revision, version, lease, value, deleted, prev_revision)
+                    SELECT * FROM UNNEST($1::bytea[], $2::int8[], $3::int4[], $4::int8[], $5::int8[], $6::int8[], $7::bytea[], $8::bool[], $9::int8[])
+                    RETURNING cairn_kv_bytes(key, value) AS b)
+                 SELECT coalesce(sum(b), 0)::bigint FROM ins",
             )
             .bind(cols.key)
             .bind(cols.mod_revision)
@@ -245,15 +262,20 @@ impl<'a> Batch<'a> {
             .bind(cols.value)
             .bind(cols.deleted)
             .bind(cols.prev_revision)
-            .execute(&mut *conn)
-            .await?;
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
             if !live.key.is_empty() {
-                sqlx::query(
-                    "INSERT INTO current (key, create_revision, mod_revision, version, lease, value)
-                     SELECT * FROM UNNEST($1::bytea[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::bytea[])
-                     ON CONFLICT (key) DO UPDATE SET create_revision = EXCLUDED.create_revision,
-                        mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version,
-                        lease = EXCLUDED.lease, value = EXCLUDED.value",
+                let delta: i64 = sqlx::query(
+                    "WITH old AS (SELECT coalesce(sum(cairn_current_bytes(key, value)), 0) AS b FROM current WHERE key = ANY($1::bytea[])),
+                          up AS (
+                            INSERT INTO current (key, create_revision, mod_revision, version, lease, value)
+                            SELECT * FROM UNNEST($1::bytea[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::bytea[])
+                            ON CONFLICT (key) DO UPDATE SET create_revision = EXCLUDED.create_revision,
+                               mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version,
+                               lease = EXCLUDED.lease, value = EXCLUDED.value
+                            RETURNING cairn_current_bytes(key, value) AS b)
+                     SELECT ((SELECT coalesce(sum(b), 0) FROM up) - (SELECT b FROM old))::bigint",
                 )
                 .bind(live.key)
                 .bind(live.create_revision)
@@ -261,14 +283,25 @@ impl<'a> Batch<'a> {
                 .bind(live.version)
                 .bind(live.lease)
                 .bind(live.value)
-                .execute(&mut *conn)
-                .await?;
+                .fetch_one(&mut *conn)
+                .await?
+                .try_get(0)?;
+                bytes += delta;
             }
             if !dead.is_empty() {
-                sqlx::query("DELETE FROM current WHERE key = ANY($1::bytea[])").bind(dead).execute(&mut *conn).await?;
+                let gone: i64 = sqlx::query(
+                    "WITH d AS (DELETE FROM current WHERE key = ANY($1::bytea[]) RETURNING cairn_current_bytes(key, value) AS b)
+                     SELECT coalesce(sum(b), 0)::bigint FROM d",
+                )
+                .bind(dead)
+                .fetch_one(&mut *conn)
+                .await?
+                .try_get(0)?;
+                bytes -= gone;
             }
-            Ok::<_, sqlx::Error>(())
+            Ok::<_, sqlx::Error>(bytes)
         })?;
+        self.bytes += bytes;
         self.flushed_rev = self.rev;
         Ok(())
     }
@@ -299,15 +332,16 @@ impl<'a> Batch<'a> {
         // The lease's keys may have been put earlier in this batch.
         self.flush()?;
         let conn = &mut *self.conn;
-        let keys = self.rt.block_on(async {
-            let gone = sqlx::query("DELETE FROM leases WHERE id = $1").bind(id).execute(&mut *conn).await?;
-            if gone.rows_affected() == 0 {
-                return Ok(None);
-            }
+        let gone = self.rt.block_on(async {
+            let gone = sqlx::query("DELETE FROM leases WHERE id = $1 RETURNING cairn_lease_bytes()").bind(id).fetch_optional(&mut *conn).await?;
+            let Some(gone) = gone else { return Ok(None) };
+            let bytes: i64 = gone.try_get(0)?;
             let rows = sqlx::query("SELECT key FROM current WHERE lease = $1 ORDER BY key").bind(id).fetch_all(&mut *conn).await?;
-            rows.iter().map(|r| r.try_get::<Vec<u8>, _>(0)).collect::<Result<Vec<_>, _>>().map(Some)
+            let keys = rows.iter().map(|r| r.try_get::<Vec<u8>, _>(0)).collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, sqlx::Error>(Some((bytes, keys)))
         })?;
-        let Some(keys) = keys else { return Ok(Err(BackendError::LeaseNotFound)) };
+        let Some((bytes, keys)) = gone else { return Ok(Err(BackendError::LeaseNotFound)) };
+        self.bytes -= bytes;
         if keys.is_empty() {
             return Ok(Ok(self.rev));
         }
