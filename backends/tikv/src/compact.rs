@@ -3,8 +3,8 @@
 //! `compact(rev)` first moves the compact revision (one short transaction). Then superseded
 //! versions are deleted in bounded batches, each its own transaction of at most
 //! `compaction_batch` examined versions, walking the history keys in order: a version below
-//! `rev` goes when the next version of the same key is also below `rev` (so the version
-//! visible at `rev` stays), and a tombstone below `rev` goes. The last version of a batch is
+//! `rev` goes when the next version of the same key is at or below `rev` too (so only the
+//! version visible at `rev` stays, as in etcd), and a tombstone below `rev` goes. The last version of a batch is
 //! decided by the next batch, which starts at it. Then change-log entries below `rev` go, in
 //! batches too (the entry at `rev` stays: a watch from the compact revision gets it). Finally
 //! `compacted_through` records the end, so a process that starts and finds an unfinished
@@ -50,7 +50,7 @@ pub(crate) async fn physical(inner: &Arc<Inner>, rev: Revision) -> Result<()> {
                         }
                         let tombstone = dec::<Option<cairn_backend::KeyValue>>(val)?.is_none();
                         let superseded = match parsed.get(i + 1) {
-                            Some((_, Some((k2, r2)), _)) => k2 == key && *r2 < rev,
+                            Some((_, Some((k2, r2)), _)) => k2 == key && *r2 <= rev,
                             Some((_, None, _)) => false,
                             None if full => {
                                 // Decided by the next batch, which starts here.
@@ -60,7 +60,7 @@ pub(crate) async fn physical(inner: &Arc<Inner>, rev: Revision) -> Result<()> {
                             None => false,
                         };
                         if tombstone || superseded {
-                            v.delete_raw(k.clone());
+                            v.free_row(k.clone(), val.len());
                             deleted += 1;
                         }
                     }
@@ -92,8 +92,8 @@ pub(crate) async fn physical(inner: &Arc<Inner>, rev: Revision) -> Result<()> {
                 true,
                 Arc::new(move |v: &mut View| {
                     let pairs = v.scan_raw_limit(from.clone(), end.clone(), batch)?;
-                    for (k, _) in &pairs {
-                        v.delete_raw(k.clone());
+                    for (k, val) in &pairs {
+                        v.free_row(k.clone(), val.len());
                     }
                     Ok(pairs.len())
                 }),

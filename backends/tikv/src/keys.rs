@@ -5,6 +5,7 @@
 //! | `P m r` | the revision counter, 8 bytes big-endian (absent: 1) |
 //! | `P m c` | the compact revision, 8 bytes (absent: 0) |
 //! | `P m t` | compacted-through: physical compaction finished up to here |
+//! | `P m s` / `P m f` | bytes of Cairn's rows written / freed by compaction (see [`crate::size`]) |
 //! | `P c <key>` | the live version of `key` (raw key: byte order is key order) |
 //! | `P h <esc(key)> <rev>` | every version of `key` at `rev` (a tombstone after a delete) |
 //! | `P e <rev>` | the change log: all events of revision `rev` |
@@ -63,6 +64,22 @@ impl Keys {
     }
     pub(crate) fn compacted_through(&self) -> Vec<u8> {
         self.with(b'm', &[b"t"])
+    }
+    /// The bytes written to the counted rows (every write but compaction's deletes adds its
+    /// change here), 8 bytes big-endian; absent in data written before the space quota.
+    pub(crate) fn size_written(&self) -> Vec<u8> {
+        self.with(b'm', &[b"s"])
+    }
+    /// The bytes compaction deleted from the counted rows, 8 bytes big-endian (absent: 0).
+    pub(crate) fn size_freed(&self) -> Vec<u8> {
+        self.with(b'm', &[b"f"])
+    }
+
+    /// Whether `k` is a row the space quota counts ([`crate::size::COUNTED_TAGS`]).
+    pub(crate) fn is_counted(&self, k: &[u8]) -> bool {
+        k.strip_prefix(self.prefix.as_slice())
+            .and_then(|rest| rest.first())
+            .is_some_and(|tag| crate::size::COUNTED_TAGS.contains(tag))
     }
 
     pub(crate) fn current(&self, key: &[u8]) -> Vec<u8> {

@@ -18,10 +18,14 @@
 //!   whichever process's transaction deletes the lease key expires it, with its keys, once.
 //! - Compaction moves the compact revision, then deletes superseded versions and old log
 //!   entries in bounded batches ([`compact`]).
+//! - Space quota: the bytes of Cairn's rows are counted in the transactions that write them,
+//!   beside the revision counter ([`size`]); puts, txns and lease grants that would reach
+//!   `quota_backend_bytes` fail `NoSpace`.
 
 mod compact;
 mod feed;
 pub mod keys;
+mod size;
 mod view;
 
 use std::any::Any;
@@ -64,6 +68,10 @@ pub struct TikvOptions {
     pub gc_interval: Option<Duration>,
     /// How far behind PD's clock the safe point stays (reads older than this fail in TiKV).
     pub gc_life_time: Duration,
+    /// etcd's `--quota-backend-bytes` (0: etcd's default, 2 GiB), on the bytes of Cairn's rows
+    /// (see the `size` module): a put, a txn with puts or a lease grant that would reach it
+    /// fails `NoSpace`.
+    pub quota_backend_bytes: u64,
 }
 
 impl Default for TikvOptions {
@@ -77,6 +85,7 @@ impl Default for TikvOptions {
             rpc_timeout: Duration::from_secs(2),
             gc_interval: None,
             gc_life_time: Duration::from_secs(600),
+            quota_backend_bytes: 0,
         }
     }
 }
@@ -91,6 +100,8 @@ pub(crate) struct Inner {
     shutdown: watch::Sender<bool>,
     /// Writes that take revisions go through this process's batching writer.
     writer: mpsc::Sender<WriteItem>,
+    /// The space quota in bytes (`quota_backend_bytes`, 0 made etcd's default).
+    quota: u64,
 }
 
 /// The outcome of one attempt.
@@ -226,6 +237,11 @@ impl Inner {
                 }
             }
         }
+        if write && failed.is_none() {
+            if let Err(e) = view.stage_sizes() {
+                failed = Some(view.failed.take().unwrap_or_else(|| tikv_client::Error::StringError(e.to_string())));
+            }
+        }
         let Reader::Txn(mut txn) = std::mem::replace(&mut view.reader, Reader::Gone) else {
             // A snapshot: nothing to commit.
             return match failed {
@@ -244,16 +260,14 @@ impl Inner {
             abandon(&mut txn);
             return Attempt::Done(answers);
         }
-        let nonce: u64 = rand::random();
-        let first_rev = view.sealed.first().map(|b| b.revision);
+        let nonce = view.nonce;
+        let first_rev = view.sealed.first().copied();
         let staged = rt.block_on(async {
             if !view.sealed.is_empty() || view.touch_counter {
                 // The counter first: it is the primary key, the commit point of the attempt.
                 txn.put(self.keys.revision(), view.base_revision().to_be_bytes().to_vec()).await?;
             }
-            for batch in std::mem::take(&mut view.sealed) {
-                txn.put(self.keys.log(batch.revision), enc(&LogRecord { nonce, batch })).await?;
-            }
+            // The log entries (with `nonce`) are among the staged rows.
             for (k, v) in std::mem::take(&mut view.staged) {
                 match v {
                     Some(v) => txn.put(k, v).await?,
@@ -346,12 +360,24 @@ impl TikvBackend {
         let inner = Arc::new(Inner {
             client,
             keys: Keys::new(&opts.namespace),
+            quota: quota::quota_bytes(opts.quota_backend_bytes),
             opts,
             feed,
             wake: Notify::new(),
             shutdown,
             writer,
         });
+        // Data written before the space count has none: count it now (a scan of every counted
+        // row, once; the transaction stores it). With the count stored this writes nothing.
+        inner
+            .run(
+                true,
+                Arc::new(|v: &mut View| {
+                    v.size()?;
+                    Ok(())
+                }),
+            )
+            .await?;
         let (rev, compact) = inner.meta().await?;
         let through = inner
             .run(
@@ -379,6 +405,15 @@ impl TikvBackend {
             tasks.push(tokio::spawn(compact::background(inner.clone(), compact)));
         }
         Ok(Arc::new(TikvBackend { inner, tasks: parking_lot::Mutex::new(tasks) }))
+    }
+
+    /// The space quota's count (Status `dbSize`) and the same bytes measured by a scan of
+    /// every counted row, at one snapshot: equal unless the count went wrong. Reads every
+    /// row; for tests and checks.
+    pub async fn size_counted_and_scanned(&self) -> Result<(u64, u64)> {
+        self.inner
+            .run(false, Arc::new(|v: &mut View| Ok((v.size()?, v.scan_row_bytes()?.max(0) as u64))))
+            .await
     }
 
     /// Stops the background tasks. Requests made afterwards fail with `Stopped`.
@@ -412,9 +447,9 @@ fn revoke_in(v: &mut View, id: LeaseId, expire_only: bool) -> Result<bool> {
     exec::execute(v, &TxnRequest::unconditional(ops))?;
     for k in v.attached(id)? {
         let ak = v.keys.attach(id, &k);
-        v.delete_raw(ak);
+        v.delete_row(ak, Some(0));
     }
-    v.set_lease(id, None);
+    v.set_lease(id, Some(&rec), None);
     // Conflict with every writer, so that no txn attaches a key to the lease meanwhile.
     v.touch_counter = true;
     Ok(true)
@@ -544,8 +579,13 @@ impl Backend for TikvBackend {
 
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
         let writes = req.has_writes();
+        let (cost, quota) = (quota::txn_cost(&req), self.inner.quota);
         let req = Arc::new(req);
-        let job: Job<TxnResponse> = Arc::new(move |v: &mut View| exec::execute(v, &req).map(|(resp, _)| resp));
+        let job: Job<TxnResponse> = Arc::new(move |v: &mut View| {
+            // In the write's own transaction, so the size is exact across processes.
+            v.check_quota(cost, quota)?;
+            exec::execute(v, &req).map(|(resp, _)| resp)
+        });
         if writes {
             self.inner.write(job).await
         } else {
@@ -590,6 +630,7 @@ impl Backend for TikvBackend {
     }
 
     async fn lease_grant(&self, id: LeaseId, ttl: i64) -> Result<LeaseGrant> {
+        let quota = self.inner.quota;
         loop {
             let chosen = if id == 0 { (rand::random::<u64>() >> 1) as i64 } else { id };
             if chosen == 0 {
@@ -600,10 +641,11 @@ impl Backend for TikvBackend {
                 .run(
                     true,
                     Arc::new(move |v: &mut View| {
+                        v.check_quota(quota::LEASE_OVERHEAD, quota)?;
                         if v.lease(chosen)?.is_some() {
                             return Err(BackendError::LeaseExists);
                         }
-                        v.set_lease(chosen, Some(LeaseRec { ttl, expires_ms: v.now_ms + ttl * 1000 }));
+                        v.set_lease(chosen, None, Some(LeaseRec { ttl, expires_ms: v.now_ms + ttl * 1000 }));
                         Ok(v.base_revision())
                     }),
                 )
@@ -636,7 +678,8 @@ impl Backend for TikvBackend {
                 true,
                 Arc::new(move |v: &mut View| match v.lease(id)? {
                     Some(rec) if rec.expires_ms > v.now_ms => {
-                        v.set_lease(id, Some(LeaseRec { ttl: rec.ttl, expires_ms: v.now_ms + rec.ttl * 1000 }));
+                        let renewed = LeaseRec { ttl: rec.ttl, expires_ms: v.now_ms + rec.ttl * 1000 };
+                        v.set_lease(id, Some(&rec), Some(renewed));
                         Ok(rec.ttl)
                     }
                     _ => Err(BackendError::LeaseNotFound),
@@ -676,15 +719,21 @@ impl Backend for TikvBackend {
 
     async fn status(&self) -> Result<BackendStatus> {
         const RAFT_TERM: u64 = 1;
-        let (revision, compact_revision) = self.inner.meta().await?;
-        // TiKV does not report the size of one key prefix cheaply; the sizes stay 0. As with
-        // PostgreSQL, the store (not an election) orders the writes: one constant term, every
-        // process leading, the index following the revision (etcd's clients and the header
-        // bytes expect a non-zero term).
+        let (revision, compact_revision, size) = self
+            .inner
+            .run(false, Arc::new(|v: &mut View| Ok((v.base_revision(), v.compact_revision(), v.size()?))))
+            .await?;
+        // The sizes are the space quota's count of Cairn's rows (TiKV's own size is not
+        // observable per key prefix). As with PostgreSQL, the store (not an election) orders
+        // the writes: one constant term, every process leading, the index following the
+        // revision (etcd's clients and the header bytes expect a non-zero term).
         let index = revision.max(0) as u64;
+        let size = i64::try_from(size).unwrap_or(i64::MAX);
         Ok(BackendStatus {
             revision,
             compact_revision,
+            db_size: size,
+            db_size_in_use: size,
             is_leader: true,
             raft_term: RAFT_TERM,
             raft_index: index,

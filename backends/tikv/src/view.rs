@@ -6,9 +6,10 @@
 //! writes are staged (with an undo log, so a job that fails has no effect) and only handed to
 //! the TiKV transaction when the attempt commits, with the revision counter and one change-log
 //! entry per revision. Several jobs (client writes) may run in one view, one after the other:
-//! each job that writes is sealed as its own revision, and the next job sees it.
+//! each job that writes is sealed as its own revision, and the next job sees it. Every staged
+//! row under a counted tag changes the space quota's count by its size ([`crate::size`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use cairn_backend::exec::TxnView;
 use cairn_backend::*;
@@ -17,6 +18,7 @@ use tikv_client::{Snapshot, Transaction};
 use tokio::runtime::Handle;
 
 use crate::keys::Keys;
+use crate::size::{row_bytes, COUNTED_TAGS};
 
 /// A change-log entry: the events of one revision and the nonce of the attempt that wrote
 /// it (to tell, after an ambiguous commit, whether it was ours).
@@ -67,6 +69,15 @@ impl Reader {
         }
     }
 
+    async fn batch_get(&mut self, keys: Vec<Vec<u8>>) -> tikv_client::Result<HashMap<Vec<u8>, Vec<u8>>> {
+        let it: Vec<tikv_client::KvPair> = match self {
+            Reader::Txn(t) => t.batch_get(keys).await?.collect(),
+            Reader::Snap(s) => s.batch_get(keys).await?.collect(),
+            Reader::Gone => return Err(tikv_client::Error::StringError("tikv: read after commit".into())),
+        };
+        Ok(it.into_iter().map(|p| (Vec::<u8>::from(p.0), p.1)).collect())
+    }
+
     async fn scan(&mut self, start: Vec<u8>, end: Vec<u8>, limit: u32) -> tikv_client::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let it: Vec<tikv_client::KvPair> = match self {
             Reader::Txn(t) => t.scan(start..end, limit).await?.collect(),
@@ -95,6 +106,24 @@ impl Reader {
                 }
                 _ => return Ok(n),
             }
+        }
+    }
+}
+
+/// The bytes the rows of `[start, end)` count ([`row_bytes`]), reading it in pages.
+async fn row_bytes_in(r: &mut Reader, start: Vec<u8>, end: Vec<u8>) -> tikv_client::Result<i64> {
+    const PAGE: u32 = 4096;
+    let mut total = 0;
+    let mut from = start;
+    loop {
+        let page = r.scan(from.clone(), end.clone(), PAGE).await?;
+        total += page.iter().map(|(k, v)| row_bytes(k.len(), Some(v.len()))).sum::<i64>();
+        match page.last() {
+            Some((last, _)) if page.len() == PAGE as usize => {
+                from = last.clone();
+                from.push(0);
+            }
+            _ => return Ok(total),
         }
     }
 }
@@ -137,12 +166,23 @@ pub(crate) struct View {
     undo: Vec<Undo>,
     /// Events of the job running now (its revision is `base + 1`).
     pub(crate) events: Vec<Event>,
-    /// Revisions written by earlier jobs of this attempt.
-    pub(crate) sealed: Vec<ChangeBatch>,
+    /// Revisions written by earlier jobs of this attempt (their log entries are staged).
+    pub(crate) sealed: Vec<Revision>,
     /// Write the counter (unchanged) even without events, to conflict with every writer.
     pub(crate) touch_counter: bool,
     /// The first TiKV error of this attempt: the attempt is retried.
     pub(crate) failed: Option<tikv_client::Error>,
+    /// This attempt's mark in its log entries (see `Inner::settle`).
+    pub(crate) nonce: u64,
+    /// The space counts at the snapshot ([`crate::size`]): bytes written (`None`: not stored
+    /// yet, counted by a scan when needed) and freed by compaction.
+    written: Option<i64>,
+    freed: i64,
+    /// `written` was counted by a scan in this attempt: the attempt stores it.
+    counted: bool,
+    /// What this attempt's staged rows change: by writes, and freed by compaction.
+    grown: i64,
+    released: i64,
 }
 
 /// A staged key and its staged state before (`None`: it was not staged).
@@ -153,20 +193,24 @@ pub(crate) struct Checkpoint {
     undo: usize,
     events: usize,
     touch_counter: bool,
+    grown: i64,
+    released: i64,
 }
 
 impl View {
-    /// Reads the counter and the compact revision; on a TiKV error, the error's text.
+    /// Reads the counter, the compact revision and the space counts (one batch get); on a
+    /// TiKV error, the error's text.
     pub(crate) fn open(rt: Handle, mut reader: Reader, keys: Keys, now_ms: i64) -> std::result::Result<View, String> {
-        let (rev, compact) = rt
-            .block_on(async {
-                let rev = reader.get(keys.revision()).await?;
-                let compact = reader.get(keys.compact()).await?;
-                Ok::<_, tikv_client::Error>((rev, compact))
-            })
-            .map_err(|e| e.to_string())?;
-        let base = be_i64(rev, 1).unwrap_or(1);
-        let compact = be_i64(compact, 0).unwrap_or(0);
+        let meta = vec![keys.revision(), keys.compact(), keys.size_written(), keys.size_freed()];
+        let mut found = rt.block_on(reader.batch_get(meta.clone())).map_err(|e| e.to_string())?;
+        let mut take = |i: usize| found.remove(&meta[i]);
+        let base = be_i64(take(0), 1).unwrap_or(1);
+        let compact = be_i64(take(1), 0).unwrap_or(0);
+        let written = match take(2) {
+            Some(b) => Some(be_i64(Some(b), 0).map_err(|e| format!("space count: {e}"))?),
+            None => None,
+        };
+        let freed = be_i64(take(3), 0).map_err(|e| format!("space count: {e}"))?;
         Ok(View {
             rt,
             reader,
@@ -180,11 +224,23 @@ impl View {
             sealed: Vec::new(),
             touch_counter: false,
             failed: None,
+            nonce: rand::random(),
+            written,
+            freed,
+            counted: false,
+            grown: 0,
+            released: 0,
         })
     }
 
     pub(crate) fn checkpoint(&self) -> Checkpoint {
-        Checkpoint { undo: self.undo.len(), events: self.events.len(), touch_counter: self.touch_counter }
+        Checkpoint {
+            undo: self.undo.len(),
+            events: self.events.len(),
+            touch_counter: self.touch_counter,
+            grown: self.grown,
+            released: self.released,
+        }
     }
 
     /// Undoes everything staged since `cp` (a job that failed has no effect).
@@ -202,16 +258,75 @@ impl View {
         }
         self.events.truncate(cp.events);
         self.touch_counter = cp.touch_counter;
+        self.grown = cp.grown;
+        self.released = cp.released;
     }
 
-    /// Ends a job that succeeded: if it wrote, its events become revision `base + 1`, and the
-    /// next job runs on top of it.
+    /// Ends a job that succeeded: if it wrote, its events become revision `base + 1` (its log
+    /// entry is staged), and the next job runs on top of it.
     pub(crate) fn seal(&mut self) {
         if !self.events.is_empty() {
             self.base += 1;
-            self.sealed.push(ChangeBatch { revision: self.base, events: std::mem::take(&mut self.events) });
+            let batch = ChangeBatch { revision: self.base, events: std::mem::take(&mut self.events) };
+            let entry = enc(&LogRecord { nonce: self.nonce, batch });
+            self.put_row(self.keys.log(self.base), entry, None);
+            self.sealed.push(self.base);
         }
         self.undo.clear();
+    }
+
+    /// The bytes of every counted row in TiKV at the snapshot, by a scan (staged writes not
+    /// included).
+    pub(crate) fn scan_row_bytes(&mut self) -> Result<i64> {
+        let mut total = 0;
+        for tag in COUNTED_TAGS {
+            let (s, e) = self.keys.tag_range(tag);
+            let r = self.rt.block_on(row_bytes_in(&mut self.reader, s, e));
+            total += self.io(r)?;
+        }
+        Ok(total)
+    }
+
+    /// The bytes written, as stored or (data from before the count) counted now.
+    fn written(&mut self) -> Result<i64> {
+        if let Some(w) = self.written {
+            return Ok(w);
+        }
+        // Counted at this snapshot: what compaction frees after it comes off `freed`, so the
+        // base is the rows plus what was freed so far.
+        let w = self.scan_row_bytes()? + self.freed;
+        tracing::info!(bytes = w - self.freed, "tikv: counted the existing rows for the space quota");
+        self.written = Some(w);
+        self.counted = true;
+        Ok(w)
+    }
+
+    /// The space quota's measure: the bytes of Cairn's rows, this attempt's staged writes
+    /// included.
+    pub(crate) fn size(&mut self) -> Result<u64> {
+        let written = self.written()?;
+        Ok((written + self.grown - self.freed - self.released).max(0) as u64)
+    }
+
+    /// etcd's quota check ([`quota::exceeds`]) for a request adding `cost` bytes.
+    pub(crate) fn check_quota(&mut self, cost: u64, quota: u64) -> Result<()> {
+        if cost > 0 && quota::exceeds(self.size()?, cost, quota) {
+            return Err(BackendError::NoSpace);
+        }
+        Ok(())
+    }
+
+    /// Stages the space counts this attempt changed (a write attempt, before it commits).
+    pub(crate) fn stage_sizes(&mut self) -> Result<()> {
+        if self.grown != 0 || self.counted {
+            let w = self.written()? + self.grown;
+            self.put_raw(self.keys.size_written(), w.to_be_bytes().to_vec());
+        }
+        if self.released != 0 {
+            let f = self.freed + self.released;
+            self.put_raw(self.keys.size_freed(), f.to_be_bytes().to_vec());
+        }
+        Ok(())
     }
 
     fn io<T>(&mut self, r: tikv_client::Result<T>) -> Result<T> {
@@ -270,11 +385,39 @@ impl View {
         self.undo.push((key, prev));
     }
 
+    /// The change in counted bytes when `key` becomes `value`; `stored`: the length of its
+    /// value in TiKV at the snapshot (`None`: absent), used when the attempt has not staged it.
+    fn row_change(&self, key: &[u8], value: Option<usize>, stored: Option<usize>) -> i64 {
+        let before = match self.staged.get(key) {
+            Some(staged) => staged.as_ref().map(Vec::len),
+            None => stored,
+        };
+        row_bytes(key.len(), value) - row_bytes(key.len(), before)
+    }
+
+    /// Writes a key that is not counted (meta keys, documents).
     pub(crate) fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        debug_assert!(!self.keys.is_counted(&key), "counted rows go through put_row");
         self.stage(key, Some(value));
     }
 
-    pub(crate) fn delete_raw(&mut self, key: Vec<u8>) {
+    /// Writes a counted row whose value in TiKV has length `stored` (`None`: absent).
+    pub(crate) fn put_row(&mut self, key: Vec<u8>, value: Vec<u8>, stored: Option<usize>) {
+        self.grown += self.row_change(&key, Some(value.len()), stored);
+        self.stage(key, Some(value));
+    }
+
+    /// Deletes a counted row whose value in TiKV has length `stored` (`None`: absent).
+    pub(crate) fn delete_row(&mut self, key: Vec<u8>, stored: Option<usize>) {
+        self.grown += self.row_change(&key, None, stored);
+        self.stage(key, None);
+    }
+
+    /// Compaction's delete of a counted row (a history version or a log entry read at the
+    /// snapshot, value length `stored`): freed, not written, so compaction and writers never
+    /// write the same count.
+    pub(crate) fn free_row(&mut self, key: Vec<u8>, stored: usize) {
+        self.released -= self.row_change(&key, None, Some(stored));
         self.stage(key, None);
     }
 
@@ -285,10 +428,12 @@ impl View {
         }
     }
 
-    pub(crate) fn set_lease(&mut self, id: LeaseId, rec: Option<LeaseRec>) {
+    /// Writes (`Some`) or deletes lease `id`, whose record now is `old`.
+    pub(crate) fn set_lease(&mut self, id: LeaseId, old: Option<&LeaseRec>, rec: Option<LeaseRec>) {
+        let stored = old.map(|r| enc(r).len());
         match rec {
-            Some(r) => self.put_raw(self.keys.lease(id), enc(&r)),
-            None => self.delete_raw(self.keys.lease(id)),
+            Some(r) => self.put_row(self.keys.lease(id), enc(&r), stored),
+            None => self.delete_row(self.keys.lease(id), stored),
         }
     }
 
@@ -383,16 +528,18 @@ impl TxnView for View {
 
     fn put(&mut self, kv: KeyValue, prev: Option<KeyValue>) -> Result<()> {
         let key = kv.key.clone();
-        if let Some(p) = &prev {
-            if p.lease != 0 && p.lease != kv.lease {
-                self.delete_raw(self.keys.attach(p.lease, &key));
-            }
+        // A live key has its lease's attachment (empty value); the history version is new.
+        let prev_lease = prev.as_ref().map_or(0, |p| p.lease);
+        if prev_lease != 0 && prev_lease != kv.lease {
+            self.delete_row(self.keys.attach(prev_lease, &key), Some(0));
         }
         if kv.lease != 0 {
-            self.put_raw(self.keys.attach(kv.lease, &key), Vec::new());
+            let stored = (prev_lease == kv.lease).then_some(0);
+            self.put_row(self.keys.attach(kv.lease, &key), Vec::new(), stored);
         }
-        self.put_raw(self.keys.current(&key), enc(&kv));
-        self.put_raw(self.keys.history(&key, kv.mod_revision), enc(&Some(kv.clone())));
+        let stored = prev.as_ref().map(|p| enc(p).len());
+        self.put_row(self.keys.current(&key), enc(&kv), stored);
+        self.put_row(self.keys.history(&key, kv.mod_revision), enc(&Some(kv.clone())), None);
         self.events.push(Event { kind: EventKind::Put, kv, prev_kv: prev });
         Ok(())
     }
@@ -400,10 +547,10 @@ impl TxnView for View {
     fn delete(&mut self, prev: KeyValue, rev: Revision) -> Result<()> {
         let key = prev.key.clone();
         if prev.lease != 0 {
-            self.delete_raw(self.keys.attach(prev.lease, &key));
+            self.delete_row(self.keys.attach(prev.lease, &key), Some(0));
         }
-        self.delete_raw(self.keys.current(&key));
-        self.put_raw(self.keys.history(&key, rev), enc(&None::<KeyValue>));
+        self.delete_row(self.keys.current(&key), Some(enc(&prev).len()));
+        self.put_row(self.keys.history(&key, rev), enc(&None::<KeyValue>), None);
         self.events.push(Event {
             kind: EventKind::Delete,
             kv: KeyValue { key, mod_revision: rev, ..KeyValue::default() },
