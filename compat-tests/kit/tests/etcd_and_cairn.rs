@@ -196,19 +196,23 @@ fn diff_etcd_against_cairn_native_spawned() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn diff_etcd_against_cairn_memory_and_postgres() {
+async fn diff_etcd_against_cairn_memory_postgres_and_tikv() {
     let e = start(etcd(), "etcd", &[]).await;
     // Something already on the servers: revisions are compared relative to each script's start.
     let mut c = cairn_compat::client::connect(&e.endpoint).await.unwrap();
     c.kv.put(cairn_compat::client::put("unrelated", "x")).await.unwrap();
     let pg = cairn_postgres::testing::server().create_database().await.expect("create a database");
+    // TiKV: the PD + TiKV test server (no real TiKV can be installed here).
+    let tikv = cairn_tikv_fake::FakeTikv::start().await.expect("start the fake PD + TiKV");
+    let pd = tikv.endpoint();
     // Known differences from etcd, per backend: the check cases expected to fail. A case that
     // starts passing fails the test too, so the list stays true.
-    let backends: [(&str, Vec<&str>, &[&str]); 2] = [
+    let backends: [(&str, Vec<&str>, &[&str]); 3] = [
         // The memory backend reports raft term 0 and raft index 0 (etcd: term >= 1, the index
         // grows with every write).
         ("memory", vec!["--backend", "memory"], &["maintenance/status"]),
         ("postgres", vec!["--backend", "postgres", "--postgres-url", pg.as_str()], &[]),
+        ("tikv", vec!["--backend", "tikv", "--tikv-pd-endpoints", pd.as_str()], &[]),
     ];
     for (what, args, known) in backends {
         let s = start(cairn(), "cairn", &args).await;
