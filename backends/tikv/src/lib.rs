@@ -72,6 +72,38 @@ pub struct TikvOptions {
     /// (see the `size` module): a put, a txn with puts or a lease grant that would reach it
     /// fails `NoSpace`.
     pub quota_backend_bytes: u64,
+    /// TLS toward PD and TiKV (`None`: plain text).
+    pub tls: Option<TikvTls>,
+}
+
+/// The files of TLS toward PD and TiKV (PEM): the CA that signed their certificates, and the
+/// certificate and key Cairn presents to them (tikv-client needs all three).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TikvTls {
+    /// CA certificate(s) the PD and TiKV server certificates are verified against.
+    pub ca_file: std::path::PathBuf,
+    /// Cairn's client certificate.
+    pub cert_file: std::path::PathBuf,
+    /// Its private key.
+    pub key_file: std::path::PathBuf,
+}
+
+impl TikvTls {
+    /// From the `--tikv-ca-file`, `--tikv-cert-file` and `--tikv-key-file` flags: all three
+    /// empty is plain text; all three set is TLS; anything else is an error naming the missing
+    /// flags (tikv-client has no TLS without a client certificate).
+    pub fn from_flags(ca_file: &str, cert_file: &str, key_file: &str) -> std::result::Result<Option<TikvTls>, String> {
+        let flags = [("--tikv-ca-file", ca_file), ("--tikv-cert-file", cert_file), ("--tikv-key-file", key_file)];
+        let missing: Vec<&str> = flags.iter().filter(|(_, v)| v.is_empty()).map(|(f, _)| *f).collect();
+        match missing.len() {
+            3 => Ok(None),
+            0 => Ok(Some(TikvTls { ca_file: ca_file.into(), cert_file: cert_file.into(), key_file: key_file.into() })),
+            _ => Err(format!(
+                "TLS to PD and TiKV needs --tikv-ca-file, --tikv-cert-file and --tikv-key-file together; missing {}",
+                missing.join(", ")
+            )),
+        }
+    }
 }
 
 impl Default for TikvOptions {
@@ -86,6 +118,7 @@ impl Default for TikvOptions {
             gc_interval: None,
             gc_life_time: Duration::from_secs(600),
             quota_backend_bytes: 0,
+            tls: None,
         }
     }
 }
@@ -350,10 +383,35 @@ impl TikvBackend {
     /// Connects to the PD endpoints (`host:port`) and starts the change-feed tailer and the
     /// lease sweeper. Must be called inside a tokio runtime.
     pub async fn connect(pd_endpoints: Vec<String>, opts: TikvOptions) -> Result<Arc<TikvBackend>> {
-        let config = Config::default().with_timeout(opts.rpc_timeout);
-        let client = TransactionClient::new_with_config(pd_endpoints, config)
-            .await
-            .map_err(|e| BackendError::Unavailable(format!("tikv: connect: {e}")))?;
+        let mut config = Config::default().with_timeout(opts.rpc_timeout);
+        if let Some(tls) = &opts.tls {
+            for (what, path) in [("CA", &tls.ca_file), ("certificate", &tls.cert_file), ("key", &tls.key_file)] {
+                std::fs::metadata(path).map_err(|e| {
+                    BackendError::Unavailable(format!("tikv: TLS {what} file {}: {e}", path.display()))
+                })?;
+            }
+            config = config.with_security(&tls.ca_file, &tls.cert_file, &tls.key_file);
+        }
+        let mode = if opts.tls.is_some() { "TLS" } else { "plain text" };
+        // A PD that never answers (or a TLS handshake that stalls) must not hang the start.
+        let client =
+            tokio::time::timeout(opts.retry_timeout, TransactionClient::new_with_config(pd_endpoints.clone(), config))
+                .await
+                .map_err(|_| {
+                    BackendError::Unavailable(format!(
+                        "tikv: connect ({mode}) to PD {pd_endpoints:?}: no answer within {:?}",
+                        opts.retry_timeout
+                    ))
+                })?
+                .map_err(|e| {
+                    // tikv-client reports a failed TLS handshake only as PD not responding.
+                    let hint = if opts.tls.is_some() {
+                        "; with TLS: check that --tikv-ca-file signed PD's and TiKV's certificates and that they accept --tikv-cert-file"
+                    } else {
+                        "; if PD and TiKV serve TLS, set --tikv-ca-file, --tikv-cert-file and --tikv-key-file"
+                    };
+                    BackendError::Unavailable(format!("tikv: connect ({mode}) to PD {pd_endpoints:?}: {e}{hint}"))
+                })?;
         let (feed, _) = broadcast::channel(feed::FEED_CAPACITY);
         let (shutdown, _) = watch::channel(false);
         let (writer, writer_rx) = mpsc::channel(4096);

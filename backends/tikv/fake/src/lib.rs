@@ -268,6 +268,8 @@ struct State {
     prewrites: AtomicU32,
     safe_point: Mutex<u64>,
     addr: SocketAddr,
+    /// `http` or `https`, in the member URLs PD reports.
+    scheme: &'static str,
 }
 
 /// A running fake PD + TiKV. Dropping it stops the server.
@@ -284,6 +286,19 @@ impl FakeTikv {
 
     /// Starts the fake on `addr` (`host:port`) inside the current tokio runtime.
     pub async fn start_on(addr: &str) -> std::io::Result<FakeTikv> {
+        Self::start_with(addr, None).await
+    }
+
+    /// As [`FakeTikv::start_on`], serving only TLS: PD and TiKV present `tls.cert_pem`, and
+    /// with `tls.client_ca_pem` refuse a client without a certificate signed by that CA.
+    /// A connection whose handshake fails is closed (the client sees a TLS error, or, when it
+    /// speaks plain text, a closed connection).
+    pub async fn start_tls(addr: &str, tls: FakeTls) -> std::io::Result<FakeTikv> {
+        let config = tls.server_config()?;
+        Self::start_with(addr, Some(tokio_rustls::TlsAcceptor::from(config))).await
+    }
+
+    async fn start_with(addr: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> std::io::Result<FakeTikv> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
@@ -297,28 +312,56 @@ impl FakeTikv {
             prewrites: AtomicU32::new(0),
             safe_point: Mutex::new(0),
             addr,
+            scheme: if tls.is_some() { "https" } else { "http" },
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let pd = pdpb::pd_server::PdServer::new(Pd(state.clone()));
         let kv = tikvpb::tikv_server::TikvServer::new(Kv(state.clone()));
+        let server = tonic::transport::Server::builder().add_service(pd).add_service(kv);
+        let shutdown = async {
+            let _ = stopped.await;
+        };
         // Without TCP_NODELAY, small gRPC frames wait for delayed ACKs (tens of ms each).
         let incoming = TcpListenerStream::new(listener).map(|s| {
             s.inspect(|s| {
                 let _ = s.set_nodelay(true);
             })
         });
-        tokio::spawn(async move {
-            let r = tonic::transport::Server::builder()
-                .add_service(pd)
-                .add_service(kv)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stopped.await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "fake tikv server stopped");
+        match tls {
+            None => {
+                tokio::spawn(async move {
+                    if let Err(e) = server.serve_with_incoming_shutdown(incoming, shutdown).await {
+                        tracing::warn!(error = %e, "fake tikv server stopped");
+                    }
+                });
             }
-        });
+            Some(acceptor) => {
+                // Each handshake runs in its own task so a slow or failing client does not hold
+                // up the others; only completed handshakes reach the gRPC server.
+                let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsConn>>(16);
+                tokio::spawn(async move {
+                    let mut incoming = incoming;
+                    while let Some(conn) = incoming.next().await {
+                        let Ok(tcp) = conn else { continue };
+                        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            match acceptor.accept(tcp).await {
+                                Ok(s) => {
+                                    let _ = tx.send(Ok(TlsConn(s))).await;
+                                }
+                                Err(e) => tracing::debug!(error = %e, "fake tikv: TLS handshake failed"),
+                            }
+                        });
+                    }
+                });
+                let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
+                tokio::spawn(async move {
+                    if let Err(e) = server.serve_with_incoming_shutdown(incoming, shutdown).await {
+                        tracing::warn!(error = %e, "fake tikv server stopped");
+                    }
+                });
+            }
+        }
         Ok(FakeTikv { state, stop: Some(stop) })
     }
 
@@ -399,6 +442,89 @@ impl Drop for FakeTikv {
     }
 }
 
+/// TLS settings of a fake served with [`FakeTikv::start_tls`] (PEM text).
+#[derive(Clone, Debug, Default)]
+pub struct FakeTls {
+    /// The server certificate (chain), PEM.
+    pub cert_pem: Vec<u8>,
+    /// Its private key, PEM.
+    pub key_pem: Vec<u8>,
+    /// When set, clients must present a certificate signed by this CA (PEM).
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl FakeTls {
+    fn server_config(&self) -> std::io::Result<Arc<rustls::ServerConfig>> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |what: &str, e: &dyn std::fmt::Display| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("fake tikv TLS: {what}: {e}"))
+        };
+        let certs = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("server certificate", &e))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| bad("server key", &e))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("protocol versions", &e))?;
+        let builder = match &self.client_ca_pem {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(ca) {
+                    roots.add(cert.map_err(|e| bad("client CA", &e))?).map_err(|e| bad("client CA", &e))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(|e| bad("client verifier", &e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_single_cert(certs, key).map_err(|e| bad("certificate and key", &e))?;
+        // tikv-client (tonic) insists on HTTP/2 by ALPN.
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// A served TLS connection (tonic needs [`tonic::transport::server::Connected`]).
+struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
 fn region() -> metapb::Region {
     metapb::Region {
         id: REGION_ID,
@@ -433,8 +559,8 @@ impl Pd {
         pdpb::Member {
             name: "fake-pd".into(),
             member_id: 1,
-            client_urls: vec![format!("http://{}", self.0.addr)],
-            peer_urls: vec![format!("http://{}", self.0.addr)],
+            client_urls: vec![format!("{}://{}", self.0.scheme, self.0.addr)],
+            peer_urls: vec![format!("{}://{}", self.0.scheme, self.0.addr)],
             ..Default::default()
         }
     }
