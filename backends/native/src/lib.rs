@@ -577,7 +577,11 @@ impl NativeBackend {
             }
         };
         if quota::exceeds(in_use.max(0) as u64, cost, self.quota) {
-            return Err(BackendError::NoSpace);
+            let store = self.store.clone();
+            let in_use = blocking(move || store.in_use_before_refusing()).await?;
+            if quota::exceeds(in_use.max(0) as u64, cost, self.quota) {
+                return Err(BackendError::NoSpace);
+            }
         }
         Ok(())
     }

@@ -49,6 +49,9 @@ const FLUSH_EVERY: Duration = Duration::from_millis(100);
 const FLUSH_ROWS: usize = 10_000;
 /// Longest time the quota check relies on an estimate of the in-use bytes.
 const MEASURE_EVERY: Duration = Duration::from_millis(1000);
+/// Measuring walks every tree with writers held off, so it takes at most one part in this many
+/// of the time: a store of hundreds of MB is measured every few minutes, not every second.
+const MEASURE_SHARE: u32 = 200;
 
 pub(crate) struct Store {
     /// Behind a lock only so that [`Store::defragment`] can get `&mut Database`; everything
@@ -73,7 +76,8 @@ pub(crate) struct Store {
     /// the growth), so that the quota check costs nothing per write; see [`Store::in_use`].
     measured_in_use: AtomicI64,
     written_since: AtomicI64,
-    measured_at: Mutex<Instant>,
+    /// When the last measurement was taken, and how long it took.
+    measured_at: Mutex<(Instant, Duration)>,
 }
 
 impl Drop for Store {
@@ -144,7 +148,7 @@ impl Store {
             compactor: tokio::sync::Notify::new(),
             measured_in_use: AtomicI64::new(0),
             written_since: AtomicI64::new(0),
-            measured_at: Mutex::new(Instant::now()),
+            measured_at: Mutex::new((Instant::now(), Duration::ZERO)),
         });
         store.sizes()?;
         store.reset_lease_clock()?;
@@ -468,6 +472,7 @@ impl Store {
     /// File size and bytes in use (redb's allocated pages). Reading redb's statistics needs a
     /// write txn, which is aborted.
     pub fn sizes(&self) -> Result<(i64, i64)> {
+        let started = Instant::now();
         let mut w = self.writer.lock();
         self.commit(&mut w, false)?;
         let db = self.db.read();
@@ -481,12 +486,13 @@ impl Store {
         let in_use = (stats.stored_bytes() + stats.metadata_bytes()) as i64;
         self.measured_in_use.store(in_use, Ordering::Relaxed);
         self.written_since.store(0, Ordering::Relaxed);
-        *self.measured_at.lock() = Instant::now();
+        *self.measured_at.lock() = (Instant::now(), started.elapsed());
         Ok((self.file_size(), in_use))
     }
 
-    /// Bytes in use for the space quota: the last measurement plus what was applied since,
-    /// measured afresh when that is older than [`MEASURE_EVERY`] (measuring walks the trees).
+    /// Bytes in use for the space quota: the last measurement plus what was applied since (an
+    /// over-estimate: deletes and compaction are not subtracted until the next measurement),
+    /// measured afresh when that is due (measuring walks the trees; see [`MEASURE_SHARE`]).
     pub fn in_use(&self) -> Result<i64> {
         match self.in_use_estimate() {
             Some(v) => Ok(v),
@@ -497,13 +503,25 @@ impl Store {
     /// [`Store::in_use`] while the last measurement is recent enough to build on (cheap: no
     /// I/O, callable from async code); `None` when it is due to be measured again.
     pub fn in_use_estimate(&self) -> Option<i64> {
-        if self.measured_at.lock().elapsed() >= MEASURE_EVERY {
+        let (at, cost) = *self.measured_at.lock();
+        if at.elapsed() >= MEASURE_EVERY.max(cost * MEASURE_SHARE) {
             return None;
         }
-        Some(
-            self.measured_in_use.load(Ordering::Relaxed)
-                + self.written_since.load(Ordering::Relaxed),
-        )
+        Some(self.estimate())
+    }
+
+    fn estimate(&self) -> i64 {
+        self.measured_in_use.load(Ordering::Relaxed) + self.written_since.load(Ordering::Relaxed)
+    }
+
+    /// The in-use bytes to refuse a write on: the estimate only grows between measurements,
+    /// so it is measured again first unless that was done very recently.
+    pub fn in_use_before_refusing(&self) -> Result<i64> {
+        let (at, cost) = *self.measured_at.lock();
+        if at.elapsed() >= MEASURE_EVERY.max(cost * 10) {
+            return Ok(self.sizes()?.1);
+        }
+        Ok(self.estimate())
     }
 
     /// Gives free space back to the filesystem (redb's compaction). Applies, reads and feeds
