@@ -291,6 +291,16 @@ pub struct Flags {
     /// Prefix of every key Cairn writes in TiKV (Cairn); Cairn clusters sharing TiKV need their own.
     #[arg(long, default_value = "cairn/")]
     pub tikv_namespace: String,
+    /// CA certificate (PEM) that PD's and TiKV's certificates are verified against; TLS to PD
+    /// and TiKV needs it with --tikv-cert-file and --tikv-key-file (Cairn).
+    #[arg(long, default_value = "")]
+    pub tikv_ca_file: String,
+    /// Client certificate (PEM) Cairn presents to PD and TiKV (Cairn).
+    #[arg(long, default_value = "")]
+    pub tikv_cert_file: String,
+    /// Private key (PEM) of --tikv-cert-file (Cairn).
+    #[arg(long, default_value = "")]
+    pub tikv_key_file: String,
 }
 
 /// Flags that are parsed but have no effect yet; setting one logs a warning.

@@ -15,7 +15,7 @@ use cairn_backend::Backend;
 use cairn_memory::MemoryBackend;
 use cairn_native::{NativeBackend, NativeConfig};
 use cairn_postgres::{PostgresBackend, PostgresOptions};
-use cairn_tikv::{TikvBackend, TikvOptions};
+use cairn_tikv::{TikvBackend, TikvOptions, TikvTls};
 use config::{split_urls, BackendKind, Flags, ParseExit};
 
 fn main() -> ExitCode {
@@ -283,9 +283,12 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
             if pd.is_empty() {
                 anyhow::bail!("--backend tikv needs --tikv-pd-endpoints");
             }
+            let tls = TikvTls::from_flags(&flags.tikv_ca_file, &flags.tikv_cert_file, &flags.tikv_key_file)
+                .map_err(anyhow::Error::msg)?;
             let opts = TikvOptions {
                 namespace: flags.tikv_namespace.clone().into_bytes(),
                 quota_backend_bytes: flags.quota_backend_bytes,
+                tls,
                 ..Default::default()
             };
             let b = TikvBackend::connect(pd, opts).await.context("connecting to TiKV")?;

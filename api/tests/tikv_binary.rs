@@ -60,3 +60,54 @@ fn two_processes_on_one_tikv() {
     drop((a, b));
     drop(fake);
 }
+
+/// `ca.pem` signing `server.pem` (127.0.0.1) and `client.pem`, with their `-key.pem`s.
+fn write_pki(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    for (name, san) in [("server", "127.0.0.1"), ("client", "client")] {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![san.to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+    }
+}
+
+/// `--tikv-ca-file`, `--tikv-cert-file`, `--tikv-key-file`: the binary talks TLS to a PD +
+/// TiKV that serves only TLS and requires a client certificate; one of the three alone (here
+/// from the environment, `ETCD_TIKV_CA_FILE`) is refused at start with an error.
+#[test]
+fn tls_to_pd_and_tikv() {
+    let dir = tempfile::tempdir().unwrap();
+    write_pki(dir.path());
+    let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+    let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
+    let tls = cairn_tikv_fake::FakeTls {
+        cert_pem: read("server.pem"),
+        key_pem: read("server-key.pem"),
+        client_ca_pem: Some(read("ca.pem")),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let fake = rt.block_on(FakeTikv::start_tls("127.0.0.1:0", tls)).expect("start the fake over TLS");
+    let pd = fake.endpoint();
+    let (ca, cert, key) = (p("ca.pem"), p("client.pem"), p("client-key.pem"));
+    let tls_flags = ["--tikv-ca-file", &ca, "--tikv-cert-file", &cert, "--tikv-key-file", &key];
+    let a = start("a", &[&["--backend", "tikv", "--tikv-pd-endpoints", &pd][..], &tls_flags[..]].concat());
+    assert_eq!(ctl(&a, &["put", "k", "over tls"]), "OK\n");
+    assert_eq!(ctl(&a, &["get", "k", "--print-value-only"]), "over tls\n");
+    drop(a);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["--name", "b", "--backend", "tikv", "--tikv-pd-endpoints", &pd])
+        .args(["--listen-client-urls", "http://127.0.0.1:0", "--advertise-client-urls", "http://127.0.0.1:0"])
+        .env("ETCD_TIKV_CA_FILE", &ca)
+        .output()
+        .expect("run cairn");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("missing --tikv-cert-file, --tikv-key-file"), "{err}");
+    drop(fake);
+}
