@@ -7,7 +7,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::process::{free_port, start, try_ctl, Cairn, ETCDCTL};
+use common::process::{free_port, start, try_ctl, try_ctl_at, Cairn, ETCDCTL};
 
 const ETCD: &str = "/usr/bin/etcd";
 
@@ -24,18 +24,20 @@ impl Drop for Etcd {
 }
 
 fn etcd_ctl(e: &Etcd, args: &[&str]) -> String {
-    let out = Command::new(ETCDCTL)
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &e.endpoint, "--command-timeout", "10s"])
-        .args(args)
-        .output()
-        .expect("run etcdctl");
-    assert!(
-        out.status.success(),
-        "etcdctl {args:?} against etcd failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let (ok, out, err) = try_ctl_at(&e.endpoint, args);
+    assert!(ok, "etcdctl {args:?} against etcd failed: {err}");
+    out
+}
+
+/// Cairn (a single node named "default") on `data`.
+fn cairn_on(data: &std::path::Path, extra: &[&str]) -> Cairn {
+    let peer = format!("http://127.0.0.1:{}", free_port());
+    let mut args = vec!["--data-dir", data.to_str().unwrap()];
+    if !extra.contains(&"--listen-peer-urls") {
+        args.extend(["--listen-peer-urls", peer.as_str()]);
+    }
+    args.extend(extra);
+    start("default", &args)
 }
 
 fn json(text: &str) -> serde_json::Value {
@@ -125,15 +127,7 @@ fn cairn_starts_on_an_etcd_data_dir() {
     etcd.child.wait().unwrap();
     drop(etcd);
 
-    let cairn: Cairn = start(
-        "default",
-        &[
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen-peer-urls",
-            &format!("http://127.0.0.1:{}", free_port()),
-        ],
-    );
+    let cairn: Cairn = cairn_on(&data, &[]);
     let ctl = |args: &[&str]| {
         let (ok, out, err) = try_ctl(&cairn, args);
         assert!(ok, "etcdctl {args:?} against Cairn failed: {err}");
@@ -169,15 +163,7 @@ fn cairn_starts_on_an_etcd_data_dir() {
     drop(cairn);
 
     // A restart does not import again (the store is Cairn's now) and keeps the new write.
-    let cairn = start(
-        "default",
-        &[
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen-peer-urls",
-            &format!("http://127.0.0.1:{}", free_port()),
-        ],
-    );
+    let cairn = cairn_on(&data, &[]);
     let (ok, out, err) = try_ctl(&cairn, &["--user", "u:upw", "get", "a", "--print-value-only"]);
     assert!(ok, "{err}");
     assert_eq!(out, "3\n");
@@ -189,15 +175,7 @@ fn cairn_starts_on_an_etcd_data_dir() {
 fn snapshot_restore_round_trip_keeps_auth() {
     let dir = tempfile::tempdir().unwrap();
     let first = dir.path().join("first");
-    let cairn = start(
-        "default",
-        &[
-            "--data-dir",
-            first.to_str().unwrap(),
-            "--listen-peer-urls",
-            &format!("http://127.0.0.1:{}", free_port()),
-        ],
-    );
+    let cairn = cairn_on(&first, &[]);
     let ctl = |c: &Cairn, args: &[&str]| {
         let (ok, out, err) = try_ctl(c, args);
         assert!(ok, "etcdctl {args:?} failed: {err}");
@@ -230,17 +208,16 @@ fn snapshot_restore_round_trip_keeps_auth() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let cairn = start(
-        "default",
+    let cluster = format!("default={peer}");
+    let cairn = cairn_on(
+        &restored,
         &[
-            "--data-dir",
-            restored.to_str().unwrap(),
             "--listen-peer-urls",
             &peer,
             "--initial-advertise-peer-urls",
             &peer,
             "--initial-cluster",
-            &format!("default={peer}"),
+            &cluster,
         ],
     );
     assert_eq!(

@@ -87,13 +87,18 @@ pub fn spawn(name: &str, args: &[&str]) -> Starting {
 
 /// Runs etcdctl (v3 API) against `s`; returns whether it exited 0, its stdout and its stderr.
 pub fn try_ctl(s: &Cairn, args: &[&str]) -> (bool, String, String) {
+    try_ctl_at(&s.endpoint, args)
+}
+
+/// [`try_ctl`] against any endpoint (a real etcd's, for instance).
+pub fn try_ctl_at(endpoint: &str, args: &[&str]) -> (bool, String, String) {
     assert!(
         std::path::Path::new(ETCDCTL).exists(),
         "{ETCDCTL} is missing: install Debian's etcd-client"
     );
     let out = Command::new(ETCDCTL)
         .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &s.endpoint, "--command-timeout", "10s"])
+        .args(["--endpoints", endpoint, "--command-timeout", "10s"])
         .args(args)
         .output()
         .expect("run etcdctl");
