@@ -131,3 +131,16 @@ fn the_three_flags_go_together() {
     assert!(e.contains("--tikv-ca-file, --tikv-key-file"), "{e}");
     assert!(TikvTls::from_flags("a", "b", "c").unwrap().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_tls_fake_closes_its_port() {
+    let dir = pki();
+    let fake = tls_fake(dir.path()).await;
+    let addr = fake.endpoint();
+    drop(fake);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(&addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "{addr} still accepts connections after the fake was dropped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

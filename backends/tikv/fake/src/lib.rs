@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
@@ -339,17 +339,25 @@ impl FakeTikv {
                 // Each handshake runs in its own task so a slow or failing client does not hold
                 // up the others; only completed handshakes reach the gRPC server.
                 let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsConn>>(16);
+                // The listener closes when the gRPC server stops (it drops `rx`); a handshake
+                // gets 10 s.
                 tokio::spawn(async move {
                     let mut incoming = incoming;
-                    while let Some(conn) = incoming.next().await {
+                    loop {
+                        let conn = tokio::select! {
+                            c = incoming.next() => c,
+                            _ = tx.closed() => break,
+                        };
+                        let Some(conn) = conn else { break };
                         let Ok(tcp) = conn else { continue };
                         let (acceptor, tx) = (acceptor.clone(), tx.clone());
                         tokio::spawn(async move {
-                            match acceptor.accept(tcp).await {
-                                Ok(s) => {
+                            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                                Ok(Ok(s)) => {
                                     let _ = tx.send(Ok(TlsConn(s))).await;
                                 }
-                                Err(e) => tracing::debug!(error = %e, "fake tikv: TLS handshake failed"),
+                                Ok(Err(e)) => tracing::debug!(error = %e, "fake tikv: TLS handshake failed"),
+                                Err(_) => tracing::debug!("fake tikv: TLS handshake timed out"),
                             }
                         });
                     }
