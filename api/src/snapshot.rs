@@ -148,11 +148,7 @@ pub async fn collect(
         None => (Vec::new(), Vec::new()),
     };
     let auth = match backend.doc_get(crate::auth::store::DOC_NAME).await? {
-        Some(doc) => {
-            let state: AuthState = serde_json::from_slice(&doc.value)
-                .map_err(|e| BackendError::Internal(format!("corrupt auth store: {e}")))?;
-            Some(auth_to_etcd(&state))
-        }
+        Some(doc) => Some(auth_to_etcd(&crate::auth::store::parse_doc(&doc.value).map_err(BackendError::Internal)?)),
         None => None,
     };
     let consistent_index = backend.status().await?.raft_applied_index;

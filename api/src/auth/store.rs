@@ -19,6 +19,11 @@ use crate::errors::{backend_status, ApiError};
 /// The backend document that holds the auth state.
 pub const DOC_NAME: &str = "auth";
 
+/// The stored auth document's state.
+pub fn parse_doc(value: &[u8]) -> Result<AuthState, String> {
+    serde_json::from_slice(value).map_err(|e| format!("corrupt auth store: {e}"))
+}
+
 /// How often the document is re-read for changes made by other processes.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -151,8 +156,7 @@ impl AuthStore {
         match self.backend.doc_get(DOC_NAME).await.map_err(backend_status)? {
             None => Ok(Snapshot::new(0, AuthState::default())),
             Some(doc) => {
-                let state: AuthState = serde_json::from_slice(&doc.value)
-                    .map_err(|e| tonic::Status::from(ApiError::Internal(format!("corrupt auth store: {e}"))))?;
+                let state = parse_doc(&doc.value).map_err(|e| tonic::Status::from(ApiError::Internal(e)))?;
                 Ok(Snapshot::new(doc.version, state))
             }
         }

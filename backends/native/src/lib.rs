@@ -568,7 +568,7 @@ impl NativeBackend {
         if cost == 0 {
             return Ok(());
         }
-        // Measuring walks redb's trees: off the async threads, and only once a second.
+        // Measuring walks redb's trees: off the async threads, and rarely (Store::in_use).
         let in_use = match self.store.in_use_estimate() {
             Some(v) => v,
             None => {
