@@ -5,10 +5,17 @@ use redb::TableDefinition;
 
 /// Live keys: key -> record. Serves reads at the current revision.
 pub const CURRENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("current");
-/// Every retained version: (key, mod revision) -> record; a tombstone has version 0.
-pub const HISTORY: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("history");
-/// The change log: (revision, sub-revision) -> key. With HISTORY it rebuilds each event.
-pub const EVENTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("events");
+/// Every retained version, keyed as etcd's key bucket is: (revision, sub-revision) -> the
+/// key's length (u32 LE), the key, then its record (a tombstone has version 0). Writes append
+/// to its last leaf however long the history grows; it is also the change log.
+pub const VERSIONS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("versions");
+/// The index of VERSIONS by key: (key, revision) -> [`index_entry`] (its sub-revision and
+/// whether it is a tombstone). Rows are small, so the tree stays in the cache.
+pub const KEY_REVS: TableDefinition<(&[u8], u64), u32> = TableDefinition::new("key_revs");
+/// The layout before VERSIONS and KEY_REVS: (key, revision) -> record, and the change log
+/// (revision, sub-revision) -> key. Read only to migrate a store written by an older Cairn.
+pub const OLD_HISTORY: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("history");
+pub const OLD_EVENTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("events");
 /// Leases: ID -> granted TTL in seconds.
 pub const LEASES: TableDefinition<i64, i64> = TableDefinition::new("leases");
 /// Keys attached to each lease.
@@ -64,6 +71,49 @@ pub fn decode_kv(key: &[u8], b: &[u8], with_value: bool) -> KeyValue {
             Vec::new()
         },
     }
+}
+
+/// A VERSIONS row: the key's length, the key, the record.
+pub fn encode_version(key: &[u8], rec: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + key.len() + rec.len());
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(rec);
+    out
+}
+
+/// The key and the record of a VERSIONS row.
+pub fn decode_version(b: &[u8]) -> (&[u8], &[u8]) {
+    try_decode_version(b).expect("a well-formed version row")
+}
+
+/// [`decode_version`] of bytes not written by this store (a snapshot from elsewhere).
+pub fn try_decode_version(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let n = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    let key = b.get(4..4usize.checked_add(n)?)?;
+    Some((key, &b[4 + n..]))
+}
+
+const TOMBSTONE_BIT: u32 = 1 << 31;
+
+/// A KEY_REVS value: the sub-revision, with the top bit set for a tombstone.
+pub fn index_entry(sub: u32, tombstone: bool) -> u32 {
+    debug_assert!(sub < TOMBSTONE_BIT);
+    if tombstone {
+        sub | TOMBSTONE_BIT
+    } else {
+        sub
+    }
+}
+
+/// The sub-revision of a KEY_REVS value.
+pub fn index_sub(v: u32) -> u32 {
+    v & !TOMBSTONE_BIT
+}
+
+/// Whether a KEY_REVS value marks a tombstone.
+pub fn index_tombstone(v: u32) -> bool {
+    v & TOMBSTONE_BIT != 0
 }
 
 /// Whether a record is a tombstone.

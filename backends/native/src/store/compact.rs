@@ -1,9 +1,14 @@
 //! Physical compaction: removing versions that no read or watch can ask for any more.
 //!
 //! Logical compaction (the raft command) only moves the compact revision; this removes, in
-//! bounded batches, every history version below it that is superseded by a newer version at
-//! or below it, every tombstone below it, and the change-log rows below it. Versions at the
-//! compact revision itself stay, so reads and watches at that revision still work.
+//! bounded batches, what etcd's compaction removes: for every key written below the compact
+//! revision, each version superseded by a newer one at or below it, and a tombstone below it.
+//! The newest version of a key at or below the compact revision stays (reads at that revision
+//! need it), and so does a tombstone at exactly that revision (a watch starting there sees the
+//! delete). VERSIONS below [`M_PHYSICAL`] is not walked again; a version kept there is removed
+//! by a later compaction, when the key's next write is walked.
+
+use std::collections::BTreeSet;
 
 use cairn_backend::Result;
 use redb::{Durability, ReadableTable};
@@ -12,8 +17,8 @@ use super::codec::*;
 use super::view::db_err;
 use super::Store;
 
-/// Change-log rows handled per write txn.
-const BATCH: usize = 5_000;
+/// VERSIONS rows walked per write txn (a revision is never split between two).
+pub(super) const BATCH: usize = 5_000;
 
 impl Store {
     /// Runs one batch; returns true when there is more to do.
@@ -27,48 +32,58 @@ impl Store {
         let more;
         {
             let mut meta = txn.open_table(META).map_err(db_err)?;
-            let mut events = txn.open_table(EVENTS).map_err(db_err)?;
-            let mut history = txn.open_table(HISTORY).map_err(db_err)?;
+            let mut versions = txn.open_table(VERSIONS).map_err(db_err)?;
+            let mut index = txn.open_table(KEY_REVS).map_err(db_err)?;
             let compact = super::read_i64(&meta, M_COMPACT)?;
             let done = super::read_i64(&meta, M_PHYSICAL)?;
             if done >= compact {
                 return Ok(false);
             }
-            let mut rows = Vec::with_capacity(BATCH);
-            for item in events
-                .range::<(u64, u32)>((done.max(0) as u64, 0)..(compact as u64, 0))
+            // The keys written in the revisions walked (up to the compact revision itself: a
+            // key written there may have versions below it to drop), and the first revision
+            // not walked.
+            let mut keys = BTreeSet::new();
+            let mut rows = 0usize;
+            let mut last_rev = None;
+            let mut next = None;
+            for item in versions
+                .range::<(u64, u32)>((done.max(0) as u64, 0)..=(compact as u64, u32::MAX))
                 .map_err(db_err)?
             {
                 let (k, v) = item.map_err(db_err)?;
-                rows.push((k.value(), v.value().to_vec()));
-                if rows.len() == BATCH {
+                let (rev, _) = k.value();
+                if rows >= BATCH && last_rev != Some(rev) {
+                    next = Some(rev as i64);
                     break;
                 }
+                last_rev = Some(rev);
+                rows += 1;
+                keys.insert(decode_version(v.value()).0.to_vec());
             }
-            more = rows.len() == BATCH;
-            // Rows handled here are deleted, so restarting at the last revision seen (which may
-            // have rows left) revisits nothing.
-            let upto = if more {
-                rows.last().map(|((r, _), _)| *r as i64).unwrap_or(compact)
-            } else {
-                compact
-            };
-            for ((rev, sub), key) in &rows {
-                let superseded = history
-                    .range::<(&[u8], u64)>(
-                        (key.as_slice(), rev + 1)..=(key.as_slice(), compact as u64),
-                    )
+            more = next.is_some();
+            let upto = next.unwrap_or(compact);
+            for key in keys {
+                let mut found = Vec::new();
+                for item in index
+                    .range::<(&[u8], u64)>((key.as_slice(), 0)..=(key.as_slice(), compact as u64))
                     .map_err(db_err)?
-                    .next()
-                    .is_some();
-                let tombstone = history
-                    .get((key.as_slice(), *rev))
-                    .map_err(db_err)?
-                    .is_some_and(|v| is_tombstone(v.value()));
-                if superseded || tombstone {
-                    history.remove((key.as_slice(), *rev)).map_err(db_err)?;
+                {
+                    let (k, v) = item.map_err(db_err)?;
+                    found.push((k.value().1, v.value()));
                 }
-                events.remove((*rev, *sub)).map_err(db_err)?;
+                let Some(&(newest, entry)) = found.last() else {
+                    continue;
+                };
+                let keep_newest = !index_tombstone(entry) || newest as i64 == compact;
+                let drop = if keep_newest {
+                    &found[..found.len() - 1]
+                } else {
+                    &found[..]
+                };
+                for &(rev, entry) in drop {
+                    versions.remove((rev, index_sub(entry))).map_err(db_err)?;
+                    index.remove((key.as_slice(), rev)).map_err(db_err)?;
+                }
             }
             meta.insert(M_PHYSICAL, enc_i64(upto).as_slice())
                 .map_err(db_err)?;

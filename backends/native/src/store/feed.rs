@@ -2,8 +2,8 @@
 
 use cairn_backend::{ChangeBatch, Event, EventKind, KeyValue, Result, Revision};
 
-use super::codec::{decode_kv, is_tombstone, EVENTS, HISTORY};
-use super::view::db_err;
+use super::codec::{decode_kv, decode_version, index_tombstone, is_tombstone, KEY_REVS, VERSIONS};
+use super::view::{db_err, version_record};
 use super::Store;
 
 impl Store {
@@ -15,15 +15,15 @@ impl Store {
         to: Revision,
         max_revisions: usize,
     ) -> Result<Vec<ChangeBatch>> {
-        // The change log is not in the overlay.
+        // VERSIONS is the change log; it is not in the overlay.
         self.flush()?;
         let db = self.db.read();
         let r = db.begin_read().map_err(db_err)?;
-        let events = r.open_table(EVENTS).map_err(db_err)?;
-        let history = r.open_table(HISTORY).map_err(db_err)?;
+        let versions = r.open_table(VERSIONS).map_err(db_err)?;
+        let index = r.open_table(KEY_REVS).map_err(db_err)?;
         let mut out: Vec<ChangeBatch> = Vec::new();
-        let iter = events
-            .range::<(u64, u32)>((from as u64, 0)..=(to as u64, u32::MAX))
+        let iter = versions
+            .range::<(u64, u32)>((from.max(0) as u64, 0)..=(to.max(0) as u64, u32::MAX))
             .map_err(db_err)?;
         for item in iter {
             let (k, v) = item.map_err(db_err)?;
@@ -38,23 +38,25 @@ impl Store {
                     events: Vec::new(),
                 });
             }
-            let key = v.value();
-            let rec = history
-                .get((key, rev as u64))
-                .map_err(db_err)?
-                .ok_or_else(|| db_err(format!("history lost a version at revision {rev}")))?;
-            let prev_kv = match history
+            let (key, rec) = decode_version(v.value());
+            let prev_kv = match index
                 .range::<(&[u8], u64)>((key, 0)..(key, rev as u64))
                 .map_err(db_err)?
                 .next_back()
             {
                 Some(p) => {
-                    let (_, pv) = p.map_err(db_err)?;
-                    (!is_tombstone(pv.value())).then(|| decode_kv(key, pv.value(), true))
+                    let (pk, entry) = p.map_err(db_err)?;
+                    let entry = entry.value();
+                    if index_tombstone(entry) {
+                        None
+                    } else {
+                        let row = version_record(&versions, pk.value().1, entry)?;
+                        Some(decode_kv(key, decode_version(row.value()).1, true))
+                    }
                 }
                 None => None,
             };
-            let event = if is_tombstone(rec.value()) {
+            let event = if is_tombstone(rec) {
                 Event {
                     kind: EventKind::Delete,
                     kv: KeyValue {
@@ -67,7 +69,7 @@ impl Store {
             } else {
                 Event {
                     kind: EventKind::Put,
-                    kv: decode_kv(key, rec.value(), true),
+                    kv: decode_kv(key, rec, true),
                     prev_kv,
                 }
             };

@@ -15,6 +15,7 @@
 mod codec;
 mod compact;
 mod feed;
+mod migrate;
 mod overlay;
 mod snapshot;
 mod view;
@@ -36,7 +37,7 @@ use tokio::sync::broadcast;
 pub(crate) use codec::*;
 use overlay::Overlay;
 pub(crate) use view::db_err;
-use view::View;
+use view::{View, ViewTables};
 
 use crate::leases::LeaseClock;
 use crate::types::{Command, CommandResult, LogId, StoredMembership};
@@ -111,8 +112,8 @@ impl Store {
         let txn = db.begin_write()?;
         {
             txn.open_table(CURRENT)?;
-            txn.open_table(HISTORY)?;
-            txn.open_table(EVENTS)?;
+            txn.open_table(VERSIONS)?;
+            txn.open_table(KEY_REVS)?;
             txn.open_table(LEASES)?;
             txn.open_table(LEASE_KEYS)?;
             txn.open_table(DOCS)?;
@@ -124,6 +125,7 @@ impl Store {
             }
         }
         txn.commit()?;
+        migrate::from_history_table(&db)?;
         let (rev, compact) = {
             let r = db.begin_read()?;
             let meta = r.open_table(META)?;
@@ -354,28 +356,28 @@ impl Store {
 
     /// A range (or a read-only txn) served from the latest committed state.
     pub fn read_txn(&self, req: &TxnRequest) -> Result<TxnResponse> {
-        let db = self.db.read();
-        let ov = self.overlay.read();
-        let r = db.begin_read().map_err(db_err)?;
-        let current = r.open_table(CURRENT).map_err(db_err)?;
-        let history = r.open_table(HISTORY).map_err(db_err)?;
-        let leases = r.open_table(LEASES).map_err(db_err)?;
-        let (base, compact) = self.current();
-        let mut view = View::new(&current, &history, &leases, base, compact).with_overlay(&ov);
-        let (resp, _) = exec::execute(&mut view, req)?;
+        let (resp, _) = self.read(|view| exec::execute(view, req))?;
         Ok(resp)
     }
 
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
+        self.read(|view| exec::range(view, req))
+    }
+
+    /// Runs `f` on a view of the latest applied state: a redb read txn plus the overlay.
+    fn read<T>(&self, f: impl FnOnce(&mut ReadView<'_>) -> Result<T>) -> Result<T> {
         let db = self.db.read();
         let ov = self.overlay.read();
         let r = db.begin_read().map_err(db_err)?;
-        let current = r.open_table(CURRENT).map_err(db_err)?;
-        let history = r.open_table(HISTORY).map_err(db_err)?;
-        let leases = r.open_table(LEASES).map_err(db_err)?;
+        let tables = ViewTables {
+            current: &r.open_table(CURRENT).map_err(db_err)?,
+            index: &r.open_table(KEY_REVS).map_err(db_err)?,
+            versions: &r.open_table(VERSIONS).map_err(db_err)?,
+            leases: &r.open_table(LEASES).map_err(db_err)?,
+        };
         let (base, compact) = self.current();
-        let mut view = View::new(&current, &history, &leases, base, compact).with_overlay(&ov);
-        exec::range(&mut view, req)
+        let mut view = View::new(tables, base, compact).with_overlay(&ov);
+        f(&mut view)
     }
 
     pub fn lease_info(&self, id: LeaseId, keys: bool) -> Result<LeaseInfo> {
@@ -449,17 +451,19 @@ impl Store {
         self.flush()?;
         let db = self.db.read();
         let r = db.begin_read().map_err(db_err)?;
-        let history = r.open_table(HISTORY).map_err(db_err)?;
+        let index = r.open_table(KEY_REVS).map_err(db_err)?;
+        let versions = r.open_table(VERSIONS).map_err(db_err)?;
         let mut h = crc32fast::Hasher::new();
-        for item in history.iter().map_err(db_err)? {
+        for item in index.iter().map_err(db_err)? {
             let (k, v) = item.map_err(db_err)?;
             let (key, r) = k.value();
             if (r as i64) <= compact || (r as i64) > rev {
                 continue;
             }
+            let row = view::version_record(&versions, r, v.value())?;
             h.update(key);
             h.update(&r.to_be_bytes());
-            h.update(v.value());
+            h.update(decode_version(row.value()).1);
         }
         Ok(HashKv {
             hash: h.finalize(),
@@ -604,6 +608,15 @@ fn open_db(path: &Path, cache_bytes: usize) -> anyhow::Result<Database> {
     }
 }
 
+/// A [`View`] of a redb read txn.
+type ReadView<'a> = View<
+    'a,
+    redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    redb::ReadOnlyTable<(&'static [u8], u64), u32>,
+    redb::ReadOnlyTable<(u64, u32), &'static [u8]>,
+    redb::ReadOnlyTable<i64, i64>,
+>;
+
 /// A lease change to mirror in the lease clock once the txn has committed.
 enum LeaseChange {
     Granted(LeaseId, i64),
@@ -624,8 +637,8 @@ fn read_i64(t: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> 
 /// The tables of one write txn.
 struct Tables<'t> {
     current: redb::Table<'t, &'static [u8], &'static [u8]>,
-    history: redb::Table<'t, (&'static [u8], u64), &'static [u8]>,
-    events: redb::Table<'t, (u64, u32), &'static [u8]>,
+    index: redb::Table<'t, (&'static [u8], u64), u32>,
+    versions: redb::Table<'t, (u64, u32), &'static [u8]>,
     leases: redb::Table<'t, i64, i64>,
     lease_keys: redb::Table<'t, (i64, &'static [u8]), ()>,
     docs: redb::Table<'t, &'static str, &'static [u8]>,
@@ -636,8 +649,8 @@ impl<'t> Tables<'t> {
     fn open(txn: &'t WriteTransaction) -> Result<Self> {
         Ok(Tables {
             current: txn.open_table(CURRENT).map_err(db_err)?,
-            history: txn.open_table(HISTORY).map_err(db_err)?,
-            events: txn.open_table(EVENTS).map_err(db_err)?,
+            index: txn.open_table(KEY_REVS).map_err(db_err)?,
+            versions: txn.open_table(VERSIONS).map_err(db_err)?,
             leases: txn.open_table(LEASES).map_err(db_err)?,
             lease_keys: txn.open_table(LEASE_KEYS).map_err(db_err)?,
             docs: txn.open_table(DOCS).map_err(db_err)?,
@@ -667,8 +680,7 @@ impl<'t> Tables<'t> {
             }
             Command::Txn(req) => {
                 let (outcome, events) = {
-                    let mut view =
-                        View::new(&self.current, &self.history, &self.leases, *rev, *compact);
+                    let mut view = View::new(self.view_tables(), *rev, *compact);
                     let outcome = exec::execute(&mut view, &req);
                     (outcome, std::mem::take(&mut view.events))
                 };
@@ -759,8 +771,7 @@ impl<'t> Tables<'t> {
                     keys.push(key.to_vec());
                 }
                 let events = {
-                    let mut view =
-                        View::new(&self.current, &self.history, &self.leases, *rev, *compact);
+                    let mut view = View::new(self.view_tables(), *rev, *compact);
                     for key in keys {
                         let (mut found, _) =
                             view.range_latest(&KeyRange::single(key), Some(1), false)?;
@@ -783,7 +794,25 @@ impl<'t> Tables<'t> {
         }
     }
 
-    /// Writes one txn's events at `rev` into CURRENT, HISTORY, EVENTS and LEASE_KEYS.
+    #[allow(clippy::type_complexity)]
+    fn view_tables(
+        &self,
+    ) -> ViewTables<
+        '_,
+        redb::Table<'t, &'static [u8], &'static [u8]>,
+        redb::Table<'t, (&'static [u8], u64), u32>,
+        redb::Table<'t, (u64, u32), &'static [u8]>,
+        redb::Table<'t, i64, i64>,
+    > {
+        ViewTables {
+            current: &self.current,
+            index: &self.index,
+            versions: &self.versions,
+            leases: &self.leases,
+        }
+    }
+
+    /// Writes one txn's events at `rev` into CURRENT, VERSIONS, KEY_REVS and LEASE_KEYS.
     fn write_events(&mut self, rev: Revision, events: Vec<Event>) -> Result<ChangeBatch> {
         for (sub, ev) in events.iter().enumerate() {
             let key = ev.kv.key.as_slice();
@@ -792,28 +821,31 @@ impl<'t> Tables<'t> {
                     self.lease_keys.remove((prev.lease, key)).map_err(db_err)?;
                 }
             }
-            match ev.kind {
+            let sub = sub as u32;
+            let rec = match ev.kind {
                 EventKind::Put => {
                     let rec = encode_kv(&ev.kv);
                     self.current.insert(key, rec.as_slice()).map_err(db_err)?;
-                    self.history
-                        .insert((key, rev as u64), rec.as_slice())
-                        .map_err(db_err)?;
                     if ev.kv.lease != 0 {
                         self.lease_keys
                             .insert((ev.kv.lease, key), ())
                             .map_err(db_err)?;
                     }
+                    rec
                 }
                 EventKind::Delete => {
                     self.current.remove(key).map_err(db_err)?;
-                    self.history
-                        .insert((key, rev as u64), encode_tombstone(rev).as_slice())
-                        .map_err(db_err)?;
+                    encode_tombstone(rev)
                 }
-            }
-            self.events
-                .insert((rev as u64, sub as u32), key)
+            };
+            self.versions
+                .insert((rev as u64, sub), encode_version(key, &rec).as_slice())
+                .map_err(db_err)?;
+            self.index
+                .insert(
+                    (key, rev as u64),
+                    index_entry(sub, ev.kind == EventKind::Delete),
+                )
                 .map_err(db_err)?;
         }
         Ok(ChangeBatch {
@@ -826,8 +858,9 @@ impl<'t> Tables<'t> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cairn_backend::{DeleteRangeRequest, PutRequest, RequestOp};
+    use cairn_backend::{DeleteRangeRequest, KeyValue, PutRequest, RequestOp};
     use openraft::{CommittedLeaderId, EntryPayload};
+    use redb::ReadableTableMetadata;
 
     fn entry(index: u64, cmd: Command) -> crate::types::Entry {
         crate::types::Entry {
@@ -1029,5 +1062,260 @@ mod tests {
             })
             .unwrap());
         assert_eq!(store.current(), (8, 4));
+    }
+
+    fn put(key: &str, value: &str) -> Command {
+        Command::Txn(TxnRequest::unconditional(vec![RequestOp::Put(
+            PutRequest {
+                key: key.into(),
+                value: value.into(),
+                ..Default::default()
+            },
+        )]))
+    }
+
+    fn delete(key: &str) -> Command {
+        Command::Txn(TxnRequest::unconditional(vec![RequestOp::DeleteRange(
+            DeleteRangeRequest {
+                range: KeyRange::single(key.as_bytes().to_vec()),
+                prev_kv: false,
+            },
+        )]))
+    }
+
+    /// Every KEY_REVS row, and the number of VERSIONS rows (which must match it one to one).
+    fn index_rows(store: &Store) -> Vec<(String, u64)> {
+        store.flush().unwrap();
+        let db = store.db.read();
+        let r = db.begin_read().unwrap();
+        let index = r.open_table(KEY_REVS).unwrap();
+        let versions = r.open_table(VERSIONS).unwrap();
+        let mut out = Vec::new();
+        for item in index.iter().unwrap() {
+            let (k, v) = item.unwrap();
+            let (key, rev) = k.value();
+            let row = versions.get((rev, index_sub(v.value()))).unwrap().unwrap();
+            assert_eq!(
+                decode_version(row.value()).0,
+                key,
+                "index and version disagree"
+            );
+            out.push((String::from_utf8(key.to_vec()).unwrap(), rev));
+        }
+        assert_eq!(
+            versions.len().unwrap() as usize,
+            out.len(),
+            "a version without index row"
+        );
+        out
+    }
+
+    /// Physical compaction keeps each key's newest version at or below the compact revision
+    /// (and a tombstone exactly at it), drops the rest, and a later compaction drops a version
+    /// an earlier one had to keep; reads at the compact revision are unchanged by it.
+    #[test]
+    fn physical_compaction_keeps_what_reads_need() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb"), 1 << 20).unwrap();
+        // Revisions: a@2 a@3 b@4 a@5 del b@6 c@7 del c@8.
+        let cmds = [
+            put("a", "1"),
+            put("a", "2"),
+            put("b", "1"),
+            put("a", "3"),
+            delete("b"),
+            put("c", "1"),
+            delete("c"),
+        ];
+        for (i, cmd) in cmds.into_iter().enumerate() {
+            store.apply(vec![entry(i as u64 + 1, cmd)]).unwrap();
+        }
+        let all = KeyRange::new(vec![0], vec![0]);
+        let before_at = |rev| range(&store, all.clone(), rev, 0, false);
+        let at6 = before_at(6);
+        let at8 = before_at(8);
+        store
+            .apply(vec![entry(8, Command::Compact { revision: 6 })])
+            .unwrap();
+        store.compact_all().unwrap();
+        let rows = |v: &[(&str, u64)]| -> Vec<(String, u64)> {
+            v.iter().map(|(k, r)| (k.to_string(), *r)).collect()
+        };
+        // a@5 stays (newest at 6); b's tombstone at 6 stays (at the compact revision); c's
+        // versions are above 6.
+        assert_eq!(
+            index_rows(&store),
+            rows(&[("a", 5), ("b", 6), ("c", 7), ("c", 8)])
+        );
+        assert_eq!(range(&store, all.clone(), 6, 0, false), at6);
+        assert_eq!(range(&store, all.clone(), 8, 0, false), at8);
+        // a@9, then compaction at 9: a@5 (kept last time) goes now, and so does the tombstone
+        // of b (below 9) and all of c (deleted at 8).
+        store.apply(vec![entry(9, put("a", "4"))]).unwrap();
+        store
+            .apply(vec![entry(10, Command::Compact { revision: 9 })])
+            .unwrap();
+        store.compact_all().unwrap();
+        assert_eq!(index_rows(&store), rows(&[("a", 9)]));
+        let now = range(&store, all.clone(), 9, 0, false);
+        assert_eq!(now.kvs.len(), 1);
+        assert_eq!(now.kvs[0].value, b"4");
+        assert_eq!(now.kvs[0].version, 4);
+    }
+
+    /// A compaction batch never splits a revision, so a txn with more ops than a batch holds
+    /// is compacted rather than walked again and again.
+    #[test]
+    fn physical_compaction_walks_a_large_revision_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb"), 4 << 20).unwrap();
+        let n = compact::BATCH + 10;
+        let ops: Vec<_> = (0..n)
+            .map(|i| {
+                RequestOp::Put(PutRequest {
+                    key: format!("k{i:05}").into_bytes(),
+                    value: b"v".to_vec(),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        store
+            .apply(vec![entry(
+                1,
+                Command::Txn(TxnRequest::unconditional(ops.clone())),
+            )])
+            .unwrap();
+        store
+            .apply(vec![entry(2, Command::Txn(TxnRequest::unconditional(ops)))])
+            .unwrap();
+        store
+            .apply(vec![entry(3, Command::Compact { revision: 3 })])
+            .unwrap();
+        let mut steps = 0;
+        while store.compact_step().unwrap() {
+            steps += 1;
+            assert!(steps < 10, "compaction does not advance");
+        }
+        assert_eq!(index_rows(&store).len(), n, "one version per key is left");
+    }
+
+    /// A store written with the old layout (`history` keyed by key then revision, `events`
+    /// only above the physical compaction point) opens with every version, the change log
+    /// and the hash it had.
+    #[test]
+    fn migrates_the_history_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.redb");
+        let kv = |key: &str, create, rev, version, value: &str| KeyValue {
+            key: key.into(),
+            create_revision: create,
+            mod_revision: rev,
+            version,
+            value: value.into(),
+            lease: 0,
+        };
+        // a@2 (compacted away, but a@3 stays as the newest at 3), a@3, b@4 and c@4 in one
+        // txn, del a@5. Compacted at 3: the change log starts at 3.
+        let history = vec![
+            (kv("a", 2, 3, 2, "a2"), 3u64),
+            (kv("b", 4, 4, 1, "b1"), 4),
+            (kv("c", 4, 4, 1, "c1"), 4),
+        ];
+        let old_hash = {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut h = txn.open_table(OLD_HISTORY).unwrap();
+                let mut e = txn.open_table(OLD_EVENTS).unwrap();
+                let mut c = txn.open_table(CURRENT).unwrap();
+                let mut m = txn.open_table(META).unwrap();
+                for (kv, rev) in &history {
+                    h.insert((kv.key.as_slice(), *rev), encode_kv(kv).as_slice())
+                        .unwrap();
+                }
+                h.insert((b"a".as_slice(), 5), encode_tombstone(5).as_slice())
+                    .unwrap();
+                e.insert((4, 0), b"b".as_slice()).unwrap();
+                e.insert((4, 1), b"c".as_slice()).unwrap();
+                e.insert((5, 0), b"a".as_slice()).unwrap();
+                c.insert(b"b".as_slice(), encode_kv(&history[1].0).as_slice())
+                    .unwrap();
+                c.insert(b"c".as_slice(), encode_kv(&history[2].0).as_slice())
+                    .unwrap();
+                m.insert(M_REVISION, enc_i64(5).as_slice()).unwrap();
+                m.insert(M_COMPACT, enc_i64(3).as_slice()).unwrap();
+                m.insert(M_PHYSICAL, enc_i64(3).as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+            // The hash as the old layout computed it: (key, revision) order above compact.
+            let mut h = crc32fast::Hasher::new();
+            for (key, rev, rec) in [
+                ("a", 5u64, encode_tombstone(5)),
+                ("b", 4, encode_kv(&history[1].0)),
+                ("c", 4, encode_kv(&history[2].0)),
+            ] {
+                h.update(key.as_bytes());
+                h.update(&rev.to_be_bytes());
+                h.update(&rec);
+            }
+            h.finalize()
+        };
+        let store = Store::open(&path, 1 << 20).unwrap();
+        assert_eq!(store.current(), (5, 3));
+        assert_eq!(store.hash_kv(0).unwrap().hash, old_hash);
+        assert_eq!(
+            index_rows(&store),
+            vec![
+                ("a".to_string(), 3),
+                ("a".to_string(), 5),
+                ("b".to_string(), 4),
+                ("c".to_string(), 4)
+            ]
+        );
+        let all = KeyRange::new(vec![0], vec![0]);
+        let keys = |r: RangeResponse| -> Vec<(Vec<u8>, i64)> {
+            r.kvs
+                .into_iter()
+                .map(|kv| (kv.key, kv.mod_revision))
+                .collect()
+        };
+        assert_eq!(
+            keys(range(&store, all.clone(), 3, 0, false)),
+            vec![(b"a".to_vec(), 3)]
+        );
+        assert_eq!(
+            keys(range(&store, all.clone(), 4, 0, false)),
+            vec![(b"a".to_vec(), 3), (b"b".to_vec(), 4), (b"c".to_vec(), 4)]
+        );
+        assert_eq!(
+            keys(range(&store, all.clone(), 0, 0, false)),
+            vec![(b"b".to_vec(), 4), (b"c".to_vec(), 4)]
+        );
+        let events = store.read_events(4, 5, 10).unwrap();
+        let got: Vec<_> = events
+            .iter()
+            .flat_map(|b| {
+                b.events.iter().map(move |e| {
+                    (
+                        b.revision,
+                        e.kind,
+                        e.kv.key.clone(),
+                        e.prev_kv.as_ref().map(|p| p.value.clone()),
+                    )
+                })
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (4, EventKind::Put, b"b".to_vec(), None),
+                (4, EventKind::Put, b"c".to_vec(), None),
+                (5, EventKind::Delete, b"a".to_vec(), Some(b"a2".to_vec())),
+            ]
+        );
+        // The old tables are gone, so a second open has nothing to migrate.
+        drop(store);
+        let db = Database::create(&path).unwrap();
+        assert_eq!(migrate::from_history_table(&db).unwrap(), 0);
     }
 }

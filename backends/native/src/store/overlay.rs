@@ -3,7 +3,7 @@
 //! Applies accumulate in one open redb write txn, committed every [`super::FLUSH_EVERY`] or
 //! [`super::FLUSH_ROWS`] rows (etcd's backend batches its bbolt commits the same way, and
 //! serves reads through a buffer of the uncommitted writes). A redb read txn sees only committed
-//! data, so readers merge it with this overlay: the CURRENT and HISTORY rows of every event
+//! data, so readers merge it with this overlay: the CURRENT and history rows of every event
 //! applied since the last commit. Everything else a reader may look at (the change log, leases,
 //! documents, scalars) is committed before it is read: see `Store::flush`.
 //!
@@ -23,7 +23,7 @@ use std::ops::Bound;
 use cairn_backend::{ChangeBatch, EventKind, KeyRange, Result};
 
 use super::codec::{encode_kv, encode_tombstone};
-use super::view::{current_rows, db_err, CurrentTable, HistoryTable};
+use super::view::{current_rows, db_err, CurrentTable, IndexTable};
 
 #[derive(Default)]
 pub(crate) struct Overlay {
@@ -157,14 +157,23 @@ pub(crate) fn merge_current<C: CurrentTable>(
     Ok(())
 }
 
+/// Where a history row visited by [`merge_history`] comes from.
+pub(crate) enum Src<'a> {
+    /// An overlay row: its record.
+    Overlay(&'a [u8]),
+    /// A KEY_REVS row: its value (the record is in VERSIONS).
+    Table(u32),
+}
+
 /// Visits every history row of keys in `[lo_key, hi)` (`hi` a key bound, revision 0; or, for a
-/// single key, up to `max_rev` of `lo_key`) in (key, revision) order, merged with the overlay.
-pub(crate) fn merge_history<H: HistoryTable>(
-    t: &H,
+/// single key, up to `max_rev` of `lo_key`) in (key, revision) order: the KEY_REVS index
+/// merged with the overlay's rows, the overlay's copy winning.
+pub(crate) fn merge_history<I: IndexTable>(
+    t: &I,
     ov: &Overlay,
     range: &KeyRange,
     max_rev: u64,
-    mut visit: impl FnMut(&[u8], u64, &[u8]),
+    mut visit: impl FnMut(&[u8], u64, Src<'_>) -> Result<()>,
 ) -> Result<()> {
     let key = range.key.as_slice();
     let (iter, over) = if range.is_single() {
@@ -198,15 +207,15 @@ pub(crate) fn merge_history<H: HistoryTable>(
                 break;
             }
             shadowed = (ok.as_slice(), *or) == (k, r);
-            visit(ok, *or, rec);
+            visit(ok, *or, Src::Overlay(rec))?;
             over.next();
         }
         if !shadowed {
-            visit(k, r, v.value());
+            visit(k, r, Src::Table(v.value()))?;
         }
     }
     for ((ok, or), rec) in over {
-        visit(ok, *or, rec);
+        visit(ok, *or, Src::Overlay(rec))?;
     }
     Ok(())
 }

@@ -11,14 +11,12 @@ use super::view::db_err;
 use super::Store;
 use crate::types::{LogId, StoredMembership};
 
-/// A HISTORY row: (key, mod revision) and its record.
-type HistoryRow = ((Vec<u8>, u64), Vec<u8>);
-
+/// Every table but KEY_REVS, which an install rebuilds from VERSIONS.
 #[derive(Serialize, Deserialize, Default)]
 struct Dump {
     current: Vec<(Vec<u8>, Vec<u8>)>,
-    history: Vec<HistoryRow>,
-    events: Vec<((u64, u32), Vec<u8>)>,
+    /// VERSIONS: (revision, sub-revision) -> row.
+    versions: Vec<((u64, u32), Vec<u8>)>,
     leases: Vec<(i64, i64)>,
     lease_keys: Vec<(i64, Vec<u8>)>,
     meta: Vec<(String, Vec<u8>)>,
@@ -46,23 +44,13 @@ impl Store {
             d.current.push((k.value().to_vec(), v.value().to_vec()));
         }
         for item in r
-            .open_table(HISTORY)
+            .open_table(VERSIONS)
             .map_err(db_err)?
             .iter()
             .map_err(db_err)?
         {
             let (k, v) = item.map_err(db_err)?;
-            let (key, rev) = k.value();
-            d.history.push(((key.to_vec(), rev), v.value().to_vec()));
-        }
-        for item in r
-            .open_table(EVENTS)
-            .map_err(db_err)?
-            .iter()
-            .map_err(db_err)?
-        {
-            let (k, v) = item.map_err(db_err)?;
-            d.events.push((k.value(), v.value().to_vec()));
+            d.versions.push((k.value(), v.value().to_vec()));
         }
         for item in r
             .open_table(LEASES)
@@ -121,8 +109,8 @@ impl Store {
                 Ok(())
             }
             clear(&txn, CURRENT)?;
-            clear(&txn, HISTORY)?;
-            clear(&txn, EVENTS)?;
+            clear(&txn, VERSIONS)?;
+            clear(&txn, KEY_REVS)?;
             clear(&txn, LEASES)?;
             clear(&txn, LEASE_KEYS)?;
             clear(&txn, META)?;
@@ -135,13 +123,19 @@ impl Store {
             for (k, v) in &d.current {
                 t.insert(k.as_slice(), v.as_slice()).map_err(db_err)?;
             }
-            let mut t = txn.open_table(HISTORY).map_err(db_err)?;
-            for ((k, r), v) in &d.history {
-                t.insert((k.as_slice(), *r), v.as_slice()).map_err(db_err)?;
-            }
-            let mut t = txn.open_table(EVENTS).map_err(db_err)?;
-            for (k, v) in &d.events {
-                t.insert(*k, v.as_slice()).map_err(db_err)?;
+            let mut t = txn.open_table(VERSIONS).map_err(db_err)?;
+            let mut index = txn.open_table(KEY_REVS).map_err(db_err)?;
+            for ((rev, sub), row) in &d.versions {
+                let Some((key, rec)) = try_decode_version(row).filter(|(_, rec)| rec.len() >= 32)
+                else {
+                    return Err(db_err(format!(
+                        "snapshot: bad version row at revision {rev}"
+                    )));
+                };
+                t.insert((*rev, *sub), row.as_slice()).map_err(db_err)?;
+                index
+                    .insert((key, *rev), index_entry(*sub, is_tombstone(rec)))
+                    .map_err(db_err)?;
             }
             let mut t = txn.open_table(LEASES).map_err(db_err)?;
             for (k, v) in &d.leases {
@@ -189,7 +183,7 @@ impl Store {
         let db = self.db.read();
         let r = db.begin_read().map_err(db_err)?;
         let fresh = super::applied_in(&r)?.last_applied.is_none()
-            && r.open_table(HISTORY)
+            && r.open_table(VERSIONS)
                 .map_err(db_err)?
                 .is_empty()
                 .map_err(db_err)?
@@ -224,12 +218,14 @@ impl Store {
         txn.set_durability(redb::Durability::Immediate);
         {
             let mut current = txn.open_table(CURRENT).map_err(db_err)?;
-            let mut history = txn.open_table(HISTORY).map_err(db_err)?;
-            let mut events = txn.open_table(EVENTS).map_err(db_err)?;
+            let mut versions_t = txn.open_table(VERSIONS).map_err(db_err)?;
+            let mut index = txn.open_table(KEY_REVS).map_err(db_err)?;
             let mut lease_keys = txn.open_table(LEASE_KEYS).map_err(db_err)?;
             // The newest version of each key decides what is live.
-            let mut newest: std::collections::BTreeMap<&[u8], &cairn_bbolt::etcd::Version> =
-                Default::default();
+            let mut newest: std::collections::BTreeMap<
+                &[u8],
+                (&cairn_bbolt::etcd::Version, Vec<u8>),
+            > = Default::default();
             for v in &versions {
                 let rec = if v.tombstone {
                     encode_tombstone(v.revision)
@@ -243,26 +239,25 @@ impl Store {
                         lease: v.lease,
                     })
                 };
-                history
-                    .insert((v.key.as_slice(), v.revision as u64), rec.as_slice())
-                    .map_err(db_err)?;
-                // The change log is only read above the compact revision.
-                if v.revision > compact {
-                    events
-                        .insert((v.revision as u64, v.sub as u32), v.key.as_slice())
-                        .map_err(db_err)?;
+                if !(0..1 << 31).contains(&v.sub) || v.revision < 0 {
+                    return Err(db_err(format!(
+                        "etcd data: revision {}_{} out of range",
+                        v.revision, v.sub
+                    )));
                 }
-                newest.insert(&v.key, v);
+                let (rev, sub) = (v.revision as u64, v.sub as u32);
+                versions_t
+                    .insert((rev, sub), encode_version(&v.key, &rec).as_slice())
+                    .map_err(db_err)?;
+                index
+                    .insert((v.key.as_slice(), rev), index_entry(sub, v.tombstone))
+                    .map_err(db_err)?;
+                newest.insert(&v.key, (v, rec));
             }
-            for (key, v) in newest {
+            for (key, (v, rec)) in newest {
                 if v.tombstone {
                     continue;
                 }
-                let rec = history
-                    .get((key, v.revision as u64))
-                    .map_err(db_err)?
-                    .map(|g| g.value().to_vec())
-                    .unwrap_or_default();
                 current.insert(key, rec.as_slice()).map_err(db_err)?;
                 if v.lease != 0 {
                     lease_keys.insert((v.lease, key), ()).map_err(db_err)?;

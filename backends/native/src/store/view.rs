@@ -9,13 +9,15 @@ use cairn_backend::{
 };
 use redb::ReadableTable;
 
-use super::codec::{decode_kv, is_tombstone};
-use super::overlay::{merge_current, merge_history, Overlay};
+use super::codec::{decode_kv, decode_version, index_sub, index_tombstone, is_tombstone};
+use super::overlay::{merge_current, merge_history, Overlay, Src};
 
 pub(crate) trait CurrentTable: ReadableTable<&'static [u8], &'static [u8]> {}
 impl<T: ReadableTable<&'static [u8], &'static [u8]>> CurrentTable for T {}
-pub(crate) trait HistoryTable: ReadableTable<(&'static [u8], u64), &'static [u8]> {}
-impl<T: ReadableTable<(&'static [u8], u64), &'static [u8]>> HistoryTable for T {}
+pub(crate) trait IndexTable: ReadableTable<(&'static [u8], u64), u32> {}
+impl<T: ReadableTable<(&'static [u8], u64), u32>> IndexTable for T {}
+pub(crate) trait VersionsTable: ReadableTable<(u64, u32), &'static [u8]> {}
+impl<T: ReadableTable<(u64, u32), &'static [u8]>> VersionsTable for T {}
 pub(crate) trait LeaseTable: ReadableTable<i64, i64> {}
 impl<T: ReadableTable<i64, i64>> LeaseTable for T {}
 
@@ -23,9 +25,18 @@ pub(crate) fn db_err(e: impl std::fmt::Display) -> BackendError {
     BackendError::Internal(format!("storage: {e}"))
 }
 
-pub(crate) struct View<'a, C, H, L> {
+/// The tables a [`View`] reads: CURRENT, KEY_REVS, VERSIONS and LEASES.
+pub(crate) struct ViewTables<'a, C, I, V, L> {
     pub current: &'a C,
-    pub history: &'a H,
+    pub index: &'a I,
+    pub versions: &'a V,
+    pub leases: &'a L,
+}
+
+pub(crate) struct View<'a, C, I, V, L> {
+    pub current: &'a C,
+    pub index: &'a I,
+    pub versions: &'a V,
     pub leases: &'a L,
     /// Applied rows not yet committed to the tables (readers only; an apply reads its own
     /// open write txn, which has them).
@@ -37,18 +48,13 @@ pub(crate) struct View<'a, C, H, L> {
     pub events: Vec<Event>,
 }
 
-impl<'a, C: CurrentTable, H: HistoryTable, L: LeaseTable> View<'a, C, H, L> {
-    pub fn new(
-        current: &'a C,
-        history: &'a H,
-        leases: &'a L,
-        base: Revision,
-        compact: Revision,
-    ) -> Self {
+impl<'a, C: CurrentTable, I: IndexTable, V: VersionsTable, L: LeaseTable> View<'a, C, I, V, L> {
+    pub fn new(t: ViewTables<'a, C, I, V, L>, base: Revision, compact: Revision) -> Self {
         Self {
-            current,
-            history,
-            leases,
+            current: t.current,
+            index: t.index,
+            versions: t.versions,
+            leases: t.leases,
             overlay: None,
             base,
             compact,
@@ -148,9 +154,35 @@ pub(crate) fn current_rows<'t, C: CurrentTable>(
     .map_err(db_err)
 }
 
-/// Scans `range` as of revision `rev` from the HISTORY table.
-pub(crate) fn scan_history<H: HistoryTable>(
-    t: &H,
+/// Where the newest version at or below a read's revision was found.
+enum Found {
+    /// An overlay record (copied).
+    Record(Vec<u8>),
+    /// A KEY_REVS value: the record is in VERSIONS.
+    Indexed(u32),
+}
+
+/// The record of version (`rev`, sub-revision of `entry`) from VERSIONS.
+pub(crate) fn version_record<V: VersionsTable>(
+    versions: &V,
+    rev: u64,
+    entry: u32,
+) -> Result<redb::AccessGuard<'_, &'static [u8]>> {
+    versions
+        .get((rev, index_sub(entry)))
+        .map_err(db_err)?
+        .ok_or_else(|| {
+            db_err(format!(
+                "the index names a version missing at revision {rev}"
+            ))
+        })
+}
+
+/// Scans `range` as of revision `rev` through the KEY_REVS index; a version's record is read
+/// from VERSIONS only when it is the one visited.
+pub(crate) fn scan_history<I: IndexTable, V: VersionsTable>(
+    index: &I,
+    versions: &V,
     ov: Option<&Overlay>,
     range: &KeyRange,
     rev: Revision,
@@ -160,32 +192,60 @@ pub(crate) fn scan_history<H: HistoryTable>(
 ) -> Result<i64> {
     let rev = rev as u64;
     let mut n = 0usize;
-    let mut last: Option<(Vec<u8>, Vec<u8>)> = None;
-    let mut emit = |last: Option<(Vec<u8>, Vec<u8>)>, n: &mut usize| {
-        if let Some((k, v)) = last {
-            if !is_tombstone(&v) {
-                if !count_only && limit.is_none_or(|l| *n < l) {
-                    visit(decode_kv(&k, &v, true));
-                }
-                *n += 1;
-            }
+    // The key being walked and its newest version at or below `rev` so far.
+    let mut last: Option<(Vec<u8>, u64, Found)> = None;
+    let mut emit = |last: Option<(Vec<u8>, u64, Found)>, n: &mut usize| -> Result<()> {
+        let Some((k, r, found)) = last else {
+            return Ok(());
+        };
+        let tombstone = match &found {
+            Found::Record(rec) => is_tombstone(rec),
+            Found::Indexed(entry) => index_tombstone(*entry),
+        };
+        if tombstone {
+            return Ok(());
         }
+        if !count_only && limit.is_none_or(|l| *n < l) {
+            let kv = match found {
+                Found::Record(rec) => decode_kv(&k, &rec, true),
+                Found::Indexed(entry) => {
+                    let row = version_record(versions, r, entry)?;
+                    decode_kv(&k, decode_version(row.value()).1, true)
+                }
+            };
+            visit(kv);
+        }
+        *n += 1;
+        Ok(())
     };
-    let mut step = |key: &[u8], r: u64, v: &[u8]| {
-        if last.as_ref().is_some_and(|(lk, _)| lk.as_slice() != key) {
-            emit(last.take(), &mut n);
+    let mut step = |key: &[u8], r: u64, src: Src<'_>| -> Result<()> {
+        if last.as_ref().is_some_and(|(lk, _, _)| lk.as_slice() != key) {
+            emit(last.take(), &mut n)?;
         }
         if r <= rev {
-            last = Some((key.to_vec(), v.to_vec()));
+            let found = match src {
+                Src::Overlay(rec) => Found::Record(rec.to_vec()),
+                Src::Table(entry) => Found::Indexed(entry),
+            };
+            match &mut last {
+                Some((_, lr, lf)) => {
+                    *lr = r;
+                    *lf = found;
+                }
+                None => last = Some((key.to_vec(), r, found)),
+            }
         }
+        Ok(())
     };
     let empty = Overlay::default();
-    merge_history(t, ov.unwrap_or(&empty), range, rev, &mut step)?;
-    emit(last.take(), &mut n);
+    merge_history(index, ov.unwrap_or(&empty), range, rev, &mut step)?;
+    emit(last.take(), &mut n)?;
     Ok(n as i64)
 }
 
-impl<C: CurrentTable, H: HistoryTable, L: LeaseTable> TxnView for View<'_, C, H, L> {
+impl<C: CurrentTable, I: IndexTable, V: VersionsTable, L: LeaseTable> TxnView
+    for View<'_, C, I, V, L>
+{
     fn base_revision(&self) -> Revision {
         self.base
     }
@@ -236,7 +296,8 @@ impl<C: CurrentTable, H: HistoryTable, L: LeaseTable> TxnView for View<'_, C, H,
     ) -> Result<(Vec<KeyValue>, i64)> {
         let mut kvs = Vec::new();
         let count = scan_history(
-            self.history,
+            self.index,
+            self.versions,
             self.overlay,
             range,
             rev,
