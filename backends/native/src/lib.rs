@@ -965,7 +965,11 @@ impl Backend for NativeBackend {
     async fn status(&self) -> Result<BackendStatus> {
         let m = self.raft.metrics().borrow().clone();
         let (revision, compact_revision) = self.store.current();
-        let (db_size, db_size_in_use) = self.store.sizes()?;
+        // The in-use bytes as the quota sees them: measuring walks every tree, so it is done
+        // only as often as the quota does it (the header's term refresh calls this each second).
+        let store = self.store.clone();
+        let db_size_in_use = blocking(move || store.in_use()).await?;
+        let db_size = self.store.file_size();
         Ok(BackendStatus {
             revision,
             compact_revision,
