@@ -45,7 +45,7 @@ use crate::types::{Command, CommandResult, LogId, StoredMembership};
 /// Longest time between synced commits of the state machine.
 const SYNC_EVERY: Duration = Duration::from_millis(1000);
 /// Longest time applied rows wait in the open write txn before it is committed.
-const FLUSH_EVERY: Duration = Duration::from_millis(100);
+const FLUSH_EVERY: Duration = Duration::from_millis(1000);
 /// Most history rows in the open write txn (and the overlay) before it is committed.
 const FLUSH_ROWS: usize = 10_000;
 /// Longest time the quota check relies on an estimate of the in-use bytes.
