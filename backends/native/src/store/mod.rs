@@ -79,6 +79,11 @@ pub(crate) struct Store {
     written_since: AtomicI64,
     /// When the last measurement was taken, and how long it took.
     measured_at: Mutex<(Instant, Duration)>,
+    /// Held while deciding to measure and measuring, so that callers who all find the
+    /// estimate due (every write at once, under load) measure once, not once each.
+    measuring: Mutex<()>,
+    /// Measurements taken since the store was opened.
+    measurements: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for Store {
@@ -151,6 +156,8 @@ impl Store {
             measured_in_use: AtomicI64::new(0),
             written_since: AtomicI64::new(0),
             measured_at: Mutex::new((Instant::now(), Duration::ZERO)),
+            measuring: Mutex::new(()),
+            measurements: Default::default(),
         });
         store.sizes()?;
         store.reset_lease_clock()?;
@@ -491,6 +498,7 @@ impl Store {
         self.measured_in_use.store(in_use, Ordering::Relaxed);
         self.written_since.store(0, Ordering::Relaxed);
         *self.measured_at.lock() = (Instant::now(), started.elapsed());
+        self.measurements.fetch_add(1, Ordering::Relaxed);
         Ok((self.file_size(), in_use))
     }
 
@@ -498,6 +506,11 @@ impl Store {
     /// over-estimate: deletes and compaction are not subtracted until the next measurement),
     /// measured afresh when that is due (measuring walks the trees; see [`MEASURE_SHARE`]).
     pub fn in_use(&self) -> Result<i64> {
+        if let Some(v) = self.in_use_estimate() {
+            return Ok(v);
+        }
+        let _one = self.measuring.lock();
+        // Another caller may have measured while this one waited.
         match self.in_use_estimate() {
             Some(v) => Ok(v),
             None => Ok(self.sizes()?.1),
@@ -521,6 +534,7 @@ impl Store {
     /// The in-use bytes to refuse a write on: the estimate only grows between measurements,
     /// so it is measured again first unless that was done very recently.
     pub fn in_use_before_refusing(&self) -> Result<i64> {
+        let _one = self.measuring.lock();
         let (at, cost) = *self.measured_at.lock();
         if at.elapsed() >= MEASURE_EVERY.max(cost * 10) {
             return Ok(self.sizes()?.1);
@@ -1317,5 +1331,38 @@ mod tests {
         drop(store);
         let db = Database::create(&path).unwrap();
         assert_eq!(migrate::from_history_table(&db).unwrap(), 0);
+    }
+
+    /// Writers that all find the in-use estimate due at once (256 clients under load) cause
+    /// one measurement, not one each: each walks every tree with applies held off.
+    #[test]
+    fn a_due_measurement_is_taken_once_for_concurrent_callers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb"), 1 << 20).unwrap();
+        for i in 0..50 {
+            store
+                .apply(vec![entry(i + 1, put(&format!("k{i}"), "v"))])
+                .unwrap();
+        }
+        let before = store.measurements.load(Ordering::Relaxed);
+        // Due: the last measurement is older than any period.
+        *store.measured_at.lock() = (Instant::now() - MEASURE_EVERY * 2, Duration::from_micros(1));
+        assert!(store.in_use_estimate().is_none());
+        // Applies are held off (as by a long apply) while the callers arrive, so all of them
+        // find the measurement due before any measurement can finish.
+        let writer = store.writer.lock();
+        let results: Vec<i64> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..16)
+                .map(|_| s.spawn(|| store.in_use().unwrap()))
+                .collect();
+            std::thread::sleep(Duration::from_millis(300));
+            drop(writer);
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(store.measurements.load(Ordering::Relaxed) - before, 1);
+        assert!(
+            results.iter().all(|&v| v > 0 && v == results[0]),
+            "{results:?}"
+        );
     }
 }
