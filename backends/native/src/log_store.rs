@@ -86,16 +86,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let records: Vec<Record> = entries.into_iter().map(Record::Entry).collect();
+        // Encoded first, so the entries can then move into the in-memory log (no copy of a
+        // group-commit entry's requests).
+        let job = self.wal.encode(&records).map_err(write_err)?;
         {
             let mut st = self.wal.state.lock();
-            for r in &records {
+            for r in records {
                 if let Record::Entry(e) = r {
-                    st.entries.insert(e.log_id.index, e.clone());
+                    st.entries.insert(e.log_id.index, e);
                 }
             }
         }
         self.wal
-            .submit(&records, Done::Flushed(callback))
+            .submit_encoded(job, Done::Flushed(callback))
             .map_err(write_err)
     }
 

@@ -86,6 +86,12 @@ pub(crate) enum Done {
     Nothing,
 }
 
+/// Records encoded by [`Wal::encode`], not yet queued.
+pub(crate) struct Encoded {
+    bytes: Vec<u8>,
+    max_index: Option<u64>,
+}
+
 struct Job {
     bytes: Vec<u8>,
     max_index: Option<u64>,
@@ -137,6 +143,12 @@ impl Wal {
 
     /// Queues records for writing; `done` runs once they are durable (or failed).
     pub fn submit(&self, records: &[Record], done: Done) -> io::Result<()> {
+        let job = self.encode(records)?;
+        self.submit_encoded(job, done)
+    }
+
+    /// Records framed for the log, to queue with [`Wal::submit_encoded`].
+    pub fn encode(&self, records: &[Record]) -> io::Result<Encoded> {
         let mut bytes = Vec::new();
         let mut max_index = None;
         for r in records {
@@ -145,10 +157,15 @@ impl Wal {
             }
             encode(r, &mut bytes)?;
         }
+        Ok(Encoded { bytes, max_index })
+    }
+
+    /// Queues encoded records for writing; `done` runs once they are durable (or failed).
+    pub fn submit_encoded(&self, job: Encoded, done: Done) -> io::Result<()> {
         self.tx
             .send(Job {
-                bytes,
-                max_index,
+                bytes: job.bytes,
+                max_index: job.max_index,
                 done,
             })
             .map_err(|_| io::Error::other("write-ahead log writer stopped"))
