@@ -54,8 +54,7 @@ pub fn from_history_table(db: &Database) -> anyhow::Result<usize> {
                     *n - 1
                 }
             };
-            versions.insert((rev, sub), encode_version(key, rec).as_slice())?;
-            index.insert((key, rev), index_entry(sub, is_tombstone(rec)))?;
+            super::insert_version(&mut versions, &mut index, key, rev, sub, rec)?;
             moved += 1;
         }
     }

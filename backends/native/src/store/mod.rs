@@ -622,6 +622,25 @@ fn open_db(path: &Path, cache_bytes: usize) -> anyhow::Result<Database> {
     }
 }
 
+/// Writes one version: its VERSIONS row and its one KEY_REVS entry (whose tombstone mark comes
+/// from the record). Every writer of versions goes through here.
+pub(crate) fn insert_version(
+    versions: &mut redb::Table<'_, (u64, u32), &'static [u8]>,
+    index: &mut redb::Table<'_, (&'static [u8], u64), u32>,
+    key: &[u8],
+    rev: u64,
+    sub: u32,
+    rec: &[u8],
+) -> Result<()> {
+    versions
+        .insert((rev, sub), encode_version(key, rec).as_slice())
+        .map_err(db_err)?;
+    index
+        .insert((key, rev), index_entry(sub, is_tombstone(rec)))
+        .map_err(db_err)?;
+    Ok(())
+}
+
 /// A [`View`] of a redb read txn.
 type ReadView<'a> = View<
     'a,
@@ -852,15 +871,14 @@ impl<'t> Tables<'t> {
                     encode_tombstone(rev)
                 }
             };
-            self.versions
-                .insert((rev as u64, sub), encode_version(key, &rec).as_slice())
-                .map_err(db_err)?;
-            self.index
-                .insert(
-                    (key, rev as u64),
-                    index_entry(sub, ev.kind == EventKind::Delete),
-                )
-                .map_err(db_err)?;
+            insert_version(
+                &mut self.versions,
+                &mut self.index,
+                key,
+                rev as u64,
+                sub,
+                &rec,
+            )?;
         }
         Ok(ChangeBatch {
             revision: rev,

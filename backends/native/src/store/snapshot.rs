@@ -132,10 +132,7 @@ impl Store {
                         "snapshot: bad version row at revision {rev}"
                     )));
                 };
-                t.insert((*rev, *sub), row.as_slice()).map_err(db_err)?;
-                index
-                    .insert((key, *rev), index_entry(*sub, is_tombstone(rec)))
-                    .map_err(db_err)?;
+                super::insert_version(&mut t, &mut index, key, *rev, *sub, rec)?;
             }
             let mut t = txn.open_table(LEASES).map_err(db_err)?;
             for (k, v) in &d.leases {
@@ -246,12 +243,7 @@ impl Store {
                     )));
                 }
                 let (rev, sub) = (v.revision as u64, v.sub as u32);
-                versions_t
-                    .insert((rev, sub), encode_version(&v.key, &rec).as_slice())
-                    .map_err(db_err)?;
-                index
-                    .insert((v.key.as_slice(), rev), index_entry(sub, v.tombstone))
-                    .map_err(db_err)?;
+                super::insert_version(&mut versions_t, &mut index, &v.key, rev, sub, &rec)?;
                 newest.insert(&v.key, (v, rec));
             }
             for (key, (v, rec)) in newest {
