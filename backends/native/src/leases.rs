@@ -66,15 +66,19 @@ impl LeaseClock {
         Some(l.ttl)
     }
 
-    /// Whole seconds left (truncated, as etcd reports them).
-    pub fn remaining(&self, id: LeaseId) -> Option<i64> {
+    /// The granted TTL and the whole seconds left (truncated, as etcd reports them), if the
+    /// lease exists.
+    pub fn get(&self, id: LeaseId) -> Option<(i64, i64)> {
         let m = self.inner.lock();
         let l = m.get(&id)?;
-        Some(
-            l.deadline
-                .saturating_duration_since(Instant::now())
-                .as_secs() as i64,
-        )
+        Some((l.ttl, whole_secs_left(l.deadline)))
+    }
+
+    /// Every lease, in id order.
+    pub fn ids(&self) -> Vec<LeaseId> {
+        let mut ids: Vec<LeaseId> = self.inner.lock().keys().copied().collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Leases past their deadline that nobody is revoking yet; marks them as being revoked.
@@ -97,6 +101,10 @@ impl LeaseClock {
             l.expiring = false;
         }
     }
+}
+
+fn whole_secs_left(deadline: Instant) -> i64 {
+    deadline.saturating_duration_since(Instant::now()).as_secs() as i64
 }
 
 fn secs(ttl: i64) -> Duration {

@@ -59,12 +59,13 @@ impl Command {
         }
     }
 
-    /// Whether this command (every command of a batch) is a txn: the only commands whose
-    /// changes readers see through the store's overlay before they are committed.
-    pub fn only_txns(&self) -> bool {
+    /// Whether readers see this command's effects before the state machine commits them:
+    /// a txn's puts and deletes through the overlay, a lease grant or revoke through the lease
+    /// clock (which answers lease lookups and listings).
+    pub fn visible_uncommitted(&self) -> bool {
         match self {
-            Command::Txn(_) => true,
-            Command::Batch(cmds) => cmds.iter().all(Command::only_txns),
+            Command::Txn(_) | Command::LeaseGrant { .. } | Command::LeaseRevoke { .. } => true,
+            Command::Batch(cmds) => cmds.iter().all(Command::visible_uncommitted),
             _ => false,
         }
     }

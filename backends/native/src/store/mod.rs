@@ -160,12 +160,21 @@ impl Store {
             measurements: Default::default(),
         });
         store.sizes()?;
-        store.reset_lease_clock()?;
+        store.load_lease_clock()?;
         Ok(store)
     }
 
     /// Gives every stored lease a full TTL from now (as etcd does when a leader takes over).
     pub fn reset_lease_clock(&self) -> Result<()> {
+        // Grants and revokes are applied without a commit (the clock answers for them), so
+        // commit before reading the table.
+        self.flush()?;
+        self.load_lease_clock()
+    }
+
+    /// Loads the lease clock from the committed LEASES table; the caller knows nothing is
+    /// applied but uncommitted (after opening, installing a snapshot or importing).
+    fn load_lease_clock(&self) -> Result<()> {
         let db = self.db.read();
         let r = db.begin_read().map_err(db_err)?;
         let t = r.open_table(LEASES).map_err(db_err)?;
@@ -250,7 +259,7 @@ impl Store {
                         CommandResult::None
                     }
                     openraft::EntryPayload::Normal(cmd) => {
-                        flush |= !cmd.only_txns();
+                        flush |= !cmd.visible_uncommitted();
                         self.applied_requests
                             .fetch_add(cmd.count(), Ordering::Relaxed);
                         let (res, batch) =
@@ -387,22 +396,17 @@ impl Store {
         f(&mut view)
     }
 
+    /// A lease's TTLs from the lease clock (which mirrors every applied grant and revoke, so a
+    /// grant need not be committed to be seen), and its keys from the committed LEASE_KEYS.
     pub fn lease_info(&self, id: LeaseId, keys: bool) -> Result<LeaseInfo> {
-        if keys {
-            self.flush()?;
-        }
-        let db = self.db.read();
-        let r = db.begin_read().map_err(db_err)?;
-        let leases = r.open_table(LEASES).map_err(db_err)?;
-        let Some(granted) = leases.get(id).map_err(db_err)?.map(|v| v.value()) else {
+        let Some((granted, ttl)) = self.leases.get(id) else {
             return Err(BackendError::LeaseNotFound);
         };
-        let ttl = self
-            .leases
-            .remaining(id)
-            .ok_or(BackendError::LeaseNotFound)?;
         let mut out = Vec::new();
         if keys {
+            self.flush()?;
+            let db = self.db.read();
+            let r = db.begin_read().map_err(db_err)?;
             let lk = r.open_table(LEASE_KEYS).map_err(db_err)?;
             for item in lk.range::<(i64, &[u8])>((id, &[][..])..).map_err(db_err)? {
                 let (k, _) = item.map_err(db_err)?;
@@ -422,15 +426,9 @@ impl Store {
         })
     }
 
+    /// Every lease, in id order, from the lease clock.
     pub fn lease_ids(&self) -> Result<Vec<LeaseId>> {
-        let db = self.db.read();
-        let r = db.begin_read().map_err(db_err)?;
-        let leases = r.open_table(LEASES).map_err(db_err)?;
-        let mut out = Vec::new();
-        for item in leases.iter().map_err(db_err)? {
-            out.push(item.map_err(db_err)?.0.value());
-        }
-        Ok(out)
+        Ok(self.leases.ids())
     }
 
     pub fn doc(&self, name: &str) -> Result<Option<cairn_backend::Doc>> {
@@ -1382,5 +1380,44 @@ mod tests {
             results.iter().all(|&v| v > 0 && v == results[0]),
             "{results:?}"
         );
+    }
+
+    /// A lease grant or revoke is applied without a commit (its txn stays open), yet lease
+    /// lookups, listings and a leader's reset of the lease clock all see it at once.
+    #[test]
+    fn lease_changes_are_seen_before_they_are_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb"), 1 << 20).unwrap();
+        let grant = |id| Command::LeaseGrant { id, ttl: 60 };
+        store
+            .apply(vec![entry(1, grant(7)), entry(2, grant(9))])
+            .unwrap();
+        assert!(
+            store.writer.lock().txn.is_some(),
+            "a grant committed the txn"
+        );
+        assert_eq!(store.lease_ids().unwrap(), vec![7, 9]);
+        let info = store.lease_info(9, false).unwrap();
+        assert_eq!(info.granted_ttl, 60);
+        assert!((1..=60).contains(&info.ttl), "ttl {}", info.ttl);
+        store
+            .apply(vec![entry(3, Command::LeaseRevoke { id: 7 })])
+            .unwrap();
+        assert!(
+            store.writer.lock().txn.is_some(),
+            "a revoke committed the txn"
+        );
+        assert!(matches!(
+            store.lease_info(7, false),
+            Err(BackendError::LeaseNotFound)
+        ));
+        // A new leader reloads the clock from the table: the uncommitted changes are there.
+        store.reset_lease_clock().unwrap();
+        assert_eq!(store.lease_ids().unwrap(), vec![9]);
+        // And they are durable once committed: a reopened store has the same leases.
+        store.sync().unwrap();
+        drop(store);
+        let store = Store::open(&dir.path().join("s.redb"), 1 << 20).unwrap();
+        assert_eq!(store.lease_ids().unwrap(), vec![9]);
     }
 }

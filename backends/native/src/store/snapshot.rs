@@ -166,7 +166,7 @@ impl Store {
         self.compact
             .store(compact, std::sync::atomic::Ordering::Release);
         drop(db);
-        self.reset_lease_clock()
+        self.load_lease_clock()
     }
 }
 
@@ -277,7 +277,7 @@ impl Store {
             .store(compact, std::sync::atomic::Ordering::Release);
         drop(db);
         drop(w);
-        self.reset_lease_clock()?;
+        self.load_lease_clock()?;
         Ok(true)
     }
 
