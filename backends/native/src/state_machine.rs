@@ -21,8 +21,8 @@ fn sm_err(e: impl std::fmt::Display) -> StorageError {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, StorageError> {
-    // On a multi-thread runtime run in place (no thread hop on the apply path); elsewhere
-    // (a current-thread test runtime) hand it to the blocking pool.
+    // Snapshots and installs may take long: on a multi-thread runtime hand the worker off and
+    // run in place; elsewhere (a current-thread test runtime) use the blocking pool.
     match tokio::runtime::Handle::current().runtime_flavor() {
         tokio::runtime::RuntimeFlavor::MultiThread => Ok(tokio::task::block_in_place(f)),
         _ => tokio::task::spawn_blocking(f).await.map_err(sm_err),
@@ -77,10 +77,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let store = self.store.clone();
-        blocking(move || store.apply(entries))
-            .await?
-            .map_err(sm_err)
+        // Called in place on the runtime worker: an apply is short (rows go into the open redb
+        // txn), and handing the worker off with block_in_place for each one cost a thread
+        // wake-up per entry (put at 16 clients: ~125-144 -> 107-118 us of server CPU per op).
+        self.store.apply(entries).map_err(sm_err)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
