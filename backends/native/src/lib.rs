@@ -587,6 +587,12 @@ impl NativeBackend {
     }
 }
 
+/// Whether every op is a single-key range: cheap enough to run on a runtime worker.
+fn point_reads(ops: &[cairn_backend::RequestOp]) -> bool {
+    ops.iter()
+        .all(|op| matches!(op, cairn_backend::RequestOp::Range(r) if r.range.is_single()))
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
@@ -837,6 +843,10 @@ impl NativeBackend {
                 .change_members(change)
                 .await
                 .map(|()| PeerResponse::Done),
+            PeerRequest::TimeToLive { id, keys: false } => self
+                .store
+                .lease_info(id, false)
+                .map(PeerResponse::TimeToLive),
             PeerRequest::TimeToLive { id, keys } => {
                 let store = self.store.clone();
                 blocking(move || store.lease_info(id, keys))
@@ -865,6 +875,10 @@ impl Backend for NativeBackend {
         if !req.serializable {
             self.read_barrier().await?;
         }
+        if req.range.is_single() {
+            // A point read takes microseconds: in place, not through the blocking pool.
+            return self.store.range(&req);
+        }
         let store = self.store.clone();
         blocking(move || store.range(&req)).await
     }
@@ -872,6 +886,9 @@ impl Backend for NativeBackend {
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
         if !req.has_writes() {
             self.read_barrier().await?;
+            if point_reads(&req.success) && point_reads(&req.failure) {
+                return self.store.read_txn(&req);
+            }
             let store = self.store.clone();
             return blocking(move || store.read_txn(&req)).await;
         }
@@ -958,8 +975,8 @@ impl Backend for NativeBackend {
     }
 
     async fn lease_leases(&self) -> Result<Vec<LeaseId>> {
-        let store = self.store.clone();
-        blocking(move || store.lease_ids()).await
+        // The lease clock answers: no storage read.
+        self.store.lease_ids()
     }
 
     async fn status(&self) -> Result<BackendStatus> {
