@@ -126,6 +126,9 @@ pub struct NativeBackend {
     /// request timeout: 5 s plus two election timeouts).
     request_timeout: Duration,
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Multi-key reads running on the blocking pool at once: more than the cores can run only
+    /// adds threads that take turns (256 concurrent lists made 256 threads).
+    reads: Arc<tokio::sync::Semaphore>,
 }
 
 impl NativeBackend {
@@ -240,6 +243,9 @@ impl NativeBackend {
             peers,
             request_timeout: Duration::from_millis(5_000 + 2 * election),
             tasks: parking_lot::Mutex::new(Vec::new()),
+            reads: Arc::new(tokio::sync::Semaphore::new(
+                2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
         });
         let tasks = vec![
             proposer_task,
@@ -879,6 +885,7 @@ impl Backend for NativeBackend {
             // A point read takes microseconds: in place, not through the blocking pool.
             return self.store.range(&req);
         }
+        let _slot = self.reads.acquire().await.map_err(BackendError::internal)?;
         let store = self.store.clone();
         blocking(move || store.range(&req)).await
     }
@@ -889,6 +896,7 @@ impl Backend for NativeBackend {
             if point_reads(&req.success) && point_reads(&req.failure) {
                 return self.store.read_txn(&req);
             }
+            let _slot = self.reads.acquire().await.map_err(BackendError::internal)?;
             let store = self.store.clone();
             return blocking(move || store.read_txn(&req)).await;
         }
