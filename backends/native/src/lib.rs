@@ -128,7 +128,7 @@ pub struct NativeBackend {
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Multi-key reads running on the blocking pool at once: more than the cores can run only
     /// adds threads that take turns (256 concurrent lists made 256 threads).
-    reads: Arc<tokio::sync::Semaphore>,
+    reads: tokio::sync::Semaphore,
 }
 
 impl NativeBackend {
@@ -243,9 +243,9 @@ impl NativeBackend {
             peers,
             request_timeout: Duration::from_millis(5_000 + 2 * election),
             tasks: parking_lot::Mutex::new(Vec::new()),
-            reads: Arc::new(tokio::sync::Semaphore::new(
+            reads: tokio::sync::Semaphore::new(
                 2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
-            )),
+            ),
         });
         let tasks = vec![
             proposer_task,
@@ -591,6 +591,21 @@ impl NativeBackend {
         }
         Ok(())
     }
+
+    /// Runs a read of the store: a point read (microseconds) in place on the runtime worker,
+    /// anything else on the blocking pool, at most [`NativeBackend::reads`] such reads at once.
+    async fn read<T: Send + 'static>(
+        &self,
+        point: bool,
+        f: impl FnOnce(&Store) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        if point {
+            return f(&self.store);
+        }
+        let _slot = self.reads.acquire().await.map_err(BackendError::internal)?;
+        let store = self.store.clone();
+        blocking(move || f(&store)).await
+    }
 }
 
 /// Whether every op is a single-key range: cheap enough to run on a runtime worker.
@@ -849,16 +864,11 @@ impl NativeBackend {
                 .change_members(change)
                 .await
                 .map(|()| PeerResponse::Done),
-            PeerRequest::TimeToLive { id, keys: false } => self
-                .store
-                .lease_info(id, false)
+            // Without keys the lease clock answers; with them the store is read.
+            PeerRequest::TimeToLive { id, keys } => self
+                .read(!keys, move |store| store.lease_info(id, keys))
+                .await
                 .map(PeerResponse::TimeToLive),
-            PeerRequest::TimeToLive { id, keys } => {
-                let store = self.store.clone();
-                blocking(move || store.lease_info(id, keys))
-                    .await
-                    .map(PeerResponse::TimeToLive)
-            }
         };
         r.unwrap_or_else(PeerResponse::Err)
     }
@@ -881,24 +891,15 @@ impl Backend for NativeBackend {
         if !req.serializable {
             self.read_barrier().await?;
         }
-        if req.range.is_single() {
-            // A point read takes microseconds: in place, not through the blocking pool.
-            return self.store.range(&req);
-        }
-        let _slot = self.reads.acquire().await.map_err(BackendError::internal)?;
-        let store = self.store.clone();
-        blocking(move || store.range(&req)).await
+        self.read(req.range.is_single(), move |store| store.range(&req))
+            .await
     }
 
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
         if !req.has_writes() {
             self.read_barrier().await?;
-            if point_reads(&req.success) && point_reads(&req.failure) {
-                return self.store.read_txn(&req);
-            }
-            let _slot = self.reads.acquire().await.map_err(BackendError::internal)?;
-            let store = self.store.clone();
-            return blocking(move || store.read_txn(&req)).await;
+            let point = point_reads(&req.success) && point_reads(&req.failure);
+            return self.read(point, move |store| store.read_txn(&req)).await;
         }
         self.check_quota(quota::txn_cost(&req)).await?;
         match self.propose(Command::Txn(req)).await? {
