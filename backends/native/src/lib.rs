@@ -17,6 +17,7 @@ mod log_store;
 mod network;
 mod peer;
 mod proposer;
+mod raft_thread;
 mod state_machine;
 mod store;
 pub mod types;
@@ -129,6 +130,8 @@ pub struct NativeBackend {
     /// Multi-key reads running on the blocking pool at once: more than the cores can run only
     /// adds threads that take turns (256 concurrent lists made 256 threads).
     reads: tokio::sync::Semaphore,
+    /// Last field: dropped after everything that talks to raft.
+    _raft_thread: raft_thread::RaftThread,
 }
 
 impl NativeBackend {
@@ -195,7 +198,16 @@ impl NativeBackend {
         let network = PeerNetwork {
             peers: peers.clone(),
         };
-        let raft = Raft::new(node_id, Arc::new(config), network, LogStore::new(wal), sm).await?;
+        let raft_thread = raft_thread::RaftThread::start()?;
+        let raft = raft_thread
+            .run(Raft::new(
+                node_id,
+                Arc::new(config),
+                network,
+                LogStore::new(wal),
+                sm,
+            ))
+            .await?;
         if !raft.is_initialized().await? && !cfg.join_existing {
             let mut members = BTreeMap::new();
             if clustered {
@@ -226,7 +238,12 @@ impl NativeBackend {
                 .current_leader(node_id, "single voter elects itself")
                 .await?;
         }
-        let (proposer, proposer_task) = proposer::Proposer::start(raft.clone());
+        let (proposer, proposer_task) = {
+            let raft = raft.clone();
+            raft_thread
+                .run(async move { proposer::Proposer::start(raft) })
+                .await
+        };
         let backend = Arc::new(NativeBackend {
             raft,
             proposer,
@@ -246,6 +263,7 @@ impl NativeBackend {
             reads: tokio::sync::Semaphore::new(
                 2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
+            _raft_thread: raft_thread,
         });
         let tasks = vec![
             proposer_task,

@@ -18,15 +18,11 @@ fn sm_err(e: impl std::fmt::Display) -> StorageError {
     StorageIOError::write_state_machine(&std::io::Error::other(e.to_string())).into()
 }
 
+/// Snapshots and installs may take long: they go to the blocking pool, not the raft thread.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, StorageError> {
-    // Snapshots and installs may take long: on a multi-thread runtime hand the worker off and
-    // run in place; elsewhere (a current-thread test runtime) use the blocking pool.
-    match tokio::runtime::Handle::current().runtime_flavor() {
-        tokio::runtime::RuntimeFlavor::MultiThread => Ok(tokio::task::block_in_place(f)),
-        _ => tokio::task::spawn_blocking(f).await.map_err(sm_err),
-    }
+    tokio::task::spawn_blocking(f).await.map_err(sm_err)
 }
 
 impl StateMachine {
