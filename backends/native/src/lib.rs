@@ -141,7 +141,6 @@ impl NativeBackend {
     /// ([`NativeBackend::wait_ready`]).
     pub async fn open(cfg: NativeConfig) -> anyhow::Result<Arc<NativeBackend>> {
         std::fs::create_dir_all(&cfg.data_dir)?;
-        let wal = wal::Wal::open(&cfg.data_dir.join("wal"), cfg.slow_disk)?;
         let store = Store::open(&cfg.data_dir.join("state.redb"), CACHE_BYTES)?;
         if let Some(etcd) = &cfg.import {
             if store.import_etcd(etcd)? {
@@ -164,6 +163,7 @@ impl NativeBackend {
             .count()
             > 1;
         let clustered = cfg.initial_cluster.len() > 1 || cfg.join_existing || grown;
+        let wal = wal::Wal::open(&cfg.data_dir.join("wal"), cfg.slow_disk, !clustered)?;
         let (heartbeat, election) = if clustered {
             // etcd's --heartbeat-interval and --election-timeout, in milliseconds.
             let hb = cfg.heartbeat_interval_ms.max(10);

@@ -110,14 +110,24 @@ struct Job {
 #[derive(Clone)]
 pub(crate) struct Wal {
     pub state: Arc<Mutex<LogState>>,
-    tx: mpsc::Sender<Job>,
+    sink: Sink,
+}
+
+/// Who writes: the `cairn-wal` thread, or the submitter itself (see [`Wal::open`]).
+#[derive(Clone)]
+enum Sink {
+    Thread(mpsc::Sender<Job>),
+    Inline(Arc<Mutex<Writer>>),
 }
 
 impl Wal {
-    /// Opens (or creates) the log in `dir`, replays it and starts the writer thread.
-    /// `fsync_delay` makes every fsync take that much longer (fault injection; zero normally).
-    pub fn open(dir: &Path, fsync_delay: std::time::Duration) -> io::Result<Wal> {
-        Self::open_with(dir, fsync_delay, SEGMENT_BYTES)
+    /// Opens (or creates) the log in `dir` and replays it. `inline`: writes and fsyncs run on
+    /// the submitter's thread (a single node's raft thread, which has nothing else to do while
+    /// an entry is being made durable); otherwise on a writer thread of the log's own, so a
+    /// member of a cluster keeps heartbeating meanwhile. `fsync_delay` makes every fsync take
+    /// that much longer (fault injection; zero normally).
+    pub fn open(dir: &Path, fsync_delay: std::time::Duration, inline: bool) -> io::Result<Wal> {
+        Self::open_with(dir, fsync_delay, SEGMENT_BYTES, inline)
     }
 
     /// [`Wal::open`] with segments of about `segment_bytes` each.
@@ -125,6 +135,7 @@ impl Wal {
         dir: &Path,
         fsync_delay: std::time::Duration,
         segment_bytes: u64,
+        inline: bool,
     ) -> io::Result<Wal> {
         fs::create_dir_all(dir)?;
         let mut segments = list_segments(dir)?;
@@ -144,7 +155,6 @@ impl Wal {
         };
         let allocated = file.metadata()?.len();
         let state = Arc::new(Mutex::new(state));
-        let (tx, rx) = mpsc::channel();
         let writer = Writer {
             dir: dir.to_path_buf(),
             file,
@@ -157,10 +167,16 @@ impl Wal {
             failed: None,
             fsync_delay,
         };
-        std::thread::Builder::new()
-            .name("cairn-wal".into())
-            .spawn(move || writer.run(rx))?;
-        Ok(Wal { state, tx })
+        let sink = if inline {
+            Sink::Inline(Arc::new(Mutex::new(writer)))
+        } else {
+            let (tx, rx) = mpsc::channel();
+            std::thread::Builder::new()
+                .name("cairn-wal".into())
+                .spawn(move || writer.run(rx))?;
+            Sink::Thread(tx)
+        };
+        Ok(Wal { state, sink })
     }
 
     /// Queues records for writing; `done` runs once they are durable (or failed).
@@ -184,13 +200,20 @@ impl Wal {
 
     /// Queues encoded records for writing; `done` runs once they are durable (or failed).
     pub fn submit_encoded(&self, job: Encoded, done: Done) -> io::Result<()> {
-        self.tx
-            .send(Job {
-                bytes: job.bytes,
-                max_index: job.max_index,
-                done,
-            })
-            .map_err(|_| io::Error::other("write-ahead log writer stopped"))
+        let job = Job {
+            bytes: job.bytes,
+            max_index: job.max_index,
+            done,
+        };
+        match &self.sink {
+            Sink::Thread(tx) => tx
+                .send(job)
+                .map_err(|_| io::Error::other("write-ahead log writer stopped")),
+            Sink::Inline(w) => {
+                w.lock().process(vec![job]);
+                Ok(())
+            }
+        }
     }
 
     /// Writes records and waits until they are durable.
@@ -328,25 +351,31 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let result = self.write_batch(&batch);
-            for job in batch {
-                let r = result
-                    .as_ref()
-                    .map(|_| ())
-                    .map_err(|e| io::Error::other(e.clone()));
-                match job.done {
-                    Done::Flushed(cb) => cb.log_io_completed(r),
-                    Done::Notify(tx) => {
-                        let _ = tx.send(r);
-                    }
-                    Done::Nothing => {}
+            self.process(batch);
+        }
+    }
+
+    /// Writes a batch of jobs (one fsync if any job waits for it), tells each job's waiter,
+    /// and starts a new segment when this one is full.
+    fn process(&mut self, batch: Vec<Job>) {
+        let result = self.write_batch(&batch);
+        for job in batch {
+            let r = result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| io::Error::other(e.clone()));
+            match job.done {
+                Done::Flushed(cb) => cb.log_io_completed(r),
+                Done::Notify(tx) => {
+                    let _ = tx.send(r);
                 }
+                Done::Nothing => {}
             }
-            if result.is_ok() && self.written >= self.segment_bytes {
-                if let Err(e) = self.rotate() {
-                    tracing::error!(error = %e, "write-ahead log rotation failed");
-                    self.failed = Some(e.to_string());
-                }
+        }
+        if result.is_ok() && self.written >= self.segment_bytes {
+            if let Err(e) = self.rotate() {
+                tracing::error!(error = %e, "write-ahead log rotation failed");
+                self.failed = Some(e.to_string());
             }
         }
     }
@@ -480,18 +509,19 @@ mod tests {
     }
 
     /// Records written after a reopen follow the earlier ones (not the zeros written ahead),
-    /// across segment rotations; finished segments end with their last record.
+    /// across segment rotations; finished segments end with their last record. Rounds
+    /// alternate between the writer thread and writing inline.
     #[tokio::test]
     async fn records_follow_each_other_across_reopens_and_rotations() {
         let dir = tempfile::tempdir().unwrap();
         for round in 0..4u64 {
-            let wal = Wal::open_with(dir.path(), Duration::ZERO, 512).unwrap();
+            let wal = Wal::open_with(dir.path(), Duration::ZERO, 512, round % 2 == 1).unwrap();
             assert_eq!(indexes(&wal), (1..=round * 60).collect::<Vec<_>>());
             for i in 1..=60 {
                 wal.write_sync(&[entry(round * 60 + i)]).await.unwrap();
             }
         }
-        let wal = Wal::open_with(dir.path(), Duration::ZERO, 512).unwrap();
+        let wal = Wal::open_with(dir.path(), Duration::ZERO, 512, true).unwrap();
         assert_eq!(indexes(&wal), (1..=240).collect::<Vec<_>>());
         let segs = segments(dir.path());
         assert!(segs.len() >= 2, "no rotation happened: {segs:?}");
@@ -515,7 +545,7 @@ mod tests {
     async fn a_torn_record_is_cut_with_what_follows_it() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let wal = Wal::open_with(dir.path(), Duration::ZERO, 1 << 20).unwrap();
+            let wal = Wal::open_with(dir.path(), Duration::ZERO, 1 << 20, false).unwrap();
             for i in 1..=10 {
                 wal.write_sync(&[entry(i)]).await.unwrap();
             }
@@ -538,11 +568,11 @@ mod tests {
             .write_all_at(&torn, end as u64)
             .unwrap();
         {
-            let wal = Wal::open_with(dir.path(), Duration::ZERO, 1 << 20).unwrap();
+            let wal = Wal::open_with(dir.path(), Duration::ZERO, 1 << 20, false).unwrap();
             assert_eq!(indexes(&wal), (1..=10).collect::<Vec<_>>());
             wal.write_sync(&[entry(11)]).await.unwrap();
         }
-        let wal = Wal::open_with(dir.path(), Duration::ZERO, 1 << 20).unwrap();
+        let wal = Wal::open_with(dir.path(), Duration::ZERO, 1 << 20, false).unwrap();
         assert_eq!(indexes(&wal), (1..=11).collect::<Vec<_>>());
     }
 }
