@@ -18,12 +18,8 @@ use cairn_postgres::{PostgresBackend, PostgresOptions};
 use cairn_tikv::{TikvBackend, TikvOptions, TikvTls};
 use config::{split_urls, BackendKind, Flags, ParseExit};
 
-/// mimalloc, tuned to give freed memory back at once (see [`tune_allocator`]).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
-    tune_allocator();
+    limit_malloc_arenas();
     let loaded = match config::parse(std::env::args_os().collect()) {
         Ok(l) => l,
         Err(ParseExit::Message { text, code }) => {
@@ -389,42 +385,17 @@ async fn shutdown_signal() {
     }
 }
 
-// Option numbers in the mimalloc v3 bundled by libmimalloc-sys 0.1.49 (its `mi_option_e`),
-// which does not name them; Cargo.toml pins that version.
-#[cfg(test)]
-const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
-const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// mimalloc instead of glibc's malloc: with glibc (even limited to one arena) a fifth of the
-/// runtime workers' time under 256 concurrent puts went to `_int_malloc`, `unlink_chunk` and
-/// `malloc_consolidate`. With its defaults mimalloc commits arenas eagerly and keeps freed pages
-/// for a second, and peak RSS under load was 30-50 MB above glibc's; committing on demand
-/// (compiled in, see `.cargo/config.toml`) and purging at once (here) brings that to 10-25 MB
-/// (BENCHMARKS.md, stop 14). `MIMALLOC_PURGE_DELAY` still wins when set.
+/// One glibc malloc arena, unless MALLOC_ARENA_MAX says otherwise. By default glibc gives
+/// threads up to 8 arenas per core, and the runtime's worker and blocking threads fragment
+/// them: the peak RSS of a 256-client put run here was about 400 MB with the default, 150 MB
+/// with one arena, at no cost in CPU per request (BENCHMARKS.md). Small allocations still come
+/// from each thread's cache without taking the arena's lock.
 #[allow(unsafe_code)]
-fn tune_allocator() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets one allocator option, read atomically wherever mimalloc uses it.
-        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) };
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    /// The allocator runs as BENCHMARKS.md measured it: arenas committed on demand (the
-    /// compiled-in default from .cargo/config.toml) and, once tuned, freed pages purged at once.
-    /// Fails if the build lost the define or the option numbers moved.
-    #[test]
-    #[allow(unsafe_code)]
-    fn mimalloc_commits_on_demand_and_purges_at_once() {
-        if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_none() {
-            // SAFETY: reads an allocator option.
-            assert_eq!(unsafe { libmimalloc_sys::mi_option_get(super::ARENA_EAGER_COMMIT) }, 0);
-        }
-        super::tune_allocator();
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-            // SAFETY: reads an allocator option.
-            assert_eq!(unsafe { libmimalloc_sys::mi_option_get(super::PURGE_DELAY) }, 0);
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
 }
