@@ -2,8 +2,10 @@
 //!
 //! Layout: `<dir>/<seq:016x>.wal` segment files, each a sequence of records framed as
 //! `len: u32 LE | crc32: u32 LE | payload` (payload = postcard-encoded [`Record`]). One writer
-//! thread appends records and calls `fdatasync` once per batch of queued jobs (group commit),
-//! then completes every job of the batch: an append is acknowledged only after it is on disk.
+//! appends records and calls `fdatasync` once per batch of jobs, then completes every job of
+//! the batch: an append is acknowledged only after it is on disk. The writer is a thread of
+//! its own that batches whatever jobs queued up (group commit), or, for a single node, the
+//! submitting thread itself, one job at a time (the proposer already groups requests).
 //!
 //! A segment is extended ahead of its records by writing zeros, [`ZERO_AHEAD`] bytes at a time
 //! (etcd preallocates its WAL files too), so the fsync of a record does not also have to write
@@ -179,7 +181,8 @@ impl Wal {
         Ok(Wal { state, sink })
     }
 
-    /// Queues records for writing; `done` runs once they are durable (or failed).
+    /// Writes records (or queues them for the writer thread); `done` runs once they are
+    /// durable (or failed).
     pub fn submit(&self, records: &[Record], done: Done) -> io::Result<()> {
         let job = self.encode(records)?;
         self.submit_encoded(job, done)
@@ -198,7 +201,8 @@ impl Wal {
         Ok(Encoded { bytes, max_index })
     }
 
-    /// Queues encoded records for writing; `done` runs once they are durable (or failed).
+    /// Writes encoded records (or queues them for the writer thread); `done` runs once they
+    /// are durable (or failed).
     pub fn submit_encoded(&self, job: Encoded, done: Done) -> io::Result<()> {
         let job = Job {
             bytes: job.bytes,
