@@ -9,10 +9,10 @@ pub const CURRENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("current
 /// key's length (u32 LE), the key, then its record (a tombstone has version 0). Writes append
 /// to its last leaf however long the history grows; it is also the change log.
 pub const VERSIONS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("versions");
-/// The index of VERSIONS by key: (key, revision) -> [`index_entry`] (its sub-revision and
-/// whether it is a tombstone). Rows are small, so the tree stays in the cache.
-pub const KEY_REVS: TableDefinition<(&[u8], u64), u32> = TableDefinition::new("key_revs");
-/// The layout before VERSIONS and KEY_REVS: (key, revision) -> record, and the change log
+/// The index of VERSIONS by key that Cairn kept on disk before the in-memory [`super::index`]:
+/// (key, revision) -> [`index_entry`]. Deleted when a store is opened.
+pub const OLD_KEY_REVS: TableDefinition<(&[u8], u64), u32> = TableDefinition::new("key_revs");
+/// The layout before VERSIONS and the key index: (key, revision) -> record, and the change log
 /// (revision, sub-revision) -> key. Read only to migrate a store written by an older Cairn.
 pub const OLD_HISTORY: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("history");
 pub const OLD_EVENTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("events");
@@ -96,7 +96,7 @@ pub fn try_decode_version(b: &[u8]) -> Option<(&[u8], &[u8])> {
 
 const TOMBSTONE_BIT: u32 = 1 << 31;
 
-/// A KEY_REVS value: the sub-revision, with the top bit set for a tombstone.
+/// A key index entry: the sub-revision, with the top bit set for a tombstone.
 pub fn index_entry(sub: u32, tombstone: bool) -> u32 {
     debug_assert!(sub < TOMBSTONE_BIT);
     if tombstone {
@@ -106,12 +106,12 @@ pub fn index_entry(sub: u32, tombstone: bool) -> u32 {
     }
 }
 
-/// The sub-revision of a KEY_REVS value.
+/// The sub-revision of a key index entry.
 pub fn index_sub(v: u32) -> u32 {
     v & !TOMBSTONE_BIT
 }
 
-/// Whether a KEY_REVS value marks a tombstone.
+/// Whether a key index entry marks a tombstone.
 pub fn index_tombstone(v: u32) -> bool {
     v & TOMBSTONE_BIT != 0
 }

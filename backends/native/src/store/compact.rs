@@ -33,7 +33,6 @@ impl Store {
         {
             let mut meta = txn.open_table(META).map_err(db_err)?;
             let mut versions = txn.open_table(VERSIONS).map_err(db_err)?;
-            let mut index = txn.open_table(KEY_REVS).map_err(db_err)?;
             let compact = super::read_i64(&meta, M_COMPACT)?;
             let done = super::read_i64(&meta, M_PHYSICAL)?;
             if done >= compact {
@@ -62,15 +61,12 @@ impl Store {
             }
             more = next.is_some();
             let upto = next.unwrap_or(compact);
+            // Readers below the compact revision are refused from here on, before the
+            // versions they would need leave the index (see index.rs).
+            let mut index = self.index.write();
+            index.set_compacted(compact);
             for key in keys {
-                let mut found = Vec::new();
-                for item in index
-                    .range::<(&[u8], u64)>((key.as_slice(), 0)..=(key.as_slice(), compact as u64))
-                    .map_err(db_err)?
-                {
-                    let (k, v) = item.map_err(db_err)?;
-                    found.push((k.value().1, v.value()));
-                }
+                let found = index.versions_upto(&key, compact as u64);
                 let Some(&(newest, entry)) = found.last() else {
                     continue;
                 };
@@ -82,9 +78,10 @@ impl Store {
                 };
                 for &(rev, entry) in drop {
                     versions.remove((rev, index_sub(entry))).map_err(db_err)?;
-                    index.remove((key.as_slice(), rev)).map_err(db_err)?;
+                    index.remove(&key, rev);
                 }
             }
+            drop(index);
             meta.insert(M_PHYSICAL, enc_i64(upto).as_slice())
                 .map_err(db_err)?;
         }

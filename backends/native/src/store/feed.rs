@@ -2,7 +2,7 @@
 
 use cairn_backend::{ChangeBatch, Event, EventKind, KeyValue, Result, Revision};
 
-use super::codec::{decode_kv, decode_version, index_tombstone, is_tombstone, KEY_REVS, VERSIONS};
+use super::codec::{decode_kv, decode_version, index_tombstone, is_tombstone, VERSIONS};
 use super::view::{db_err, version_record};
 use super::Store;
 
@@ -20,7 +20,6 @@ impl Store {
         let db = self.db.read();
         let r = db.begin_read().map_err(db_err)?;
         let versions = r.open_table(VERSIONS).map_err(db_err)?;
-        let index = r.open_table(KEY_REVS).map_err(db_err)?;
         let mut out: Vec<ChangeBatch> = Vec::new();
         let iter = versions
             .range::<(u64, u32)>((from.max(0) as u64, 0)..=(to.max(0) as u64, u32::MAX))
@@ -39,22 +38,15 @@ impl Store {
                 });
             }
             let (key, rec) = decode_version(v.value());
-            let prev_kv = match index
-                .range::<(&[u8], u64)>((key, 0)..(key, rev as u64))
-                .map_err(db_err)?
-                .next_back()
-            {
-                Some(p) => {
-                    let (pk, entry) = p.map_err(db_err)?;
-                    let entry = entry.value();
-                    if index_tombstone(entry) {
-                        None
-                    } else {
-                        let row = version_record(&versions, pk.value().1, entry)?;
-                        Some(decode_kv(key, decode_version(row.value()).1, true))
-                    }
+            // The index lock is taken per lookup: applies go on meanwhile (what they add is
+            // above `to`, so it is never the previous version of an event read here).
+            let prev = self.index.read().newest_below(key, rev as u64);
+            let prev_kv = match prev {
+                Some((prev_rev, entry)) if !index_tombstone(entry) => {
+                    let row = version_record(&versions, prev_rev, entry)?;
+                    Some(decode_kv(key, decode_version(row.value()).1, true))
                 }
-                None => None,
+                _ => None,
             };
             let event = if is_tombstone(rec) {
                 Event {

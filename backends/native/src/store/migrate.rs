@@ -1,6 +1,6 @@
 //! Upgrading a store written by an older Cairn to the current table layout.
 //!
-//! Before VERSIONS and KEY_REVS, versions lived in `history`, keyed by (key, revision), with a
+//! Before VERSIONS, versions lived in `history`, keyed by (key, revision), with a
 //! change log `events` of (revision, sub-revision) -> key above the physical compaction point.
 //! [`from_history_table`] rewrites them in one synced write txn, so a crash leaves either the
 //! old layout (migrated again at the next start) or the new one.
@@ -15,7 +15,7 @@ use super::codec::*;
 /// the physical compaction point): above any real sub-revision, so they cannot collide.
 const UNLISTED_SUB: u32 = 1 << 30;
 
-/// Moves `history` and `events` into VERSIONS and KEY_REVS, if the store has them; returns
+/// Moves `history` and `events` into VERSIONS, if the store has them; returns
 /// the number of versions moved.
 pub fn from_history_table(db: &Database) -> anyhow::Result<usize> {
     let txn = db.begin_write()?;
@@ -40,7 +40,6 @@ pub fn from_history_table(db: &Database) -> anyhow::Result<usize> {
         }
         let mut unlisted: BTreeMap<u64, u32> = BTreeMap::new();
         let mut versions = txn.open_table(VERSIONS)?;
-        let mut index = txn.open_table(KEY_REVS)?;
         for item in history.iter()? {
             let (k, rec) = item?;
             let (key, rev) = k.value();
@@ -54,7 +53,7 @@ pub fn from_history_table(db: &Database) -> anyhow::Result<usize> {
                     *n - 1
                 }
             };
-            super::insert_version(&mut versions, &mut index, key, rev, sub, rec)?;
+            super::insert_version(&mut versions, key, rev, sub, rec)?;
             moved += 1;
         }
     }

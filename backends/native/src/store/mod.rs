@@ -15,6 +15,7 @@
 mod codec;
 mod compact;
 mod feed;
+mod index;
 mod migrate;
 mod overlay;
 mod snapshot;
@@ -35,6 +36,7 @@ use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::broadcast;
 
 pub(crate) use codec::*;
+use index::KeyIndex;
 use overlay::Overlay;
 pub(crate) use view::db_err;
 use view::{View, ViewTables};
@@ -62,6 +64,9 @@ pub(crate) struct Store {
     writer: Mutex<Pending>,
     /// The rows of `writer`'s txn, for readers.
     overlay: RwLock<Overlay>,
+    /// Every retained version by key (see index.rs). Held only for short lookups and updates,
+    /// never while another of these locks is taken.
+    index: RwLock<KeyIndex>,
     path: std::path::PathBuf,
     pub feed: broadcast::Sender<Arc<ChangeBatch>>,
     pub leases: LeaseClock,
@@ -118,7 +123,8 @@ impl Store {
         {
             txn.open_table(CURRENT)?;
             txn.open_table(VERSIONS)?;
-            txn.open_table(KEY_REVS)?;
+            // The on-disk key index of Cairn before the in-memory one: rebuilt in memory now.
+            txn.delete_table(OLD_KEY_REVS)?;
             txn.open_table(LEASES)?;
             txn.open_table(LEASE_KEYS)?;
             txn.open_table(DOCS)?;
@@ -137,6 +143,8 @@ impl Store {
             (read_i64(&meta, M_REVISION)?, read_i64(&meta, M_COMPACT)?)
         };
         let live = live_keys(&db)?;
+        let index = KeyIndex::load(&db, compact)?;
+        tracing::debug!(versions = index.len(), "key index loaded");
         let (feed, _) = broadcast::channel(4096);
         let store = Arc::new(Store {
             db: RwLock::new(db),
@@ -145,6 +153,7 @@ impl Store {
                 opened: Instant::now(),
             }),
             overlay: RwLock::new(Overlay::new(live)),
+            index: RwLock::new(index),
             path: path.to_path_buf(),
             feed,
             leases: LeaseClock::default(),
@@ -244,7 +253,7 @@ impl Store {
         let mut compacted = false;
         let new_revs;
         {
-            let mut t = Tables::open(txn)?;
+            let mut t = Tables::open(txn, &self.index)?;
             let mut rev = read_i64(&t.meta, M_REVISION)?;
             let mut compact = read_i64(&t.meta, M_COMPACT)?;
             let mut last = None;
@@ -387,7 +396,7 @@ impl Store {
         let r = db.begin_read().map_err(db_err)?;
         let tables = ViewTables {
             current: &r.open_table(CURRENT).map_err(db_err)?,
-            index: &r.open_table(KEY_REVS).map_err(db_err)?,
+            index: &self.index,
             versions: &r.open_table(VERSIONS).map_err(db_err)?,
             leases: &r.open_table(LEASES).map_err(db_err)?,
         };
@@ -456,17 +465,15 @@ impl Store {
         self.flush()?;
         let db = self.db.read();
         let r = db.begin_read().map_err(db_err)?;
-        let index = r.open_table(KEY_REVS).map_err(db_err)?;
         let versions = r.open_table(VERSIONS).map_err(db_err)?;
+        let all = self
+            .index
+            .read()
+            .all_between(compact.max(0) as u64, rev as u64);
         let mut h = crc32fast::Hasher::new();
-        for item in index.iter().map_err(db_err)? {
-            let (k, v) = item.map_err(db_err)?;
-            let (key, r) = k.value();
-            if (r as i64) <= compact || (r as i64) > rev {
-                continue;
-            }
-            let row = view::version_record(&versions, r, v.value())?;
-            h.update(key);
+        for (key, (r, entry)) in all {
+            let row = view::version_record(&versions, r, entry)?;
+            h.update(&key);
             h.update(&r.to_be_bytes());
             h.update(decode_version(row.value()).1);
         }
@@ -620,11 +627,10 @@ fn open_db(path: &Path, cache_bytes: usize) -> anyhow::Result<Database> {
     }
 }
 
-/// Writes one version: its VERSIONS row and its one KEY_REVS entry (whose tombstone mark comes
-/// from the record). Every writer of versions goes through here.
+/// Writes one version's VERSIONS row. Every writer of versions goes through here; the key
+/// index is updated by the caller (an apply) or rebuilt from the table (anything else).
 pub(crate) fn insert_version(
     versions: &mut redb::Table<'_, (u64, u32), &'static [u8]>,
-    index: &mut redb::Table<'_, (&'static [u8], u64), u32>,
     key: &[u8],
     rev: u64,
     sub: u32,
@@ -633,9 +639,6 @@ pub(crate) fn insert_version(
     versions
         .insert((rev, sub), encode_version(key, rec).as_slice())
         .map_err(db_err)?;
-    index
-        .insert((key, rev), index_entry(sub, is_tombstone(rec)))
-        .map_err(db_err)?;
     Ok(())
 }
 
@@ -643,7 +646,6 @@ pub(crate) fn insert_version(
 type ReadView<'a> = View<
     'a,
     redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
-    redb::ReadOnlyTable<(&'static [u8], u64), u32>,
     redb::ReadOnlyTable<(u64, u32), &'static [u8]>,
     redb::ReadOnlyTable<i64, i64>,
 >;
@@ -668,7 +670,7 @@ fn read_i64(t: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> 
 /// The tables of one write txn.
 struct Tables<'t> {
     current: redb::Table<'t, &'static [u8], &'static [u8]>,
-    index: redb::Table<'t, (&'static [u8], u64), u32>,
+    index: &'t RwLock<KeyIndex>,
     versions: redb::Table<'t, (u64, u32), &'static [u8]>,
     leases: redb::Table<'t, i64, i64>,
     lease_keys: redb::Table<'t, (i64, &'static [u8]), ()>,
@@ -677,10 +679,10 @@ struct Tables<'t> {
 }
 
 impl<'t> Tables<'t> {
-    fn open(txn: &'t WriteTransaction) -> Result<Self> {
+    fn open(txn: &'t WriteTransaction, index: &'t RwLock<KeyIndex>) -> Result<Self> {
         Ok(Tables {
             current: txn.open_table(CURRENT).map_err(db_err)?,
-            index: txn.open_table(KEY_REVS).map_err(db_err)?,
+            index,
             versions: txn.open_table(VERSIONS).map_err(db_err)?,
             leases: txn.open_table(LEASES).map_err(db_err)?,
             lease_keys: txn.open_table(LEASE_KEYS).map_err(db_err)?,
@@ -831,20 +833,20 @@ impl<'t> Tables<'t> {
     ) -> ViewTables<
         '_,
         redb::Table<'t, &'static [u8], &'static [u8]>,
-        redb::Table<'t, (&'static [u8], u64), u32>,
         redb::Table<'t, (u64, u32), &'static [u8]>,
         redb::Table<'t, i64, i64>,
     > {
         ViewTables {
             current: &self.current,
-            index: &self.index,
+            index: self.index,
             versions: &self.versions,
             leases: &self.leases,
         }
     }
 
-    /// Writes one txn's events at `rev` into CURRENT, VERSIONS, KEY_REVS and LEASE_KEYS.
+    /// Writes one txn's events at `rev` into CURRENT, VERSIONS, LEASE_KEYS and the key index.
     fn write_events(&mut self, rev: Revision, events: Vec<Event>) -> Result<ChangeBatch> {
+        let mut indexed = Vec::with_capacity(events.len());
         for (sub, ev) in events.iter().enumerate() {
             let key = ev.kv.key.as_slice();
             if let Some(prev) = &ev.prev_kv {
@@ -869,15 +871,15 @@ impl<'t> Tables<'t> {
                     encode_tombstone(rev)
                 }
             };
-            insert_version(
-                &mut self.versions,
-                &mut self.index,
-                key,
-                rev as u64,
-                sub,
-                &rec,
-            )?;
+            insert_version(&mut self.versions, key, rev as u64, sub, &rec)?;
+            indexed.push(index_entry(sub, ev.kind == EventKind::Delete));
         }
+        // Readers skip versions above the revision they read at, which is published later.
+        let mut index = self.index.write();
+        for (ev, entry) in events.iter().zip(indexed) {
+            index.insert(&ev.kv.key, rev as u64, entry);
+        }
+        drop(index);
         Ok(ChangeBatch {
             revision: rev,
             events,
@@ -1113,18 +1115,17 @@ mod tests {
         )]))
     }
 
-    /// Every KEY_REVS row, and the number of VERSIONS rows (which must match it one to one).
+    /// Every version in the key index, and the number of VERSIONS rows (which must match it
+    /// one to one).
     fn index_rows(store: &Store) -> Vec<(String, u64)> {
         store.flush().unwrap();
         let db = store.db.read();
         let r = db.begin_read().unwrap();
-        let index = r.open_table(KEY_REVS).unwrap();
         let versions = r.open_table(VERSIONS).unwrap();
         let mut out = Vec::new();
-        for item in index.iter().unwrap() {
-            let (k, v) = item.unwrap();
-            let (key, rev) = k.value();
-            let row = versions.get((rev, index_sub(v.value()))).unwrap().unwrap();
+        for (key, (rev, entry)) in store.index.read().all_between(0, u64::MAX) {
+            let key = key.as_slice();
+            let row = versions.get((rev, index_sub(entry))).unwrap().unwrap();
             assert_eq!(
                 decode_version(row.value()).0,
                 key,

@@ -23,7 +23,7 @@ use std::ops::Bound;
 use cairn_backend::{ChangeBatch, EventKind, KeyRange, Result};
 
 use super::codec::{encode_kv, encode_tombstone};
-use super::view::{current_rows, db_err, CurrentTable, IndexTable};
+use super::view::{current_rows, db_err, CurrentTable};
 
 #[derive(Default)]
 pub(crate) struct Overlay {
@@ -111,6 +111,11 @@ impl Overlay {
         self.current.range::<[u8], _>((lo, hi))
     }
 
+    /// The record of the version (key, revision) `at`, when it is applied but not committed.
+    pub fn history_record(&self, at: &(Vec<u8>, u64)) -> Option<&[u8]> {
+        self.history.get(at).map(|v| v.as_slice())
+    }
+
     /// The newest record of one key: `Some(None)` when it was deleted since the last commit,
     /// `None` when the overlay does not know it.
     pub fn get_current(&self, key: &[u8]) -> Option<Option<&[u8]>> {
@@ -153,69 +158,6 @@ pub(crate) fn merge_current<C: CurrentTable>(
                 return Ok(());
             }
         }
-    }
-    Ok(())
-}
-
-/// Where a history row visited by [`merge_history`] comes from.
-pub(crate) enum Src<'a> {
-    /// An overlay row: its record.
-    Overlay(&'a [u8]),
-    /// A KEY_REVS row: its value (the record is in VERSIONS).
-    Table(u32),
-}
-
-/// Visits every history row of keys in `[lo_key, hi)` (`hi` a key bound, revision 0; or, for a
-/// single key, up to `max_rev` of `lo_key`) in (key, revision) order: the KEY_REVS index
-/// merged with the overlay's rows, the overlay's copy winning.
-pub(crate) fn merge_history<I: IndexTable>(
-    t: &I,
-    ov: &Overlay,
-    range: &KeyRange,
-    max_rev: u64,
-    mut visit: impl FnMut(&[u8], u64, Src<'_>) -> Result<()>,
-) -> Result<()> {
-    let key = range.key.as_slice();
-    let (iter, over) = if range.is_single() {
-        (
-            t.range::<(&[u8], u64)>((key, 0)..=(key, max_rev))
-                .map_err(db_err)?,
-            ov.history
-                .range((key.to_vec(), 0)..=(key.to_vec(), max_rev)),
-        )
-    } else {
-        match range.upper() {
-            Some(end) if end <= key => return Ok(()),
-            Some(end) => (
-                t.range::<(&[u8], u64)>((key, 0)..(end, 0))
-                    .map_err(db_err)?,
-                ov.history.range((key.to_vec(), 0)..(end.to_vec(), 0)),
-            ),
-            None => (
-                t.range::<(&[u8], u64)>((key, 0)..).map_err(db_err)?,
-                ov.history.range((key.to_vec(), 0)..),
-            ),
-        }
-    };
-    let mut over = over.peekable();
-    for item in iter {
-        let (k, v) = item.map_err(db_err)?;
-        let (k, r) = k.value();
-        let mut shadowed = false;
-        while let Some(((ok, or), rec)) = over.peek() {
-            if (ok.as_slice(), *or) > (k, r) {
-                break;
-            }
-            shadowed = (ok.as_slice(), *or) == (k, r);
-            visit(ok, *or, Src::Overlay(rec))?;
-            over.next();
-        }
-        if !shadowed {
-            visit(k, r, Src::Table(v.value()))?;
-        }
-    }
-    for ((ok, or), rec) in over {
-        visit(ok, *or, Src::Overlay(rec))?;
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use super::view::db_err;
 use super::Store;
 use crate::types::{LogId, StoredMembership};
 
-/// Every table but KEY_REVS, which an install rebuilds from VERSIONS.
+/// Every table. The key index is not one: an install rebuilds it from VERSIONS.
 #[derive(Serialize, Deserialize, Default)]
 struct Dump {
     current: Vec<(Vec<u8>, Vec<u8>)>,
@@ -110,7 +110,6 @@ impl Store {
             }
             clear(&txn, CURRENT)?;
             clear(&txn, VERSIONS)?;
-            clear(&txn, KEY_REVS)?;
             clear(&txn, LEASES)?;
             clear(&txn, LEASE_KEYS)?;
             clear(&txn, META)?;
@@ -124,7 +123,6 @@ impl Store {
                 t.insert(k.as_slice(), v.as_slice()).map_err(db_err)?;
             }
             let mut t = txn.open_table(VERSIONS).map_err(db_err)?;
-            let mut index = txn.open_table(KEY_REVS).map_err(db_err)?;
             for ((rev, sub), row) in &d.versions {
                 let Some((key, rec)) = try_decode_version(row).filter(|(_, rec)| rec.len() >= 32)
                 else {
@@ -132,7 +130,7 @@ impl Store {
                         "snapshot: bad version row at revision {rev}"
                     )));
                 };
-                super::insert_version(&mut t, &mut index, key, *rev, *sub, rec)?;
+                super::insert_version(&mut t, key, *rev, *sub, rec)?;
             }
             let mut t = txn.open_table(LEASES).map_err(db_err)?;
             for (k, v) in &d.leases {
@@ -161,6 +159,7 @@ impl Store {
             )
         };
         self.overlay.write().reset_live(super::live_keys(&db)?);
+        *self.index.write() = super::KeyIndex::load(&db, compact)?;
         self.revision
             .store(rev, std::sync::atomic::Ordering::Release);
         self.compact
@@ -216,7 +215,6 @@ impl Store {
         {
             let mut current = txn.open_table(CURRENT).map_err(db_err)?;
             let mut versions_t = txn.open_table(VERSIONS).map_err(db_err)?;
-            let mut index = txn.open_table(KEY_REVS).map_err(db_err)?;
             let mut lease_keys = txn.open_table(LEASE_KEYS).map_err(db_err)?;
             // The newest version of each key decides what is live.
             let mut newest: std::collections::BTreeMap<
@@ -243,7 +241,7 @@ impl Store {
                     )));
                 }
                 let (rev, sub) = (v.revision as u64, v.sub as u32);
-                super::insert_version(&mut versions_t, &mut index, &v.key, rev, sub, &rec)?;
+                super::insert_version(&mut versions_t, &v.key, rev, sub, &rec)?;
                 newest.insert(&v.key, (v, rec));
             }
             for (key, (v, rec)) in newest {
@@ -271,6 +269,7 @@ impl Store {
         }
         txn.commit().map_err(db_err)?;
         self.overlay.write().reset_live(super::live_keys(&db)?);
+        *self.index.write() = super::KeyIndex::load(&db, compact)?;
         self.revision
             .store(revision, std::sync::atomic::Ordering::Release);
         self.compact

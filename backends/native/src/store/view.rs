@@ -9,13 +9,14 @@ use cairn_backend::{
 };
 use redb::ReadableTable;
 
-use super::codec::{decode_kv, decode_version, index_sub, index_tombstone, is_tombstone};
-use super::overlay::{merge_current, merge_history, Overlay, Src};
+use parking_lot::RwLock;
+
+use super::codec::{decode_kv, decode_version, index_sub};
+use super::index::KeyIndex;
+use super::overlay::{merge_current, Overlay};
 
 pub(crate) trait CurrentTable: ReadableTable<&'static [u8], &'static [u8]> {}
 impl<T: ReadableTable<&'static [u8], &'static [u8]>> CurrentTable for T {}
-pub(crate) trait IndexTable: ReadableTable<(&'static [u8], u64), u32> {}
-impl<T: ReadableTable<(&'static [u8], u64), u32>> IndexTable for T {}
 pub(crate) trait VersionsTable: ReadableTable<(u64, u32), &'static [u8]> {}
 impl<T: ReadableTable<(u64, u32), &'static [u8]>> VersionsTable for T {}
 pub(crate) trait LeaseTable: ReadableTable<i64, i64> {}
@@ -25,17 +26,17 @@ pub(crate) fn db_err(e: impl std::fmt::Display) -> BackendError {
     BackendError::Internal(format!("storage: {e}"))
 }
 
-/// The tables a [`View`] reads: CURRENT, KEY_REVS, VERSIONS and LEASES.
-pub(crate) struct ViewTables<'a, C, I, V, L> {
+/// What a [`View`] reads: CURRENT, the key index, VERSIONS and LEASES.
+pub(crate) struct ViewTables<'a, C, V, L> {
     pub current: &'a C,
-    pub index: &'a I,
+    pub index: &'a RwLock<KeyIndex>,
     pub versions: &'a V,
     pub leases: &'a L,
 }
 
-pub(crate) struct View<'a, C, I, V, L> {
+pub(crate) struct View<'a, C, V, L> {
     pub current: &'a C,
-    pub index: &'a I,
+    pub index: &'a RwLock<KeyIndex>,
     pub versions: &'a V,
     pub leases: &'a L,
     /// Applied rows not yet committed to the tables (readers only; an apply reads its own
@@ -48,8 +49,8 @@ pub(crate) struct View<'a, C, I, V, L> {
     pub events: Vec<Event>,
 }
 
-impl<'a, C: CurrentTable, I: IndexTable, V: VersionsTable, L: LeaseTable> View<'a, C, I, V, L> {
-    pub fn new(t: ViewTables<'a, C, I, V, L>, base: Revision, compact: Revision) -> Self {
+impl<'a, C: CurrentTable, V: VersionsTable, L: LeaseTable> View<'a, C, V, L> {
+    pub fn new(t: ViewTables<'a, C, V, L>, base: Revision, compact: Revision) -> Self {
         Self {
             current: t.current,
             index: t.index,
@@ -154,14 +155,6 @@ pub(crate) fn current_rows<'t, C: CurrentTable>(
     .map_err(db_err)
 }
 
-/// Where the newest version at or below a read's revision was found.
-enum Found {
-    /// An overlay record (copied).
-    Record(Vec<u8>),
-    /// A KEY_REVS value: the record is in VERSIONS.
-    Indexed(u32),
-}
-
 /// The record of version (`rev`, sub-revision of `entry`) from VERSIONS.
 pub(crate) fn version_record<V: VersionsTable>(
     versions: &V,
@@ -178,10 +171,11 @@ pub(crate) fn version_record<V: VersionsTable>(
         })
 }
 
-/// Scans `range` as of revision `rev` through the KEY_REVS index; a version's record is read
-/// from VERSIONS only when it is the one visited.
-pub(crate) fn scan_history<I: IndexTable, V: VersionsTable>(
-    index: &I,
+/// Scans `range` as of revision `rev` through the key index; a version's record is read
+/// (from the overlay, else VERSIONS) only when it is one visited.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn scan_history<V: VersionsTable>(
+    index: &RwLock<KeyIndex>,
     versions: &V,
     ov: Option<&Overlay>,
     range: &KeyRange,
@@ -190,62 +184,21 @@ pub(crate) fn scan_history<I: IndexTable, V: VersionsTable>(
     count_only: bool,
     mut visit: impl FnMut(KeyValue),
 ) -> Result<i64> {
-    let rev = rev as u64;
-    let mut n = 0usize;
-    // The key being walked and its newest version at or below `rev` so far.
-    let mut last: Option<(Vec<u8>, u64, Found)> = None;
-    let mut emit = |last: Option<(Vec<u8>, u64, Found)>, n: &mut usize| -> Result<()> {
-        let Some((k, r, found)) = last else {
-            return Ok(());
-        };
-        let tombstone = match &found {
-            Found::Record(rec) => is_tombstone(rec),
-            Found::Indexed(entry) => index_tombstone(*entry),
-        };
-        if tombstone {
-            return Ok(());
+    // The index lock is held only to list the versions, not while reading their rows.
+    let (found, count) = index.read().live_at(range, rev, limit, count_only)?;
+    for (key, (r, entry)) in found {
+        let at = (key, r);
+        if let Some(rec) = ov.and_then(|o| o.history_record(&at)) {
+            visit(decode_kv(&at.0, rec, true));
+            continue;
         }
-        if !count_only && limit.is_none_or(|l| *n < l) {
-            let kv = match found {
-                Found::Record(rec) => decode_kv(&k, &rec, true),
-                Found::Indexed(entry) => {
-                    let row = version_record(versions, r, entry)?;
-                    decode_kv(&k, decode_version(row.value()).1, true)
-                }
-            };
-            visit(kv);
-        }
-        *n += 1;
-        Ok(())
-    };
-    let mut step = |key: &[u8], r: u64, src: Src<'_>| -> Result<()> {
-        if last.as_ref().is_some_and(|(lk, _, _)| lk.as_slice() != key) {
-            emit(last.take(), &mut n)?;
-        }
-        if r <= rev {
-            let found = match src {
-                Src::Overlay(rec) => Found::Record(rec.to_vec()),
-                Src::Table(entry) => Found::Indexed(entry),
-            };
-            match &mut last {
-                Some((_, lr, lf)) => {
-                    *lr = r;
-                    *lf = found;
-                }
-                None => last = Some((key.to_vec(), r, found)),
-            }
-        }
-        Ok(())
-    };
-    let empty = Overlay::default();
-    merge_history(index, ov.unwrap_or(&empty), range, rev, &mut step)?;
-    emit(last.take(), &mut n)?;
-    Ok(n as i64)
+        let row = version_record(versions, r, entry)?;
+        visit(decode_kv(&at.0, decode_version(row.value()).1, true));
+    }
+    Ok(count)
 }
 
-impl<C: CurrentTable, I: IndexTable, V: VersionsTable, L: LeaseTable> TxnView
-    for View<'_, C, I, V, L>
-{
+impl<C: CurrentTable, V: VersionsTable, L: LeaseTable> TxnView for View<'_, C, V, L> {
     fn base_revision(&self) -> Revision {
         self.base
     }
