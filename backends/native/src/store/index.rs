@@ -25,9 +25,35 @@ use super::view::db_err;
 /// One version: its revision and its [`index_entry`] (sub-revision, tombstone mark).
 pub(crate) type Ver = (u64, u32);
 
+/// A key's versions: the newest kept in the map's node, so that counting live keys reads no
+/// other memory (and a key written once allocates nothing more).
+struct Vers {
+    newest: Ver,
+    /// Older versions, oldest first.
+    older: Vec<Ver>,
+}
+
+impl Vers {
+    /// The newest version at or below `rev`.
+    fn at(&self, rev: u64) -> Option<Ver> {
+        if self.newest.0 <= rev {
+            return Some(self.newest);
+        }
+        let n = self.older.partition_point(|v| v.0 <= rev);
+        n.checked_sub(1).map(|i| self.older[i])
+    }
+
+    fn iter(&self) -> impl Iterator<Item = Ver> + '_ {
+        self.older
+            .iter()
+            .copied()
+            .chain(std::iter::once(self.newest))
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct KeyIndex {
-    keys: BTreeMap<Vec<u8>, Vec<Ver>>,
+    keys: BTreeMap<Vec<u8>, Vers>,
     /// Reads below this revision are refused: versions they need may be gone.
     compacted: Revision,
     /// Versions held, for tests and the log line at start-up.
@@ -48,17 +74,6 @@ fn bounds(range: &KeyRange) -> Option<KeyBounds<'_>> {
         None => Bound::Unbounded,
     };
     Some((lo, hi))
-}
-
-/// The newest of `vers` at or below `rev`.
-fn newest_at(vers: &[Ver], rev: u64) -> Option<Ver> {
-    match vers.last() {
-        Some(&v) if v.0 <= rev => Some(v),
-        _ => {
-            let n = vers.partition_point(|v| v.0 <= rev);
-            n.checked_sub(1).map(|i| vers[i])
-        }
-    }
 }
 
 impl KeyIndex {
@@ -85,20 +100,30 @@ impl KeyIndex {
 
     /// Adds a version; versions of a key normally come in revision order.
     pub fn insert(&mut self, key: &[u8], rev: u64, entry: u32) {
-        let vers = match self.keys.get_mut(key) {
-            Some(v) => v,
-            None => self.keys.entry(key.to_vec()).or_default(),
+        let Some(vers) = self.keys.get_mut(key) else {
+            self.keys.insert(
+                key.to_vec(),
+                Vers {
+                    newest: (rev, entry),
+                    older: Vec::new(),
+                },
+            );
+            self.versions += 1;
+            return;
         };
-        match vers.last() {
-            Some(&(last, _)) if last >= rev => {
-                let at = vers.partition_point(|v| v.0 < rev);
-                if vers.get(at).is_some_and(|v| v.0 == rev) {
-                    vers[at].1 = entry;
-                    return;
-                }
-                vers.insert(at, (rev, entry));
+        if rev > vers.newest.0 {
+            vers.older.push(vers.newest);
+            vers.newest = (rev, entry);
+        } else if rev == vers.newest.0 {
+            vers.newest.1 = entry;
+            return;
+        } else {
+            let at = vers.older.partition_point(|v| v.0 < rev);
+            if vers.older.get(at).is_some_and(|v| v.0 == rev) {
+                vers.older[at].1 = entry;
+                return;
             }
-            _ => vers.push((rev, entry)),
+            vers.older.insert(at, (rev, entry));
         }
         self.versions += 1;
     }
@@ -108,12 +133,17 @@ impl KeyIndex {
         let Some(vers) = self.keys.get_mut(key) else {
             return;
         };
-        if let Ok(at) = vers.binary_search_by_key(&rev, |v| v.0) {
-            vers.remove(at);
+        if vers.newest.0 == rev {
             self.versions -= 1;
-            if vers.is_empty() {
-                self.keys.remove(key);
+            match vers.older.pop() {
+                Some(v) => vers.newest = v,
+                None => {
+                    self.keys.remove(key);
+                }
             }
+        } else if let Ok(at) = vers.older.binary_search_by_key(&rev, |v| v.0) {
+            vers.older.remove(at);
+            self.versions -= 1;
         }
     }
 
@@ -144,8 +174,8 @@ impl KeyIndex {
         let at = rev.max(0) as u64;
         let mut out = Vec::new();
         let mut count = 0usize;
-        let mut visit = |key: &Vec<u8>, vers: &Vec<Ver>| {
-            if let Some(v) = newest_at(vers, at).filter(|v| !index_tombstone(v.1)) {
+        let mut visit = |key: &Vec<u8>, vers: &Vers| {
+            if let Some(v) = vers.at(at).filter(|v| !index_tombstone(v.1)) {
                 if !count_only && limit.is_none_or(|l| count < l) {
                     out.push((key.clone(), v));
                 }
@@ -166,8 +196,7 @@ impl KeyIndex {
 
     /// The newest version of `key` below `rev`.
     pub fn newest_below(&self, key: &[u8], rev: u64) -> Option<Ver> {
-        let vers = self.keys.get(key)?;
-        newest_at(vers, rev.checked_sub(1)?)
+        self.keys.get(key)?.at(rev.checked_sub(1)?)
     }
 
     /// The versions of `key` at or below `rev`, oldest first.
@@ -175,14 +204,14 @@ impl KeyIndex {
         let Some(vers) = self.keys.get(key) else {
             return Vec::new();
         };
-        vers[..vers.partition_point(|v| v.0 <= rev)].to_vec()
+        vers.iter().take_while(|v| v.0 <= rev).collect()
     }
 
     /// Every version in (`above`, `upto`] in (key, revision) order.
     pub fn all_between(&self, above: u64, upto: u64) -> Found {
         let mut out = Vec::new();
         for (k, vers) in &self.keys {
-            for &v in vers {
+            for v in vers.iter() {
                 if v.0 > above && v.0 <= upto {
                     out.push((k.clone(), v));
                 }
