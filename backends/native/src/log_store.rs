@@ -34,7 +34,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
         let st = self.wal.state.lock();
-        Ok(st.entries.range(range).map(|(_, e)| e.clone()).collect())
+        st.entries
+            .range(range)
+            .map(|(_, e)| e.decode())
+            .collect::<Result<_, _>>()
+            .map_err(|e| StorageIOError::read_logs(&e).into())
     }
 }
 
@@ -86,15 +90,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let records: Vec<Record> = entries.into_iter().map(Record::Entry).collect();
-        // Encoded first, so the entries can then move into the in-memory log (no copy of a
-        // group-commit entry's requests).
-        let job = self.wal.encode(&records).map_err(write_err)?;
+        // The in-memory log keeps the entries as encoded for the WAL.
+        let mut job = self.wal.encode(&records).map_err(write_err)?;
+        drop(records);
         {
             let mut st = self.wal.state.lock();
-            for r in records {
-                if let Record::Entry(e) = r {
-                    st.entries.insert(e.log_id.index, e);
-                }
+            for e in std::mem::take(&mut job.entries) {
+                st.entries.insert(e.log_id.index, e);
             }
         }
         self.wal
