@@ -39,7 +39,7 @@ impl Store {
             }
             let (key, rec) = decode_version(v.value());
             // The index lock is taken per lookup: applies go on meanwhile (what they add is
-            // above `to`, so it is never the previous version of an event read here).
+            // newer than every row of this read txn, so never the previous version of one).
             let prev = self.index.read().newest_below(key, rev as u64);
             let prev_kv = match prev {
                 Some((prev_rev, entry)) if !index_tombstone(entry) => {
