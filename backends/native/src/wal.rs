@@ -303,39 +303,40 @@ fn create_segment(dir: &Path, seq: u64) -> io::Result<File> {
 }
 
 /// Replays one segment into `state`; returns the highest entry index it holds and where its
-/// records end.
+/// records end. The segment is read record by record, so replay holds one record at a time
+/// besides what the log keeps (a segment is up to [`SEGMENT_BYTES`]).
 fn replay_segment(
     path: &Path,
     is_last: bool,
     state: &mut LogState,
 ) -> io::Result<(Option<u64>, u64)> {
-    let mut data = Vec::new();
-    File::open(path)?.read_to_end(&mut data)?;
-    let mut pos = 0usize;
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut reader = io::BufReader::with_capacity(1 << 20, file);
+    let mut pos = 0u64;
     let mut max = None;
-    while pos < data.len() {
-        // Zeros to the end of the file: the space written ahead of the records.
-        if data[pos..].iter().all(|&b| b == 0) {
-            break;
-        }
-        match decode_at(&data, pos) {
-            Some((rec, next)) => {
+    let mut payload = Vec::new();
+    while pos < size {
+        match read_record(&mut reader, size - pos, &mut payload)? {
+            Next::Record(rec) => {
                 if let Record::Entry(e) = &rec {
                     max = Some(e.log_id.index);
                 }
-                state.apply(rec, &data[pos + HEADER..next]);
-                pos = next;
+                state.apply(rec, &payload);
+                pos += (HEADER + payload.len()) as u64;
             }
-            None if is_last => {
+            // Zeros to the end of the file: the space written ahead of the records.
+            Next::End => break,
+            Next::Bad if is_last => {
                 tracing::warn!(path = %path.display(), offset = pos, "cutting torn record at the end of the write-ahead log");
                 // Cutting also drops whatever followed the torn record, so that records
                 // written here later are never followed by stale ones.
                 let f = OpenOptions::new().write(true).open(path)?;
-                f.set_len(pos as u64)?;
+                f.set_len(pos)?;
                 f.sync_all()?;
                 break;
             }
-            None => {
+            Next::Bad => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
@@ -346,9 +347,71 @@ fn replay_segment(
             }
         }
     }
-    Ok((max, pos as u64))
+    Ok((max, pos))
 }
 
+/// What follows in a segment being replayed.
+enum Next {
+    /// A whole record; its payload is in the caller's buffer.
+    Record(Record),
+    /// Only zeros to the end of the file.
+    End,
+    /// A torn or damaged record (or something else that is not zeros).
+    Bad,
+}
+
+/// Reads the record at the reader's position, with `left` bytes left in the file.
+fn read_record(r: &mut impl Read, left: u64, payload: &mut Vec<u8>) -> io::Result<Next> {
+    let mut head = [0u8; HEADER];
+    if read_full(r, &mut head)? < HEADER {
+        return Ok(if head.iter().all(|&b| b == 0) {
+            Next::End
+        } else {
+            Next::Bad
+        });
+    }
+    if head == [0; HEADER] {
+        let mut buf = [0u8; 64 << 10];
+        loop {
+            let n = read_full(r, &mut buf)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                return Ok(Next::Bad);
+            }
+            if n < buf.len() {
+                return Ok(Next::End);
+            }
+        }
+    }
+    let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+    if (HEADER + len) as u64 > left {
+        return Ok(Next::Bad);
+    }
+    payload.resize(len, 0);
+    if read_full(r, payload)? < len || crc32fast::hash(payload) != crc {
+        return Ok(Next::Bad);
+    }
+    Ok(match postcard::from_bytes(payload) {
+        Ok(rec) => Next::Record(rec),
+        Err(_) => Next::Bad,
+    })
+}
+
+/// Reads until `buf` is full or the file ends; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
 fn decode_at(data: &[u8], pos: usize) -> Option<(Record, usize)> {
     let head = data.get(pos..pos + HEADER)?;
     let len = u32::from_le_bytes(head[0..4].try_into().ok()?) as usize;
@@ -612,5 +675,44 @@ mod tests {
         }
         let wal = Wal::open_with(dir.path(), Duration::ZERO, 1 << 20, false).unwrap();
         assert_eq!(indexes(&wal), (1..=11).collect::<Vec<_>>());
+        let st = wal.state.lock();
+        assert_eq!(st.entries[&11].decode().unwrap().log_id.index, 11);
+    }
+
+    /// Damage before the last segment is refused, not cut: those records were acknowledged.
+    /// In the last segment, bytes after a zeroed header are damage too (cut, as torn).
+    #[tokio::test]
+    async fn damage_is_refused_before_the_last_segment_and_cut_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let wal = Wal::open_with(dir.path(), Duration::ZERO, 1024, false).unwrap();
+            for i in 1..=200 {
+                wal.write_sync(&[entry(i)]).await.unwrap();
+            }
+        }
+        let segs = segments(dir.path());
+        assert!(segs.len() >= 3, "the log rotated: {segs:?}");
+        let last = segs.last().unwrap();
+        let end = records_end(&fs::read(last).unwrap());
+        let f = File::options().write(true).open(last).unwrap();
+        f.write_all_at(&[0u8; HEADER], end as u64).unwrap();
+        f.write_all_at(&[7u8; 3], (end + HEADER + 100) as u64)
+            .unwrap();
+        let wal = Wal::open_with(dir.path(), Duration::ZERO, 1024, false).unwrap();
+        assert_eq!(indexes(&wal).last(), Some(&200));
+        drop(wal);
+        assert_eq!(
+            fs::metadata(last).unwrap().len(),
+            end as u64,
+            "cut at the damage"
+        );
+        let first = &segments(dir.path())[0];
+        let mut data = fs::read(first).unwrap();
+        data[HEADER + 1] ^= 0xff;
+        fs::write(first, &data).unwrap();
+        let err = Wal::open_with(dir.path(), Duration::ZERO, 1024, false)
+            .err()
+            .expect("a damaged earlier segment is refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 }
