@@ -193,6 +193,7 @@ impl NativeBackend {
         .validate()?;
         let sm = StateMachine {
             store: store.clone(),
+            started: false,
         };
         let peers = Peers::new(cfg.peer_tls.clone());
         let network = PeerNetwork {
