@@ -66,7 +66,7 @@ pub(crate) type Found = Vec<(Vec<u8>, Ver)>;
 type KeyBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
 
 /// The bounds of a multi-key `range` in the key order, or `None` when it is empty.
-fn bounds(range: &KeyRange) -> Option<KeyBounds<'_>> {
+pub(super) fn bounds(range: &KeyRange) -> Option<KeyBounds<'_>> {
     let lo = Bound::Included(range.key.as_slice());
     let hi = match range.upper() {
         Some(end) if end <= range.key.as_slice() => return None,

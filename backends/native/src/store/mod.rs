@@ -64,8 +64,9 @@ pub(crate) struct Store {
     writer: Mutex<Pending>,
     /// The rows of `writer`'s txn, for readers.
     overlay: RwLock<Overlay>,
-    /// Every retained version by key (see index.rs). Held only for short lookups and updates,
-    /// never while another of these locks is taken.
+    /// Every retained version by key (see index.rs). Taken last (after `writer`, `db` and
+    /// `overlay`), and held only to list or change versions, never while their rows are read,
+    /// except by physical compaction, which holds it while it removes them.
     index: RwLock<KeyIndex>,
     path: std::path::PathBuf,
     pub feed: broadcast::Sender<Arc<ChangeBatch>>,
@@ -846,7 +847,6 @@ impl<'t> Tables<'t> {
 
     /// Writes one txn's events at `rev` into CURRENT, VERSIONS, LEASE_KEYS and the key index.
     fn write_events(&mut self, rev: Revision, events: Vec<Event>) -> Result<ChangeBatch> {
-        let mut indexed = Vec::with_capacity(events.len());
         for (sub, ev) in events.iter().enumerate() {
             let key = ev.kv.key.as_slice();
             if let Some(prev) = &ev.prev_kv {
@@ -872,11 +872,11 @@ impl<'t> Tables<'t> {
                 }
             };
             insert_version(&mut self.versions, key, rev as u64, sub, &rec)?;
-            indexed.push(index_entry(sub, ev.kind == EventKind::Delete));
         }
         // Readers skip versions above the revision they read at, which is published later.
         let mut index = self.index.write();
-        for (ev, entry) in events.iter().zip(indexed) {
+        for (sub, ev) in events.iter().enumerate() {
+            let entry = index_entry(sub as u32, ev.kind == EventKind::Delete);
             index.insert(&ev.kv.key, rev as u64, entry);
         }
         drop(index);

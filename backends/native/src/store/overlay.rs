@@ -51,13 +51,10 @@ impl Overlay {
 
     /// Number of live keys in a multi-key `range`.
     pub fn count_live(&self, range: &KeyRange) -> i64 {
-        let lo = Bound::Included(range.key.as_slice());
-        let hi = match range.upper() {
-            Some(end) if end <= range.key.as_slice() => return 0,
-            Some(end) => Bound::Excluded(end),
-            None => Bound::Unbounded,
-        };
-        self.live.range::<[u8], _>((lo, hi)).count() as i64
+        match super::index::bounds(range) {
+            Some(b) => self.live.range::<[u8], _>(b).count() as i64,
+            None => 0,
+        }
     }
 
     /// Empties the rows (after they were committed); the live key set stays.
