@@ -411,19 +411,6 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-#[cfg(test)]
-fn decode_at(data: &[u8], pos: usize) -> Option<(Record, usize)> {
-    let head = data.get(pos..pos + HEADER)?;
-    let len = u32::from_le_bytes(head[0..4].try_into().ok()?) as usize;
-    let crc = u32::from_le_bytes(head[4..8].try_into().ok()?);
-    let payload = data.get(pos + HEADER..pos + HEADER + len)?;
-    if crc32fast::hash(payload) != crc {
-        return None;
-    }
-    let rec = postcard::from_bytes(payload).ok()?;
-    Some((rec, pos + HEADER + len))
-}
-
 struct Writer {
     dir: PathBuf,
     file: File,
@@ -594,9 +581,12 @@ mod tests {
 
     /// Where the records of a segment's bytes end.
     fn records_end(data: &[u8]) -> usize {
+        let mut r = io::Cursor::new(data);
+        let mut payload = Vec::new();
         let mut end = 0;
-        while let Some((_, next)) = decode_at(data, end) {
-            end = next;
+        while let Ok(Next::Record(_)) = read_record(&mut r, (data.len() - end) as u64, &mut payload)
+        {
+            end += HEADER + payload.len();
         }
         end
     }

@@ -250,7 +250,7 @@ mod tests {
         ix.remove(b"a", 2);
         ix.remove(b"a", 5);
         assert_eq!(ix.len(), 3);
-        assert!(ix.keys.get(b"a".as_slice()).is_none());
+        assert!(!ix.keys.contains_key(b"a".as_slice()));
         ix.set_compacted(5);
         assert!(matches!(
             ix.live_at(&all, 4, None, false),
