@@ -105,7 +105,7 @@ impl Default for NativeConfig {
 }
 
 /// The state machine's page cache.
-const CACHE_BYTES: usize = 64 << 20;
+const CACHE_BYTES: usize = 16 << 20;
 /// Upper bound on requests (and entries) between snapshots, whatever --snapshot-count says: a
 /// snapshot here is only a synced commit, and it bounds the memory the in-memory log uses.
 const MAX_SNAPSHOT_EVERY: u64 = 10_000;

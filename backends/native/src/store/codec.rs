@@ -3,8 +3,9 @@
 use cairn_backend::KeyValue;
 use redb::TableDefinition;
 
-/// Live keys: key -> record. Serves reads at the current revision.
-pub const CURRENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("current");
+/// The live keys (key -> record) that Cairn kept on disk before they moved into memory (see
+/// overlay.rs). Deleted when a store is opened.
+pub const OLD_CURRENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("current");
 /// Every retained version, keyed as etcd's key bucket is: (revision, sub-revision) -> the
 /// key's length (u32 LE), the key, then its record (a tombstone has version 0). Writes append
 /// to its last leaf however long the history grows; it is also the change log.

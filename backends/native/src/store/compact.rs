@@ -42,12 +42,12 @@ impl Store {
             // key written there may have versions below it to drop), and the first revision
             // not walked.
             let mut keys = BTreeSet::new();
-            let mut rows = 0usize;
             let mut last_rev = None;
             let mut next = None;
-            for item in versions
+            for (rows, item) in versions
                 .range::<(u64, u32)>((done.max(0) as u64, 0)..=(compact as u64, u32::MAX))
                 .map_err(db_err)?
+                .enumerate()
             {
                 let (k, v) = item.map_err(db_err)?;
                 let (rev, _) = k.value();
@@ -56,7 +56,6 @@ impl Store {
                     break;
                 }
                 last_rev = Some(rev);
-                rows += 1;
                 keys.insert(decode_version(v.value()).0.to_vec());
             }
             more = next.is_some();

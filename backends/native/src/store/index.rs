@@ -4,8 +4,7 @@
 //! revision, the previous version of a watched event, compaction and the hash need the versions
 //! of a key, which this index lists: key -> (revision, [`index_entry`]) in revision order. It
 //! is rebuilt from VERSIONS when the store opens and after a snapshot is installed, and never
-//! written to disk, so a commit writes only the appended VERSIONS pages and the changed rows
-//! of CURRENT.
+//! written to disk, so a commit writes only the appended VERSIONS pages.
 //!
 //! Consistency with readers (see `Store::read`): an apply inserts a version before it
 //! publishes the revision, so a reader filters by the revision it reads at and never picks a
@@ -20,6 +19,7 @@ use cairn_backend::{BackendError, KeyRange, Result, Revision};
 use redb::{Database, ReadableTable};
 
 use super::codec::{decode_version, index_entry, index_tombstone, is_tombstone, VERSIONS};
+use super::overlay::Live;
 use super::view::db_err;
 
 /// One version: its revision and its [`index_entry`] (sub-revision, tombstone mark).
@@ -77,21 +77,31 @@ pub(super) fn bounds(range: &KeyRange) -> Option<KeyBounds<'_>> {
 }
 
 impl KeyIndex {
-    /// The index of every row in VERSIONS.
-    pub fn load(db: &Database, compacted: Revision) -> Result<KeyIndex> {
+    /// The index of every row in VERSIONS, and the newest record of every live key (see
+    /// overlay.rs), from one walk in revision order.
+    pub fn load(db: &Database, compacted: Revision) -> Result<(KeyIndex, Live)> {
         let r = db.begin_read().map_err(db_err)?;
         let versions = r.open_table(VERSIONS).map_err(db_err)?;
         let mut out = KeyIndex {
             compacted,
             ..Default::default()
         };
+        let mut live = Live::new();
         for item in versions.iter().map_err(db_err)? {
             let (k, v) = item.map_err(db_err)?;
             let (rev, sub) = k.value();
             let (key, rec) = decode_version(v.value());
-            out.insert(key, rev, index_entry(sub, is_tombstone(rec)));
+            let tombstone = is_tombstone(rec);
+            out.insert(key, rev, index_entry(sub, tombstone));
+            if tombstone {
+                live.remove(key);
+            } else if let Some(newest) = live.get_mut(key) {
+                *newest = rec.into();
+            } else {
+                live.insert(key.to_vec(), rec.into());
+            }
         }
-        Ok(out)
+        Ok((out, live))
     }
 
     pub fn len(&self) -> usize {

@@ -4,9 +4,10 @@
 //! - Applied entries accumulate in one open redb write txn, together with the `last_applied`
 //!   log id, and are committed together every [`FLUSH_EVERY`] or [`FLUSH_ROWS`] rows (as etcd
 //!   batches bbolt commits), so after a crash the store is exactly the state after some entry
-//!   and raft replays the rest from the write-ahead log. Readers see applied but uncommitted
-//!   rows through the [`overlay`]; whatever the overlay does not cover is committed first
-//!   ([`Store::flush`]).
+//!   and raft replays the rest from the write-ahead log. The newest record of each live key
+//!   is kept in memory (the [`overlay`]), rebuilt from VERSIONS at open, so commits write no
+//!   rows at random keys. Readers see applied but uncommitted history rows through the
+//!   overlay; whatever it does not cover is committed first ([`Store::flush`]).
 //! - Commits are not synced one by one (the write-ahead log is the durable copy); a synced
 //!   commit happens at least every [`SYNC_EVERY`] and before a snapshot lets raft purge its log.
 //! - The change feed is published only after the change is visible to readers, so a watcher
@@ -62,7 +63,8 @@ pub(crate) struct Store {
     db: RwLock<Database>,
     /// The write txn applies accumulate into. Lock order: `writer`, then `db`, then `overlay`.
     writer: Mutex<Pending>,
-    /// The rows of `writer`'s txn, for readers.
+    /// The live records, and the history rows of `writer`'s txn, for readers. An apply
+    /// changes it and publishes `revision` under its write lock, one txn at a time.
     overlay: RwLock<Overlay>,
     /// Every retained version by key (see index.rs). Taken last (after `writer`, `db` and
     /// `overlay`), and held only to list or change versions, never while their rows are read,
@@ -122,10 +124,11 @@ impl Store {
         let db = open_db(path, cache_bytes)?;
         let txn = db.begin_write()?;
         {
-            txn.open_table(CURRENT)?;
             txn.open_table(VERSIONS)?;
-            // The on-disk key index of Cairn before the in-memory one: rebuilt in memory now.
+            // The on-disk key index and live records of Cairn before the in-memory ones:
+            // rebuilt in memory now.
             txn.delete_table(OLD_KEY_REVS)?;
+            txn.delete_table(OLD_CURRENT)?;
             txn.open_table(LEASES)?;
             txn.open_table(LEASE_KEYS)?;
             txn.open_table(DOCS)?;
@@ -143,9 +146,12 @@ impl Store {
             let meta = r.open_table(META)?;
             (read_i64(&meta, M_REVISION)?, read_i64(&meta, M_COMPACT)?)
         };
-        let live = live_keys(&db)?;
-        let index = KeyIndex::load(&db, compact)?;
-        tracing::debug!(versions = index.len(), "key index loaded");
+        let (index, live) = KeyIndex::load(&db, compact)?;
+        tracing::debug!(
+            versions = index.len(),
+            live = live.len(),
+            "key index loaded"
+        );
         let (feed, _) = broadcast::channel(4096);
         let store = Arc::new(Store {
             db: RwLock::new(db),
@@ -172,6 +178,24 @@ impl Store {
         store.sizes()?;
         store.load_lease_clock()?;
         Ok(store)
+    }
+
+    /// Rebuilds the key index and the live records from the committed tables, and publishes
+    /// their revisions (after a snapshot install or an import replaced the tables). The caller
+    /// holds `ov` since before that commit, so no reader sees new tables with old memory.
+    fn reload_memory(
+        &self,
+        db: &Database,
+        ov: &mut Overlay,
+        rev: Revision,
+        compact: Revision,
+    ) -> Result<()> {
+        let (index, live) = KeyIndex::load(db, compact)?;
+        ov.reset_live(live);
+        *self.index.write() = index;
+        self.revision.store(rev, Ordering::Release);
+        self.compact.store(compact, Ordering::Release);
+        Ok(())
     }
 
     /// Gives every stored lease a full TTL from now (as etcd does when a leader takes over).
@@ -254,7 +278,7 @@ impl Store {
         let mut compacted = false;
         let new_revs;
         {
-            let mut t = Tables::open(txn, &self.index)?;
+            let mut t = Tables::open(txn, self)?;
             let mut rev = read_i64(&t.meta, M_REVISION)?;
             let mut compact = read_i64(&t.meta, M_COMPACT)?;
             let mut last = None;
@@ -298,11 +322,8 @@ impl Store {
             new_revs = (rev, compact);
         }
         {
-            // Readers see the rows and the new revision together.
-            let mut ov = self.overlay.write();
-            for b in &batches {
-                ov.record(b);
-            }
+            // Each txn published its revision with its rows (see write_events).
+            let ov = self.overlay.write();
             flush |= ov.rows() >= FLUSH_ROWS;
             self.revision.store(new_revs.0, Ordering::Release);
             self.compact.store(new_revs.1, Ordering::Release);
@@ -396,13 +417,14 @@ impl Store {
         let ov = self.overlay.read();
         let r = db.begin_read().map_err(db_err)?;
         let tables = ViewTables {
-            current: &r.open_table(CURRENT).map_err(db_err)?,
+            overlay: &ov,
             index: &self.index,
             versions: &r.open_table(VERSIONS).map_err(db_err)?,
             leases: &r.open_table(LEASES).map_err(db_err)?,
         };
+        // Under the overlay's read lock: the revision its live records are at.
         let (base, compact) = self.current();
-        let mut view = View::new(tables, base, compact).with_overlay(&ov);
+        let mut view = View::new(tables, base, compact);
         f(&mut view)
     }
 
@@ -583,17 +605,6 @@ impl Store {
     }
 }
 
-/// Every key in CURRENT.
-fn live_keys(db: &Database) -> Result<std::collections::BTreeSet<Vec<u8>>> {
-    let r = db.begin_read().map_err(db_err)?;
-    let t = r.open_table(CURRENT).map_err(db_err)?;
-    let mut out = std::collections::BTreeSet::new();
-    for item in t.iter().map_err(db_err)? {
-        out.insert(item.map_err(db_err)?.0.value().to_vec());
-    }
-    Ok(out)
-}
-
 /// The applied state as of a read txn.
 fn applied_in(r: &redb::ReadTransaction) -> Result<AppliedState> {
     let meta = r.open_table(META).map_err(db_err)?;
@@ -644,12 +655,8 @@ pub(crate) fn insert_version(
 }
 
 /// A [`View`] of a redb read txn.
-type ReadView<'a> = View<
-    'a,
-    redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
-    redb::ReadOnlyTable<(u64, u32), &'static [u8]>,
-    redb::ReadOnlyTable<i64, i64>,
->;
+type ReadView<'a> =
+    View<'a, redb::ReadOnlyTable<(u64, u32), &'static [u8]>, redb::ReadOnlyTable<i64, i64>>;
 
 /// A lease change to mirror in the lease clock once the txn has committed.
 enum LeaseChange {
@@ -668,10 +675,11 @@ fn read_i64(t: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> 
         .unwrap_or(0))
 }
 
-/// The tables of one write txn.
+/// The tables of one write txn, and what an apply changes in memory.
 struct Tables<'t> {
-    current: redb::Table<'t, &'static [u8], &'static [u8]>,
+    overlay: &'t RwLock<Overlay>,
     index: &'t RwLock<KeyIndex>,
+    revision: &'t AtomicI64,
     versions: redb::Table<'t, (u64, u32), &'static [u8]>,
     leases: redb::Table<'t, i64, i64>,
     lease_keys: redb::Table<'t, (i64, &'static [u8]), ()>,
@@ -680,10 +688,11 @@ struct Tables<'t> {
 }
 
 impl<'t> Tables<'t> {
-    fn open(txn: &'t WriteTransaction, index: &'t RwLock<KeyIndex>) -> Result<Self> {
+    fn open(txn: &'t WriteTransaction, store: &'t Store) -> Result<Self> {
         Ok(Tables {
-            current: txn.open_table(CURRENT).map_err(db_err)?,
-            index,
+            overlay: &store.overlay,
+            index: &store.index,
+            revision: &store.revision,
             versions: txn.open_table(VERSIONS).map_err(db_err)?,
             leases: txn.open_table(LEASES).map_err(db_err)?,
             lease_keys: txn.open_table(LEASE_KEYS).map_err(db_err)?,
@@ -714,7 +723,8 @@ impl<'t> Tables<'t> {
             }
             Command::Txn(req) => {
                 let (outcome, events) = {
-                    let mut view = View::new(self.view_tables(), *rev, *compact);
+                    let ov = self.overlay.read();
+                    let mut view = View::new(self.view_tables(&ov), *rev, *compact);
                     let outcome = exec::execute(&mut view, &req);
                     (outcome, std::mem::take(&mut view.events))
                 };
@@ -805,7 +815,8 @@ impl<'t> Tables<'t> {
                     keys.push(key.to_vec());
                 }
                 let events = {
-                    let mut view = View::new(self.view_tables(), *rev, *compact);
+                    let ov = self.overlay.read();
+                    let mut view = View::new(self.view_tables(&ov), *rev, *compact);
                     for key in keys {
                         let (mut found, _) =
                             view.range_latest(&KeyRange::single(key), Some(1), false)?;
@@ -829,24 +840,22 @@ impl<'t> Tables<'t> {
     }
 
     #[allow(clippy::type_complexity)]
-    fn view_tables(
-        &self,
-    ) -> ViewTables<
-        '_,
-        redb::Table<'t, &'static [u8], &'static [u8]>,
-        redb::Table<'t, (u64, u32), &'static [u8]>,
-        redb::Table<'t, i64, i64>,
-    > {
+    fn view_tables<'v>(
+        &'v self,
+        overlay: &'v Overlay,
+    ) -> ViewTables<'v, redb::Table<'t, (u64, u32), &'static [u8]>, redb::Table<'t, i64, i64>> {
         ViewTables {
-            current: &self.current,
+            overlay,
             index: self.index,
             versions: &self.versions,
             leases: &self.leases,
         }
     }
 
-    /// Writes one txn's events at `rev` into CURRENT, VERSIONS, LEASE_KEYS and the key index.
+    /// Writes one txn's events at `rev` into VERSIONS, LEASE_KEYS, the key index and the
+    /// overlay, and publishes `rev` to readers.
     fn write_events(&mut self, rev: Revision, events: Vec<Event>) -> Result<ChangeBatch> {
+        let mut records = Vec::with_capacity(events.len());
         for (sub, ev) in events.iter().enumerate() {
             let key = ev.kv.key.as_slice();
             if let Some(prev) = &ev.prev_kv {
@@ -858,7 +867,6 @@ impl<'t> Tables<'t> {
             let rec = match ev.kind {
                 EventKind::Put => {
                     let rec = encode_kv(&ev.kv);
-                    self.current.insert(key, rec.as_slice()).map_err(db_err)?;
                     if ev.kv.lease != 0 {
                         self.lease_keys
                             .insert((ev.kv.lease, key), ())
@@ -866,20 +874,23 @@ impl<'t> Tables<'t> {
                     }
                     rec
                 }
-                EventKind::Delete => {
-                    self.current.remove(key).map_err(db_err)?;
-                    encode_tombstone(rev)
-                }
+                EventKind::Delete => encode_tombstone(rev),
             };
             insert_version(&mut self.versions, key, rev as u64, sub, &rec)?;
+            records.push(rec.into_boxed_slice());
         }
-        // Readers skip versions above the revision they read at, which is published later.
+        // Readers see the live records, the rows and the revision change together; index
+        // readers skip versions above the revision they read at.
+        let mut ov = self.overlay.write();
+        ov.record(rev, &events, records);
         let mut index = self.index.write();
         for (sub, ev) in events.iter().enumerate() {
             let entry = index_entry(sub as u32, ev.kind == EventKind::Delete);
             index.insert(&ev.kv.key, rev as u64, entry);
         }
         drop(index);
+        self.revision.store(rev, Ordering::Release);
+        drop(ov);
         Ok(ChangeBatch {
             revision: rev,
             events,
@@ -1258,7 +1269,7 @@ mod tests {
             {
                 let mut h = txn.open_table(OLD_HISTORY).unwrap();
                 let mut e = txn.open_table(OLD_EVENTS).unwrap();
-                let mut c = txn.open_table(CURRENT).unwrap();
+                let mut c = txn.open_table(OLD_CURRENT).unwrap();
                 let mut m = txn.open_table(META).unwrap();
                 for (kv, rev) in &history {
                     h.insert((kv.key.as_slice(), *rev), encode_kv(kv).as_slice())
@@ -1420,5 +1431,91 @@ mod tests {
         drop(store);
         let store = Store::open(&dir.path().join("s.redb"), 1 << 20).unwrap();
         assert_eq!(store.lease_ids().unwrap(), vec![9]);
+    }
+
+    /// The live records kept in memory are rebuilt from VERSIONS alone, after physical
+    /// compaction too: a reopened store and a store that installed a snapshot of it answer
+    /// every read at the latest revision as the original does, and as a plain model says.
+    #[test]
+    fn live_records_are_rebuilt_from_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb"), 1 << 20).unwrap();
+        let mut seed = 0x2545f4914f6cdd1du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let key = |i: u64| format!("k{i}").into_bytes();
+        let mut model: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
+        let mut index = 0u64;
+        for round in 0..60u64 {
+            // Several txns in one apply, some with more than one op.
+            let mut entries = Vec::new();
+            for t in 0..1 + next(4) {
+                let mut ops = Vec::new();
+                let mut keys = std::collections::BTreeSet::new();
+                for _ in 0..1 + next(3) {
+                    let k = key(next(10));
+                    if !keys.insert(k.clone()) {
+                        continue;
+                    }
+                    if next(4) == 0 {
+                        model.remove(&k);
+                        ops.push(RequestOp::DeleteRange(DeleteRangeRequest {
+                            range: KeyRange::single(k),
+                            prev_kv: false,
+                        }));
+                    } else {
+                        let v = format!("v{round}.{t}").into_bytes();
+                        model.insert(k.clone(), v.clone());
+                        ops.push(RequestOp::Put(PutRequest {
+                            key: k,
+                            value: v,
+                            ..Default::default()
+                        }));
+                    }
+                }
+                index += 1;
+                entries.push(entry(index, Command::Txn(TxnRequest::unconditional(ops))));
+            }
+            store.apply(entries).unwrap();
+            if round % 15 == 14 {
+                let (rev, _) = store.current();
+                index += 1;
+                store
+                    .apply(vec![entry(index, Command::Compact { revision: rev - 3 })])
+                    .unwrap();
+                store.compact_all().unwrap();
+            }
+        }
+        let all = KeyRange::new(vec![0], vec![0]);
+        let latest = |s: &Store| range(s, all.clone(), 0, 0, false);
+        let want = latest(&store);
+        let got: Vec<_> = want
+            .kvs
+            .iter()
+            .map(|kv| (kv.key.clone(), kv.value.clone()))
+            .collect();
+        assert_eq!(got, model.into_iter().collect::<Vec<_>>());
+        assert!(want.kvs.len() >= 3, "only {} keys live", want.kvs.len());
+        let (_, snapshot) = store.dump().unwrap();
+        let hash = store.hash_kv(0).unwrap();
+        drop(store);
+        let reopened = Store::open(&dir.path().join("s.redb"), 1 << 20).unwrap();
+        assert_eq!(latest(&reopened), want);
+        assert_eq!(reopened.hash_kv(0).unwrap(), hash);
+        let other = Store::open(&dir.path().join("o.redb"), 1 << 20).unwrap();
+        other.apply(vec![entry(1, put("stale", "x"))]).unwrap();
+        other
+            .install(
+                std::io::Cursor::new(snapshot),
+                None,
+                &StoredMembership::default(),
+            )
+            .unwrap();
+        assert_eq!(latest(&other), want);
+        assert_eq!(other.hash_kv(0).unwrap(), hash);
     }
 }

@@ -1,65 +1,83 @@
-//! What readers need of the changes that are applied but not yet committed to redb.
+//! What readers need in memory: the newest record of every live key, and the history rows
+//! applied but not yet committed to redb.
 //!
-//! Applies accumulate in one open redb write txn, committed every [`super::FLUSH_EVERY`] or
-//! [`super::FLUSH_ROWS`] rows (etcd's backend batches its bbolt commits the same way, and
-//! serves reads through a buffer of the uncommitted writes). A redb read txn sees only committed
-//! data, so readers merge it with this overlay: the CURRENT and history rows of every event
-//! applied since the last commit. Everything else a reader may look at (the change log, leases,
-//! documents, scalars) is committed before it is read: see `Store::flush`.
+//! Live records: etcd serves reads at the latest revision from its key index and bbolt's
+//! pages in memory; Cairn keeps the newest record of each live key here instead of in a redb
+//! table, so an apply's commit writes no rows at random keys (only VERSIONS' last leaves). A
+//! range's count is a walk of this map, and a list reads only `limit` records. The map is
+//! rebuilt from VERSIONS when the store opens, after a snapshot install and after an import
+//! (see `index::load`): the newest version of every live key is always retained there.
 //!
-//! The same lock guards the set of every live key (committed or not), which answers a range's
-//! count without walking redb (etcd answers it from its in-memory key index the same way):
-//! a list with a limit reads only `limit` rows, a count_only reads none.
+//! Uncommitted history: applies accumulate in one open redb write txn, committed every
+//! [`super::FLUSH_EVERY`] or [`super::FLUSH_ROWS`] rows (etcd's backend batches its bbolt
+//! commits the same way, and serves reads through a buffer of the uncommitted writes). A redb
+//! read txn sees only committed rows, so readers of older revisions look here first. Everything
+//! else a reader may look at (leases, documents, scalars) is committed before it is read: see
+//! `Store::flush`.
 //!
-//! Consistency: rows enter the overlay (under its write lock) after they are in the open txn;
-//! the overlay is cleared (under its write lock) only after the txn committed. A reader holds the
-//! read lock from before it opens its redb read txn until it is done, so it sees committed
-//! state plus overlay = exactly the applied state. Between commit and clear a reader may see a
-//! row in both; the overlay's copy is identical and wins, so nothing is counted twice.
+//! Consistency: an apply changes this map and publishes the txn's revision under the write
+//! lock, after the txn's rows are in the open redb txn; rows are cleared (under the write lock)
+//! only after that txn committed. A reader holds the read lock from before it reads the
+//! revision and opens its redb read txn until it is done, so it sees exactly the state at that
+//! revision. Between commit and clear a reader may see a history row in both places; the
+//! copies are identical.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::ops::Bound;
+use std::collections::BTreeMap;
 
-use cairn_backend::{ChangeBatch, EventKind, KeyRange, Result};
+use cairn_backend::{Event, EventKind, KeyRange};
 
-use super::codec::{encode_kv, encode_tombstone};
-use super::view::{current_rows, db_err, CurrentTable};
+use super::codec::encode_tombstone;
+use super::index::bounds;
+
+/// The newest record of each live key.
+pub(crate) type Live = BTreeMap<Vec<u8>, Box<[u8]>>;
 
 #[derive(Default)]
 pub(crate) struct Overlay {
-    /// key -> its live record, or None when deleted since the last commit.
-    current: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    /// (key, mod revision) -> record (a tombstone for a delete).
-    history: BTreeMap<(Vec<u8>, u64), Vec<u8>>,
-    /// Every live key, committed or not (not emptied by [`Overlay::clear`]).
-    live: BTreeSet<Vec<u8>>,
+    live: Live,
+    /// (key, mod revision) -> record (a tombstone for a delete), applied since the last commit.
+    history: BTreeMap<(Vec<u8>, u64), Box<[u8]>>,
 }
 
 impl Overlay {
-    /// An empty overlay over a store whose live keys are `live`.
-    pub fn new(live: BTreeSet<Vec<u8>>) -> Self {
+    /// An empty overlay over a store whose live records are `live`.
+    pub fn new(live: Live) -> Self {
         Overlay {
             live,
             ..Default::default()
         }
     }
 
-    /// Replaces the live key set (after a snapshot was installed).
-    pub fn reset_live(&mut self, live: BTreeSet<Vec<u8>>) {
+    /// Replaces the live records (after a snapshot was installed or data imported).
+    pub fn reset_live(&mut self, live: Live) {
         self.live = live;
     }
 
     /// Number of live keys in a multi-key `range`.
     pub fn count_live(&self, range: &KeyRange) -> i64 {
-        match super::index::bounds(range) {
+        match bounds(range) {
             Some(b) => self.live.range::<[u8], _>(b).count() as i64,
             None => 0,
         }
     }
 
-    /// Empties the rows (after they were committed); the live key set stays.
+    /// The live records of a multi-key `range`, in key order.
+    pub fn live_in<'a>(
+        &'a self,
+        range: &'a KeyRange,
+    ) -> impl Iterator<Item = (&'a Vec<u8>, &'a Box<[u8]>)> + 'a {
+        bounds(range)
+            .into_iter()
+            .flat_map(|b| self.live.range::<[u8], _>(b))
+    }
+
+    /// The newest record of `key`, when it is live.
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.live.get(key).map(|r| &r[..])
+    }
+
+    /// Empties the history rows (after they were committed); the live records stay.
     pub fn clear(&mut self) {
-        self.current.clear();
         self.history.clear();
     }
 
@@ -67,94 +85,32 @@ impl Overlay {
         self.history.len()
     }
 
-    /// Adds the rows one applied revision wrote.
-    pub fn record(&mut self, batch: &ChangeBatch) {
-        let rev = batch.revision;
-        for ev in &batch.events {
+    /// Adds what one applied revision wrote: `records` holds each event's record (a put's
+    /// encoded key-value, a delete's tombstone), in the order of `events`.
+    pub fn record(&mut self, rev: i64, events: &[Event], records: Vec<Box<[u8]>>) {
+        for (ev, rec) in events.iter().zip(records) {
             let key = &ev.kv.key;
             match ev.kind {
                 EventKind::Put => {
-                    if !self.live.contains(key) {
-                        self.live.insert(key.clone());
+                    self.history.insert((key.clone(), rev as u64), rec.clone());
+                    match self.live.get_mut(key.as_slice()) {
+                        Some(r) => *r = rec,
+                        None => {
+                            self.live.insert(key.clone(), rec);
+                        }
                     }
-                    let rec = encode_kv(&ev.kv);
-                    self.current.insert(key.clone(), Some(rec.clone()));
-                    self.history.insert((key.clone(), rev as u64), rec);
                 }
                 EventKind::Delete => {
-                    self.live.remove(key);
-                    self.current.insert(key.clone(), None);
-                    self.history
-                        .insert((key.clone(), rev as u64), encode_tombstone(rev));
+                    self.live.remove(key.as_slice());
+                    debug_assert_eq!(&rec[..], &encode_tombstone(rev)[..]);
+                    self.history.insert((key.clone(), rev as u64), rec);
                 }
             }
         }
-    }
-
-    fn current_in<'a>(
-        &'a self,
-        range: &KeyRange,
-    ) -> impl Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)> + 'a {
-        let lo = Bound::Included(range.key.as_slice());
-        let hi = if range.is_single() {
-            Bound::Included(range.key.as_slice())
-        } else {
-            match range.upper() {
-                Some(end) if end <= range.key.as_slice() => Bound::Excluded(range.key.as_slice()),
-                Some(end) => Bound::Excluded(end),
-                None => Bound::Unbounded,
-            }
-        };
-        self.current.range::<[u8], _>((lo, hi))
     }
 
     /// The record of the version (key, revision) `at`, when it is applied but not committed.
     pub fn history_record(&self, at: &(Vec<u8>, u64)) -> Option<&[u8]> {
-        self.history.get(at).map(|v| v.as_slice())
+        self.history.get(at).map(|v| &v[..])
     }
-
-    /// The newest record of one key: `Some(None)` when it was deleted since the last commit,
-    /// `None` when the overlay does not know it.
-    pub fn get_current(&self, key: &[u8]) -> Option<Option<&[u8]>> {
-        self.current.get(key).map(|r| r.as_deref())
-    }
-}
-
-/// Visits the live records of a (multi-key) `range` in key order: the overlay's where it has
-/// the key, the table's elsewhere; stops when `visit` returns false.
-pub(crate) fn merge_current<C: CurrentTable>(
-    t: &C,
-    ov: &Overlay,
-    range: &KeyRange,
-    mut visit: impl FnMut(&[u8], &[u8]) -> bool,
-) -> Result<()> {
-    let mut over = ov.current_in(range).peekable();
-    for item in current_rows(t, range)? {
-        let (k, v) = item.map_err(db_err)?;
-        let k = k.value();
-        let mut shadowed = false;
-        while let Some((ok, rec)) = over.peek() {
-            if ok.as_slice() > k {
-                break;
-            }
-            shadowed = ok.as_slice() == k;
-            if let Some(rec) = rec {
-                if !visit(ok, rec) {
-                    return Ok(());
-                }
-            }
-            over.next();
-        }
-        if !shadowed && !visit(k, v.value()) {
-            return Ok(());
-        }
-    }
-    for (ok, rec) in over {
-        if let Some(rec) = rec {
-            if !visit(ok, rec) {
-                return Ok(());
-            }
-        }
-    }
-    Ok(())
 }

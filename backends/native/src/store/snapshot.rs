@@ -11,10 +11,10 @@ use super::view::db_err;
 use super::Store;
 use crate::types::{LogId, StoredMembership};
 
-/// Every table. The key index is not one: an install rebuilds it from VERSIONS.
+/// Every table. The key index and the live records are not tables: an install rebuilds them
+/// from VERSIONS.
 #[derive(Serialize, Deserialize, Default)]
 struct Dump {
-    current: Vec<(Vec<u8>, Vec<u8>)>,
     /// VERSIONS: (revision, sub-revision) -> row.
     versions: Vec<((u64, u32), Vec<u8>)>,
     leases: Vec<(i64, i64)>,
@@ -34,15 +34,6 @@ impl Store {
         drop(w);
         let state = super::applied_in(&r)?;
         let mut d = Dump::default();
-        for item in r
-            .open_table(CURRENT)
-            .map_err(db_err)?
-            .iter()
-            .map_err(db_err)?
-        {
-            let (k, v) = item.map_err(db_err)?;
-            d.current.push((k.value().to_vec(), v.value().to_vec()));
-        }
         for item in r
             .open_table(VERSIONS)
             .map_err(db_err)?
@@ -108,7 +99,6 @@ impl Store {
                 txn.open_table(def).map_err(db_err)?;
                 Ok(())
             }
-            clear(&txn, CURRENT)?;
             clear(&txn, VERSIONS)?;
             clear(&txn, LEASES)?;
             clear(&txn, LEASE_KEYS)?;
@@ -117,10 +107,6 @@ impl Store {
             let mut t = txn.open_table(DOCS).map_err(db_err)?;
             for (k, v) in &d.docs {
                 t.insert(k.as_str(), v.as_slice()).map_err(db_err)?;
-            }
-            let mut t = txn.open_table(CURRENT).map_err(db_err)?;
-            for (k, v) in &d.current {
-                t.insert(k.as_slice(), v.as_slice()).map_err(db_err)?;
             }
             let mut t = txn.open_table(VERSIONS).map_err(db_err)?;
             for ((rev, sub), row) in &d.versions {
@@ -149,6 +135,7 @@ impl Store {
             let m = postcard::to_allocvec(membership).map_err(db_err)?;
             t.insert(M_MEMBERSHIP, m.as_slice()).map_err(db_err)?;
         }
+        let mut ov = self.overlay.write();
         txn.commit().map_err(db_err)?;
         let (rev, compact) = {
             let r = db.begin_read().map_err(db_err)?;
@@ -158,12 +145,8 @@ impl Store {
                 super::read_i64(&meta, M_COMPACT)?,
             )
         };
-        self.overlay.write().reset_live(super::live_keys(&db)?);
-        *self.index.write() = super::KeyIndex::load(&db, compact)?;
-        self.revision
-            .store(rev, std::sync::atomic::Ordering::Release);
-        self.compact
-            .store(compact, std::sync::atomic::Ordering::Release);
+        self.reload_memory(&db, &mut ov, rev, compact)?;
+        drop(ov);
         drop(db);
         self.load_lease_clock()
     }
@@ -213,14 +196,11 @@ impl Store {
         let mut txn = db.begin_write().map_err(db_err)?;
         txn.set_durability(redb::Durability::Immediate);
         {
-            let mut current = txn.open_table(CURRENT).map_err(db_err)?;
             let mut versions_t = txn.open_table(VERSIONS).map_err(db_err)?;
             let mut lease_keys = txn.open_table(LEASE_KEYS).map_err(db_err)?;
             // The newest version of each key decides what is live.
-            let mut newest: std::collections::BTreeMap<
-                &[u8],
-                (&cairn_bbolt::etcd::Version, Vec<u8>),
-            > = Default::default();
+            let mut newest: std::collections::BTreeMap<&[u8], &cairn_bbolt::etcd::Version> =
+                Default::default();
             for v in &versions {
                 let rec = if v.tombstone {
                     encode_tombstone(v.revision)
@@ -242,14 +222,10 @@ impl Store {
                 }
                 let (rev, sub) = (v.revision as u64, v.sub as u32);
                 super::insert_version(&mut versions_t, &v.key, rev, sub, &rec)?;
-                newest.insert(&v.key, (v, rec));
+                newest.insert(&v.key, v);
             }
-            for (key, (v, rec)) in newest {
-                if v.tombstone {
-                    continue;
-                }
-                current.insert(key, rec.as_slice()).map_err(db_err)?;
-                if v.lease != 0 {
+            for (key, v) in newest {
+                if !v.tombstone && v.lease != 0 {
                     lease_keys.insert((v.lease, key), ()).map_err(db_err)?;
                 }
             }
@@ -267,13 +243,10 @@ impl Store {
             meta.insert(M_IMPORT_UNSNAPSHOTTED, [1u8].as_slice())
                 .map_err(db_err)?;
         }
+        let mut ov = self.overlay.write();
         txn.commit().map_err(db_err)?;
-        self.overlay.write().reset_live(super::live_keys(&db)?);
-        *self.index.write() = super::KeyIndex::load(&db, compact)?;
-        self.revision
-            .store(revision, std::sync::atomic::Ordering::Release);
-        self.compact
-            .store(compact, std::sync::atomic::Ordering::Release);
+        self.reload_memory(&db, &mut ov, revision, compact)?;
+        drop(ov);
         drop(db);
         drop(w);
         self.load_lease_clock()?;

@@ -13,10 +13,8 @@ use parking_lot::RwLock;
 
 use super::codec::{decode_kv, decode_version, index_sub};
 use super::index::KeyIndex;
-use super::overlay::{merge_current, Overlay};
+use super::overlay::Overlay;
 
-pub(crate) trait CurrentTable: ReadableTable<&'static [u8], &'static [u8]> {}
-impl<T: ReadableTable<&'static [u8], &'static [u8]>> CurrentTable for T {}
 pub(crate) trait VersionsTable: ReadableTable<(u64, u32), &'static [u8]> {}
 impl<T: ReadableTable<(u64, u32), &'static [u8]>> VersionsTable for T {}
 pub(crate) trait LeaseTable: ReadableTable<i64, i64> {}
@@ -26,22 +24,22 @@ pub(crate) fn db_err(e: impl std::fmt::Display) -> BackendError {
     BackendError::Internal(format!("storage: {e}"))
 }
 
-/// What a [`View`] reads: CURRENT, the key index, VERSIONS and LEASES.
-pub(crate) struct ViewTables<'a, C, V, L> {
-    pub current: &'a C,
+/// What a [`View`] reads: the live records and uncommitted rows, the key index, VERSIONS and
+/// LEASES.
+pub(crate) struct ViewTables<'a, V, L> {
+    pub overlay: &'a Overlay,
     pub index: &'a RwLock<KeyIndex>,
     pub versions: &'a V,
     pub leases: &'a L,
 }
 
-pub(crate) struct View<'a, C, V, L> {
-    pub current: &'a C,
+pub(crate) struct View<'a, V, L> {
+    /// The live records, and the history rows not yet committed to VERSIONS (an apply reads
+    /// its own open write txn, which has them too).
+    pub overlay: &'a Overlay,
     pub index: &'a RwLock<KeyIndex>,
     pub versions: &'a V,
     pub leases: &'a L,
-    /// Applied rows not yet committed to the tables (readers only; an apply reads its own
-    /// open write txn, which has them).
-    pub overlay: Option<&'a Overlay>,
     pub base: Revision,
     pub compact: Revision,
     /// Newest state of each key this txn wrote (None: deleted).
@@ -49,25 +47,18 @@ pub(crate) struct View<'a, C, V, L> {
     pub events: Vec<Event>,
 }
 
-impl<'a, C: CurrentTable, V: VersionsTable, L: LeaseTable> View<'a, C, V, L> {
-    pub fn new(t: ViewTables<'a, C, V, L>, base: Revision, compact: Revision) -> Self {
+impl<'a, V: VersionsTable, L: LeaseTable> View<'a, V, L> {
+    pub fn new(t: ViewTables<'a, V, L>, base: Revision, compact: Revision) -> Self {
         Self {
-            current: t.current,
+            overlay: t.overlay,
             index: t.index,
             versions: t.versions,
             leases: t.leases,
-            overlay: None,
             base,
             compact,
             pending: BTreeMap::new(),
             events: Vec::new(),
         }
-    }
-
-    /// Reads through `overlay` as well.
-    pub fn with_overlay(mut self, overlay: &'a Overlay) -> Self {
-        self.overlay = Some(overlay);
-        self
     }
 
     fn pending_in(&self, range: &KeyRange) -> bool {
@@ -81,78 +72,34 @@ impl<'a, C: CurrentTable, V: VersionsTable, L: LeaseTable> View<'a, C, V, L> {
     }
 }
 
-/// Scans live keys of `range` from the CURRENT table.
-pub(crate) fn scan_current<C: CurrentTable>(
-    t: &C,
-    ov: Option<&Overlay>,
+/// Scans the live records of `range`.
+pub(crate) fn scan_current(
+    ov: &Overlay,
     range: &KeyRange,
     limit: Option<usize>,
     count_only: bool,
     mut visit: impl FnMut(KeyValue),
-) -> Result<i64> {
+) -> i64 {
     let want = |n: usize| !count_only && limit.is_none_or(|l| n < l);
     if range.is_single() {
-        if let Some(known) = ov.and_then(|o| o.get_current(&range.key)) {
-            return Ok(match known {
-                Some(rec) => {
-                    if want(0) {
-                        visit(decode_kv(&range.key, rec, true));
-                    }
-                    1
-                }
-                None => 0,
-            });
-        }
-        return match t.get(range.key.as_slice()).map_err(db_err)? {
-            Some(v) => {
+        return match ov.get(&range.key) {
+            Some(rec) => {
                 if want(0) {
-                    visit(decode_kv(&range.key, v.value(), true));
+                    visit(decode_kv(&range.key, rec, true));
                 }
-                Ok(1)
+                1
             }
-            None => Ok(0),
+            None => 0,
         };
     }
-    if let Some(ov) = ov {
-        // A reader: the live key set has the count, so rows are read only up to the limit.
-        let count = ov.count_live(range);
-        if count_only {
-            return Ok(count);
+    // The count is a walk of the keys only; records are decoded up to the limit.
+    let count = ov.count_live(range);
+    if !count_only {
+        for (k, rec) in ov.live_in(range).take(limit.unwrap_or(usize::MAX)) {
+            visit(decode_kv(k, rec, true));
         }
-        let mut n = 0usize;
-        let take = |k: &[u8], v: &[u8]| {
-            if !want(n) {
-                return false;
-            }
-            visit(decode_kv(k, v, true));
-            n += 1;
-            true
-        };
-        merge_current(t, ov, range, take)?;
-        return Ok(count);
     }
-    let mut n = 0usize;
-    for item in current_rows(t, range)? {
-        let (k, v) = item.map_err(db_err)?;
-        if want(n) {
-            visit(decode_kv(k.value(), v.value(), true));
-        }
-        n += 1;
-    }
-    Ok(n as i64)
-}
-
-/// The CURRENT rows of a multi-key `range`.
-pub(crate) fn current_rows<'t, C: CurrentTable>(
-    t: &'t C,
-    range: &KeyRange,
-) -> Result<redb::Range<'t, &'static [u8], &'static [u8]>> {
-    let key = range.key.as_slice();
-    match range.upper() {
-        Some(end) => t.range::<&[u8]>(key..end),
-        None => t.range::<&[u8]>(key..),
-    }
-    .map_err(db_err)
+    count
 }
 
 /// The record of version (`rev`, sub-revision of `entry`) from VERSIONS.
@@ -177,7 +124,7 @@ pub(crate) fn version_record<V: VersionsTable>(
 pub(crate) fn scan_history<V: VersionsTable>(
     index: &RwLock<KeyIndex>,
     versions: &V,
-    ov: Option<&Overlay>,
+    ov: &Overlay,
     range: &KeyRange,
     rev: Revision,
     limit: Option<usize>,
@@ -188,7 +135,7 @@ pub(crate) fn scan_history<V: VersionsTable>(
     let (found, count) = index.read().live_at(range, rev, limit, count_only)?;
     for (key, (r, entry)) in found {
         let at = (key, r);
-        if let Some(rec) = ov.and_then(|o| o.history_record(&at)) {
+        if let Some(rec) = ov.history_record(&at) {
             visit(decode_kv(&at.0, rec, true));
             continue;
         }
@@ -198,7 +145,7 @@ pub(crate) fn scan_history<V: VersionsTable>(
     Ok(count)
 }
 
-impl<C: CurrentTable, V: VersionsTable, L: LeaseTable> TxnView for View<'_, C, V, L> {
+impl<V: VersionsTable, L: LeaseTable> TxnView for View<'_, V, L> {
     fn base_revision(&self) -> Revision {
         self.base
     }
@@ -215,15 +162,13 @@ impl<C: CurrentTable, V: VersionsTable, L: LeaseTable> TxnView for View<'_, C, V
     ) -> Result<(Vec<KeyValue>, i64)> {
         if !self.pending_in(range) {
             let mut kvs = Vec::new();
-            let count = scan_current(self.current, self.overlay, range, limit, count_only, |kv| {
-                kvs.push(kv)
-            })?;
+            let count = scan_current(self.overlay, range, limit, count_only, |kv| kvs.push(kv));
             return Ok((kvs, count));
         }
         let mut merged: BTreeMap<Vec<u8>, KeyValue> = BTreeMap::new();
-        scan_current(self.current, self.overlay, range, None, false, |kv| {
+        scan_current(self.overlay, range, None, false, |kv| {
             merged.insert(kv.key.clone(), kv);
-        })?;
+        });
         for (k, v) in &self.pending {
             if range.contains(k) {
                 match v {
