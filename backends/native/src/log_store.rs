@@ -69,11 +69,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.wal.state.lock().vote)
     }
 
+    /// Written with the next append, not on its own: it is a hint that lets a restart apply
+    /// sooner (openraft takes the state machine's last applied when that is newer, and a
+    /// leader tells the rest), and a write of its own sat between an entry's fsync and its
+    /// reply.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.wal.state.lock().committed = committed;
-        self.wal
-            .submit(&[Record::Committed(committed)], Done::Nothing)
-            .map_err(write_err)
+        self.wal.set_committed(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -89,10 +91,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let records: Vec<Record> = entries.into_iter().map(Record::Entry).collect();
         // The in-memory log keeps the entries as encoded for the WAL.
-        let mut job = self.wal.encode(&records).map_err(write_err)?;
-        drop(records);
+        let mut job = self.wal.encode_entries(entries).map_err(write_err)?;
         {
             let mut st = self.wal.state.lock();
             for e in std::mem::take(&mut job.entries) {

@@ -15,7 +15,8 @@
 //! segment (a crash in the middle of a write) is cut off; damage anywhere else is an error,
 //! because acknowledged records would be lost. Each new segment starts with the current vote,
 //! committed id and purge point, so older segments can be deleted once every entry in them is
-//! purged.
+//! purged. The committed id is written ahead of the next appended entries rather than on its
+//! own (see `save_committed` in log_store.rs).
 //!
 //! After any write or sync error the writer fails every later job: it never writes after a
 //! record that may be torn, so a full disk cannot corrupt what is stored.
@@ -79,6 +80,8 @@ pub(crate) struct LogState {
     pub entries: BTreeMap<u64, LogEntry>,
     pub vote: Option<Vote>,
     pub committed: Option<LogId>,
+    /// `committed` changed since it was last written: the next append writes it first.
+    pub committed_unwritten: bool,
     pub purged: Option<LogId>,
 }
 
@@ -213,6 +216,30 @@ impl Wal {
     pub fn submit(&self, records: &[Record], done: Done) -> io::Result<()> {
         let job = self.encode(records)?;
         self.submit_encoded(job, done)
+    }
+
+    /// Sets raft's committed id. It is written ahead of the next appended entries, not on its
+    /// own: it is a hint that lets a restart apply sooner (openraft takes the state machine's
+    /// last applied when that is newer, and a leader tells the rest), and a write of its own
+    /// sat between an entry's fsync and its reply.
+    pub fn set_committed(&self, committed: Option<LogId>) {
+        let mut st = self.state.lock();
+        st.committed = committed;
+        st.committed_unwritten = true;
+    }
+
+    /// `entries` framed for the log, after the committed id if it changed since it was last
+    /// written, to queue with [`Wal::submit_encoded`].
+    pub fn encode_entries(&self, entries: impl IntoIterator<Item = Entry>) -> io::Result<Encoded> {
+        let mut records = Vec::new();
+        {
+            let mut st = self.state.lock();
+            if std::mem::take(&mut st.committed_unwritten) {
+                records.push(Record::Committed(st.committed));
+            }
+        }
+        records.extend(entries.into_iter().map(Record::Entry));
+        self.encode(&records)
     }
 
     /// Records framed for the log, to queue with [`Wal::submit_encoded`].
@@ -628,6 +655,33 @@ mod tests {
         let end = records_end(&last);
         assert!(last.len() > end, "the last segment has no zeros ahead");
         assert!(last[end..].iter().all(|&b| b == 0));
+    }
+
+    /// The committed id is written with the next appended entries, and replayed from there.
+    #[tokio::test]
+    async fn the_committed_id_is_written_with_the_next_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = |i| Some(LogId::new(CommittedLeaderId::new(1, 1), i));
+        let Record::Entry(first) = entry(1) else {
+            unreachable!()
+        };
+        let Record::Entry(second) = entry(2) else {
+            unreachable!()
+        };
+        {
+            let wal = Wal::open_with(dir.path(), Duration::ZERO, 1 << 20, true).unwrap();
+            let job = wal.encode_entries([first]).unwrap();
+            wal.submit_encoded(job, Done::Nothing).unwrap();
+            wal.set_committed(id(1));
+            let job = wal.encode_entries([second]).unwrap();
+            wal.submit_encoded(job, Done::Nothing).unwrap();
+            // Not written until another append.
+            wal.set_committed(id(2));
+            wal.write_sync(&[]).await.unwrap();
+        }
+        let wal = Wal::open_with(dir.path(), Duration::ZERO, 1 << 20, true).unwrap();
+        assert_eq!(indexes(&wal), vec![1, 2]);
+        assert_eq!(wal.state.lock().committed, id(1));
     }
 
     /// A torn record at the end is cut off together with anything after it, so a record
