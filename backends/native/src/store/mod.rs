@@ -257,7 +257,10 @@ impl Store {
         }
         let r = self.apply_in(&mut w, entries);
         if r.is_err() {
-            // The txn may hold half an entry: drop it (raft stops on this error).
+            // The txn may hold half an entry: drop it (raft stops on this error). The overlay
+            // and the index may hold the txns before the failed one (each is published whole),
+            // so readers still see a prefix of committed entries; a restart rebuilds them
+            // from what redb kept and replays the rest from the WAL.
             w.txn = None;
         }
         r
