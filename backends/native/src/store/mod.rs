@@ -933,6 +933,16 @@ mod tests {
             .expect("range")
     }
 
+    /// A seeded pseudo-random source: each call returns a number below its argument.
+    fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        }
+    }
+
     /// Reads through the overlay (applied, uncommitted rows) answer exactly what the same
     /// reads answer once everything is committed: one store commits after every entry, the
     /// other keeps its rows in the open write txn; random puts and deletes over a few keys.
@@ -941,15 +951,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let committed = Store::open(&dir.path().join("a.redb"), 1 << 20).unwrap();
         let pending = Store::open(&dir.path().join("b.redb"), 1 << 20).unwrap();
-        let mut seed = 0x9e3779b97f4a7c15u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = xorshift(0x9e3779b97f4a7c15);
         let key = |i: u64| format!("k{i}").into_bytes();
-        // What is live, as a plain map: the counts (answered from the store's live key set)
+        // What is live, as a plain map: the counts (answered from the store's live records)
         // and the rows at the latest revision must agree with it.
         let mut model: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
         let mut saw_overlay = 0;
@@ -1032,7 +1036,7 @@ mod tests {
         pending.flush().unwrap();
         assert_eq!(pending.overlay.read().rows(), 0);
         assert_eq!(committed.hash_kv(0).unwrap(), pending.hash_kv(0).unwrap());
-        // A reopened store rebuilds its live key set from the table.
+        // A reopened store rebuilds its live records from VERSIONS.
         let all = KeyRange::new(vec![0], vec![0]);
         drop(pending);
         let reopened = Store::open(&dir.path().join("b.redb"), 1 << 20).unwrap();
@@ -1443,13 +1447,7 @@ mod tests {
     fn live_records_are_rebuilt_from_versions() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.redb"), 1 << 20).unwrap();
-        let mut seed = 0x2545f4914f6cdd1du64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = xorshift(0x2545f4914f6cdd1d);
         let key = |i: u64| format!("k{i}").into_bytes();
         let mut model: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
         let mut index = 0u64;
