@@ -69,10 +69,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.wal.state.lock().vote)
     }
 
-    /// Written with the next append, not on its own: it is a hint that lets a restart apply
-    /// sooner (openraft takes the state machine's last applied when that is newer, and a
-    /// leader tells the rest), and a write of its own sat between an entry's fsync and its
-    /// reply.
+    /// Written with the next append, not on its own (see [`Wal::set_committed`]).
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         self.wal.set_committed(committed);
         Ok(())
