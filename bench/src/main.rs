@@ -2,8 +2,9 @@
 //!
 //! - `cairn-bench run --endpoints 127.0.0.1:2379 --workload put --clients 16 --duration 10s`
 //!   runs one workload against running servers and prints one line per client count.
-//! - `cairn-bench compare` starts a fresh real etcd and a fresh Cairn per workload, runs the
-//!   workload against each in turn (never both loaded at once) and prints a Cairn/etcd table.
+//! - `cairn-bench compare` starts a fresh real etcd and a fresh Cairn per workload (one per
+//!   `--backends` entry: native, postgres, tikv), runs the workload against each in turn (never
+//!   two loaded at once) and prints a Cairn/etcd table per backend.
 //!
 //! Only loopback targets are accepted; every loop is bounded in time and in operations.
 
@@ -15,11 +16,11 @@ mod workloads;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 
 use report::{CompareRow, Outcome};
-use servers::ServerProc;
+use servers::{FakeTikv, ServerProc};
 use workloads::{Params, Workload};
 
 #[derive(Parser)]
@@ -85,8 +86,41 @@ struct RunArgs {
     /// The server's pid, to report its peak RSS (VmHWM).
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Pids of the server's storage processes (e.g. the PostgreSQL postmaster), whose process
+    /// trees' CPU is reported as store_cpu_us/op.
+    #[arg(long, value_delimiter = ',')]
+    store_pid: Vec<u32>,
     #[command(flatten)]
     common: Common,
+}
+
+/// A Cairn backend `compare` can start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    /// The native backend (its own raft log and redb store).
+    Native,
+    /// PostgreSQL: a throwaway server from Debian's binaries (or the one
+    /// CAIRN_TEST_POSTGRES_URL names), one fresh database per workload.
+    Postgres,
+    /// TiKV on `cairn-tikv-fake` (a PD + TiKV test server, not a real TiKV), one per workload.
+    Tikv,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Native => "native",
+            Backend::Postgres => "postgres",
+            Backend::Tikv => "tikv",
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Backend::Native => "cairn",
+            Backend::Postgres => "cairn-pg",
+            Backend::Tikv => "cairn-tikv",
+        }
+    }
 }
 
 #[derive(Args)]
@@ -95,6 +129,12 @@ struct CompareArgs {
     cairn: PathBuf,
     #[arg(long, default_value = "/usr/bin/etcd")]
     etcd: PathBuf,
+    /// Cairn backends to compare with etcd, each on its own fresh server.
+    #[arg(long, value_delimiter = ',', value_enum, default_value = "native")]
+    backends: Vec<Backend>,
+    /// The TiKV test server for `--backends tikv`.
+    #[arg(long, default_value = "target/release/cairn-tikv-fake")]
+    tikv_fake: PathBuf,
     /// Comma-separated workloads (default: all).
     #[arg(long, value_delimiter = ',', value_parser = Workload::parse)]
     workloads: Option<Vec<Workload>>,
@@ -108,7 +148,13 @@ struct CompareArgs {
     common: Common,
 }
 
-fn params(c: &Common, endpoints: Vec<String>, clients: usize, server_pid: Option<u32>) -> Params {
+fn params(
+    c: &Common,
+    endpoints: Vec<String>,
+    clients: usize,
+    server_pid: Option<u32>,
+    store_pids: Vec<u32>,
+) -> Params {
     Params {
         endpoints,
         clients,
@@ -116,6 +162,7 @@ fn params(c: &Common, endpoints: Vec<String>, clients: usize, server_pid: Option
         duration: c.duration,
         keyspace: c.keyspace,
         server_pid,
+        store_pids,
         watchers: c.watchers,
         watch_streams: c.watch_streams,
         watch_rate: c.watch_rate,
@@ -157,7 +204,13 @@ async fn run_cmd(a: RunArgs) -> Result<bool> {
     println!("{}", report::LINE_HEADER);
     let mut ok = true;
     for &clients in &a.common.clients {
-        let p = params(&a.common, a.endpoints.clone(), clients, a.server_pid);
+        let p = params(
+            &a.common,
+            a.endpoints.clone(),
+            clients,
+            a.server_pid,
+            a.store_pid.clone(),
+        );
         match workloads::run(a.workload, &p).await {
             Ok(o) => println!("{}", report::format_line(&o)),
             Err(e) => {
@@ -171,6 +224,7 @@ async fn run_cmd(a: RunArgs) -> Result<bool> {
 
 async fn run_against(
     server: &mut Result<ServerProc, String>,
+    store_pids: &[u32],
     w: Workload,
     c: &Common,
     clients: usize,
@@ -185,52 +239,124 @@ async fn run_against(
             s.log_tail(10)
         ));
     }
-    let p = params(c, vec![s.endpoint.clone()], clients, Some(s.pid));
+    let p = params(c, vec![s.endpoint.clone()], clients, Some(s.pid), store_pids.to_vec());
     let r = workloads::run(w, &p).await.map_err(|e| format!("{e:#}"));
     match &r {
-        Ok(o) => eprintln!("  {:<6} {}", s.label, report::format_line(o)),
-        Err(e) => eprintln!("  {:<6} {} clients={clients} failed: {e}", s.label, w.name()),
+        Ok(o) => eprintln!("  {:<10} {}", s.label, report::format_line(o)),
+        Err(e) => eprintln!("  {:<10} {} clients={clients} failed: {e}", s.label, w.name()),
     }
     r
 }
 
+/// One backend's Cairn for one workload, with what it stores into.
+struct Contender {
+    backend: Backend,
+    server: Result<ServerProc, String>,
+    store_pids: Vec<u32>,
+    _fake: Option<FakeTikv>,
+}
+
+async fn start_contender(
+    b: Backend,
+    a: &CompareArgs,
+    pg: Option<&cairn_postgres::testing::TestServer>,
+) -> Contender {
+    let mut store_pids = Vec::new();
+    let mut fake = None;
+    let extra: Result<Vec<String>> = async {
+        Ok(match b {
+            Backend::Native => Vec::new(),
+            Backend::Postgres => {
+                let pg = pg.context("no PostgreSQL server")?;
+                store_pids.extend(pg.pid());
+                let url = pg.create_database().await?;
+                vec!["--backend".into(), "postgres".into(), "--postgres-url".into(), url]
+            }
+            Backend::Tikv => {
+                let f = FakeTikv::start(&a.tikv_fake).await?;
+                store_pids.push(f.pid);
+                let pd = f.pd_endpoint.clone();
+                fake = Some(f);
+                vec!["--backend".into(), "tikv".into(), "--tikv-pd-endpoints".into(), pd]
+            }
+        })
+    }
+    .await;
+    let server = match extra {
+        Ok(extra) => ServerProc::start(b.label(), &a.cairn, &extra).await,
+        Err(e) => Err(e),
+    }
+    .map_err(|e| format!("{e:#}"));
+    if let Err(e) = &server {
+        eprintln!("  {}: {e}", b.label());
+    }
+    Contender { backend: b, server, store_pids, _fake: fake }
+}
+
 async fn compare_cmd(a: CompareArgs) -> Result<bool> {
     let list = a.workloads.clone().unwrap_or_else(|| Workload::ALL.to_vec());
+    let mut backends = a.backends.clone();
+    backends.dedup();
+    let pg = if backends.contains(&Backend::Postgres) {
+        let pg = tokio::task::spawn_blocking(cairn_postgres::testing::TestServer::start)
+            .await?
+            .context("starting PostgreSQL for --backends postgres")?;
+        eprintln!("PostgreSQL for the postgres backend: {}", pg.admin_url());
+        Some(pg)
+    } else {
+        None
+    };
     let mut rows: Vec<CompareRow> = Vec::new();
-    eprintln!("  {:<6} {}", "", report::LINE_HEADER);
+    eprintln!("  {:<10} {}", "", report::LINE_HEADER);
     for &w in &list {
         eprintln!("== {} ({})", w.name(), w.describe());
-        let mut etcd = ServerProc::start("etcd", &a.etcd).await.map_err(|e| format!("{e:#}"));
-        let mut cairn = ServerProc::start("cairn", &a.cairn).await.map_err(|e| format!("{e:#}"));
-        for (label, s) in [("etcd", &etcd), ("cairn", &cairn)] {
-            if let Err(e) = s {
-                eprintln!("  {label}: {e}");
-            }
+        let mut etcd = ServerProc::start("etcd", &a.etcd, &[]).await.map_err(|e| format!("{e:#}"));
+        if let Err(e) = &etcd {
+            eprintln!("  etcd: {e}");
+        }
+        let mut cairns = Vec::new();
+        for &b in &backends {
+            cairns.push(start_contender(b, &a, pg.as_ref()).await);
         }
         for &clients in &a.common.clients {
-            let e = run_against(&mut etcd, w, &a.common, clients).await;
+            let e = run_against(&mut etcd, &[], w, &a.common, clients).await;
             tokio::time::sleep(a.pause).await;
-            let c = run_against(&mut cairn, w, &a.common, clients).await;
-            tokio::time::sleep(a.pause).await;
-            rows.push(CompareRow {
-                workload: w.name().to_string(),
-                clients,
-                etcd: e,
-                cairn: c,
-            });
+            for c in &mut cairns {
+                let r = run_against(&mut c.server, &c.store_pids, w, &a.common, clients).await;
+                tokio::time::sleep(a.pause).await;
+                rows.push(CompareRow {
+                    backend: c.backend.name().to_string(),
+                    workload: w.name().to_string(),
+                    clients,
+                    etcd: e.clone(),
+                    cairn: r,
+                });
+            }
         }
-        for s in [&mut etcd, &mut cairn].into_iter().flatten() {
+        if let Ok(s) = &mut etcd {
             s.stop().await;
         }
+        for c in &mut cairns {
+            if let Ok(s) = &mut c.server {
+                s.stop().await;
+            }
+        }
     }
-    println!();
-    print!("{}", report::compare_table(&rows));
+    for &b in &backends {
+        let of: Vec<CompareRow> = rows.iter().filter(|r| r.backend == b.name()).cloned().collect();
+        println!("\nCairn ({}) against etcd:", b.name());
+        print!("{}", report::compare_table(&of));
+    }
     let notes = report::compare_notes(&rows);
     if !notes.is_empty() {
         println!("\nnotes:\n{notes}");
     }
     if a.markdown {
-        println!("\n{}", report::compare_markdown(&rows));
+        for &b in &backends {
+            let of: Vec<CompareRow> = rows.iter().filter(|r| r.backend == b.name()).cloned().collect();
+            println!("\nCairn ({}) against etcd:\n", b.name());
+            println!("{}", report::compare_markdown(&of));
+        }
         println!("Workloads:");
         for w in &list {
             println!("- `{}`: {}", w.name(), w.describe());

@@ -42,6 +42,9 @@ pub struct Outcome {
     /// CPU time (user + system) the server used during the measured window, when its pid was
     /// known: a figure that other load on the machine disturbs less than ops/s.
     pub server_cpu: Option<Duration>,
+    /// CPU time the server's storage processes (PostgreSQL, a TiKV test server) used in the
+    /// same window, when their pids were known.
+    pub store_cpu: Option<Duration>,
     /// Workload-specific extras, `key=value` separated by spaces.
     pub note: String,
     /// The first error seen, for diagnosis.
@@ -65,7 +68,14 @@ impl Outcome {
     }
     /// Server CPU microseconds per operation.
     pub fn cpu_us_per_op(&self) -> Option<f64> {
-        match self.server_cpu {
+        self.per_op(self.server_cpu)
+    }
+    /// The storage processes' CPU microseconds per operation.
+    pub fn store_cpu_us_per_op(&self) -> Option<f64> {
+        self.per_op(self.store_cpu)
+    }
+    fn per_op(&self, cpu: Option<Duration>) -> Option<f64> {
+        match cpu {
             Some(c) if self.ops > 0 => Some(c.as_secs_f64() * 1e6 / self.ops as f64),
             _ => None,
         }
@@ -136,6 +146,9 @@ pub fn format_line(o: &Outcome) -> String {
     if o.server_cpu.is_some() {
         line.push_str(&format!("  srv_cpu_us/op={}", fmt_cpu(o.cpu_us_per_op())));
     }
+    if o.store_cpu.is_some() {
+        line.push_str(&format!("  store_cpu_us/op={}", fmt_cpu(o.store_cpu_us_per_op())));
+    }
     if !o.note.is_empty() {
         line.push_str("  ");
         line.push_str(&o.note);
@@ -156,9 +169,12 @@ fn one_line(s: &str, max: usize) -> String {
     }
 }
 
-/// One row of `compare`: the same workload and client count against etcd and against Cairn.
+/// One row of `compare`: the same workload and client count against etcd and against Cairn on
+/// one backend.
 #[derive(Debug, Clone)]
 pub struct CompareRow {
+    /// Cairn's backend in this row (`native`, `postgres`, `tikv`).
+    pub backend: String,
     pub workload: String,
     pub clients: usize,
     pub etcd: Result<Outcome, String>,
@@ -174,7 +190,7 @@ impl CompareRow {
     }
 }
 
-const COMPARE_COLUMNS: [&str; 15] = [
+const COMPARE_COLUMNS: [&str; 16] = [
     "workload",
     "clients",
     "etcd ops/s",
@@ -190,10 +206,11 @@ const COMPARE_COLUMNS: [&str; 15] = [
     "cairn RSS MB",
     "etcd CPU µs/op",
     "cairn CPU µs/op",
+    "cairn store CPU µs/op",
 ];
 
 fn compare_cells(r: &CompareRow) -> Vec<String> {
-    fn side(o: &Result<Outcome, String>) -> [String; 6] {
+    fn side(o: &Result<Outcome, String>) -> [String; 7] {
         match o {
             Ok(o) => [
                 fmt_rate(o.ops_per_sec()),
@@ -202,19 +219,20 @@ fn compare_cells(r: &CompareRow) -> Vec<String> {
                 o.errors.to_string(),
                 fmt_rss(o.peak_rss_kb),
                 fmt_cpu(o.cpu_us_per_op()),
+                fmt_cpu(o.store_cpu_us_per_op()),
             ],
-            Err(_) => [
-                "failed".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-            ],
+            Err(_) => {
+                let mut cells: [String; 7] = Default::default();
+                cells[0] = "failed".into();
+                for c in &mut cells[1..] {
+                    *c = "-".into();
+                }
+                cells
+            }
         }
     }
-    let [eo, e50, e99, eerr, erss, ecpu] = side(&r.etcd);
-    let [co, c50, c99, cerr, crss, ccpu] = side(&r.cairn);
+    let [eo, e50, e99, eerr, erss, ecpu, _] = side(&r.etcd);
+    let [co, c50, c99, cerr, crss, ccpu, cstore] = side(&r.cairn);
     let ratio = r.ratio().map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
     vec![
         r.workload.clone(),
@@ -232,6 +250,7 @@ fn compare_cells(r: &CompareRow) -> Vec<String> {
         crss,
         ecpu,
         ccpu,
+        cstore,
     ]
 }
 
@@ -274,11 +293,17 @@ pub fn compare_markdown(rows: &[CompareRow]) -> String {
     out
 }
 
-/// Notes and errors of each side, one line each, printed under the table.
+/// Notes and errors of each side, one line each, printed under the table (etcd's once per
+/// workload and client count, however many backends share its run).
 pub fn compare_notes(rows: &[CompareRow]) -> String {
     let mut out = String::new();
+    let mut etcd_seen: Vec<(&str, usize)> = Vec::new();
     for r in rows {
-        for (name, side) in [("etcd", &r.etcd), ("cairn", &r.cairn)] {
+        let first_etcd = !etcd_seen.contains(&(r.workload.as_str(), r.clients));
+        etcd_seen.push((r.workload.as_str(), r.clients));
+        let cairn = format!("cairn ({})", r.backend);
+        let sides = [("etcd", &r.etcd, first_etcd), (cairn.as_str(), &r.cairn, true)];
+        for (name, side, show) in sides {
             let text = match side {
                 Ok(o) => {
                     let mut t = o.note.clone();
@@ -289,7 +314,7 @@ pub fn compare_notes(rows: &[CompareRow]) -> String {
                 }
                 Err(e) => format!("failed: {}", one_line(e, 200)),
             };
-            if !text.trim().is_empty() {
+            if show && !text.trim().is_empty() {
                 out.push_str(&format!("- {} c={} {}: {}\n", r.workload, r.clients, name, text.trim()));
             }
         }
@@ -316,6 +341,7 @@ mod tests {
             errors: 2,
             peak_rss_kb: Some(138 * 1024),
             server_cpu: None,
+            store_cpu: None,
             note: String::new(),
             first_error: None,
         }
@@ -367,12 +393,14 @@ mod tests {
     fn compare_table_has_ratio_and_failed_sides() {
         let rows = vec![
             CompareRow {
+                backend: "native".into(),
                 workload: "put".into(),
                 clients: 16,
                 etcd: Ok(outcome(80_000, 10, &[1000])),
                 cairn: Ok(outcome(120_000, 10, &[500])),
             },
             CompareRow {
+                backend: "native".into(),
                 workload: "txn".into(),
                 clients: 1,
                 etcd: Ok(outcome(10, 1, &[1])),

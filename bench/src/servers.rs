@@ -54,8 +54,9 @@ pub fn etcd_args(name: &str, data_dir: &Path, client_port: u16, peer_port: u16) 
 }
 
 impl ServerProc {
-    /// Starts `bin` with a fresh temporary data dir and waits until a linearizable Range succeeds.
-    pub async fn start(label: &str, bin: &Path) -> Result<ServerProc> {
+    /// Starts `bin` with a fresh temporary data dir (and `extra` arguments after etcd's) and
+    /// waits until a linearizable Range succeeds.
+    pub async fn start(label: &str, bin: &Path, extra: &[String]) -> Result<ServerProc> {
         if !bin.exists() {
             bail!("{label}: binary {} not found", bin.display());
         }
@@ -66,12 +67,13 @@ impl ServerProc {
         let log = dir.path().join("server.log");
         let out = File::create(&log)?;
         let err = out.try_clone()?;
-        let args = etcd_args(
+        let mut args = etcd_args(
             &format!("bench-{label}"),
             &dir.path().join("data"),
             client_port,
             peer_port,
         );
+        args.extend_from_slice(extra);
         let child = Command::new(bin)
             .args(&args)
             .stdin(Stdio::null())
@@ -158,6 +160,53 @@ impl ServerProc {
             let _ = child.kill();
         }
         let _ = child.wait();
+    }
+}
+
+/// A `cairn-tikv-fake` (PD + TiKV test server) on a free loopback port, killed on drop.
+pub struct FakeTikv {
+    pub pd_endpoint: String,
+    pub pid: u32,
+    child: Child,
+}
+
+impl FakeTikv {
+    pub async fn start(bin: &Path) -> Result<FakeTikv> {
+        if !bin.exists() {
+            bail!(
+                "{} not found (cargo build --release -p cairn-tikv-fake, or --tikv-fake)",
+                bin.display()
+            );
+        }
+        let (port, _) = free_ports()?;
+        let addr = format!("127.0.0.1:{port}");
+        let mut child = Command::new(bin)
+            .arg(&addr)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while tokio::net::TcpStream::connect(&addr).await.is_err() {
+            if let Some(status) = child.try_wait()? {
+                bail!("{} exited during startup with {status}", bin.display());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{} did not listen on {addr} within {READY_TIMEOUT:?}", bin.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(FakeTikv { pd_endpoint: addr, pid: child.id(), child })
+    }
+}
+
+impl Drop for FakeTikv {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

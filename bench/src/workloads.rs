@@ -125,6 +125,9 @@ pub struct Params {
     /// Keys `k0000000 ..` used by put, range and txn (preloaded for range and txn).
     pub keyspace: u64,
     pub server_pid: Option<u32>,
+    /// Roots of the process trees of the storage the server uses (a PostgreSQL postmaster, a
+    /// TiKV test server), whose CPU is reported apart from the server's.
+    pub store_pids: Vec<u32>,
     pub watchers: usize,
     pub watch_streams: usize,
     /// Total puts per second in watch-1000.
@@ -252,19 +255,65 @@ pub async fn run(w: Workload, p: &Params) -> Result<Outcome> {
 /// The CPU time (user + system, all threads) a process has used so far, from /proc/PID/stat
 /// (clock ticks of 10 ms: Linux's USER_HZ is 100).
 pub fn cpu_time(pid: u32) -> Option<Duration> {
-    parse_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?).map(|t| Duration::from_millis(t * 10))
-}
-
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    // Fields after the command name (which may contain spaces) start at field 3 (state);
-    // utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    let (_, ticks, _) = parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 fn cpu_since(pid: Option<u32>, before: Option<Duration>) -> Option<Duration> {
     Some(cpu_time(pid?)?.saturating_sub(before?))
+}
+
+/// The CPU time used so far by the process trees rooted at `roots`: every live process in
+/// them, plus what each root has collected from children it reaped (PostgreSQL forks a process
+/// per connection). `None` without roots or when a root is gone.
+pub fn tree_cpu_time(roots: &[u32]) -> Option<Duration> {
+    if roots.is_empty() {
+        return None;
+    }
+    let mut procs: Vec<(u32, u32, u64)> = Vec::new(); // (pid, parent, utime + stime)
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            if let Some((ppid, ticks, _)) = parse_stat(&stat) {
+                procs.push((pid, ppid, ticks));
+            }
+        }
+    }
+    let mut ticks = 0;
+    for &root in roots {
+        let stat = std::fs::read_to_string(format!("/proc/{root}/stat")).ok()?;
+        ticks += parse_stat(&stat)?.2;
+    }
+    let mut tree: Vec<u32> = roots.to_vec();
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        for &(pid, ppid, t) in &procs {
+            if ppid == parent && !tree.contains(&pid) {
+                tree.push(pid);
+                ticks += t;
+            }
+        }
+        i += 1;
+    }
+    Some(Duration::from_millis(ticks * 10))
+}
+
+fn tree_cpu_since(roots: &[u32], before: Option<Duration>) -> Option<Duration> {
+    Some(tree_cpu_time(roots)?.saturating_sub(before?))
+}
+
+/// From /proc/PID/stat: the parent pid, utime + stime, and utime + stime + cutime + cstime
+/// (with the reaped children's), the times in clock ticks. The fields after the command name
+/// (which may contain spaces) start at field 3 (state): ppid is field 4, utime to cstime 14-17.
+fn parse_stat(stat: &str) -> Option<(u32, u64, u64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    let own = n(11)? + n(12)?;
+    Some((f.get(1)?.parse().ok()?, own, own + n(13)? + n(14)?))
 }
 
 /// The server's peak resident set (VmHWM) in kB.
@@ -360,6 +409,7 @@ impl ClientStats {
 /// Runs every op in its own task until the deadline or the per-client op bound.
 async fn closed_loop<O: Op>(ops: Vec<O>, p: &Params) -> Outcome {
     let cpu0 = p.server_pid.and_then(cpu_time);
+    let store0 = tree_cpu_time(&p.store_pids);
     let start = Instant::now();
     let deadline = start + p.duration;
     let max_ops = p.max_ops_per_client;
@@ -402,6 +452,7 @@ async fn closed_loop<O: Op>(ops: Vec<O>, p: &Params) -> Outcome {
     }
     let elapsed = start.elapsed();
     let server_cpu = cpu_since(p.server_pid, cpu0);
+    let store_cpu = tree_cpu_since(&p.store_pids, store0);
     Outcome {
         workload: String::new(),
         clients: 0,
@@ -412,6 +463,7 @@ async fn closed_loop<O: Op>(ops: Vec<O>, p: &Params) -> Outcome {
         errors: total.errors,
         peak_rss_kb: None,
         server_cpu,
+        store_cpu,
         note: extras
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
@@ -839,6 +891,7 @@ async fn watch_run(
     }
 
     let cpu0 = p.server_pid.and_then(cpu_time);
+    let store0 = tree_cpu_time(&p.store_pids);
     let start = Instant::now();
     let received = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -943,6 +996,7 @@ async fn watch_run(
     }
     let _ = stop_tx.send(true);
     let server_cpu = cpu_since(p.server_pid, cpu0);
+    let store_cpu = tree_cpu_since(&p.store_pids, store0);
 
     let mut lag = report::new_histogram();
     let mut events = 0u64;
@@ -981,6 +1035,7 @@ async fn watch_run(
         errors,
         peak_rss_kb: None,
         server_cpu,
+        store_cpu,
         note,
         first_error,
     })
@@ -1009,9 +1064,38 @@ mod tests {
 
     #[test]
     fn cpu_ticks_parse() {
-        let stat = "1234 (etcd (x) y) S 1 2 3 4 5 6 7 8 9 10 250 30 0 0 20 0 12 0 99";
-        assert_eq!(parse_cpu_ticks(stat), Some(280));
+        let stat = "1234 (etcd (x) y) S 1 2 3 4 5 6 7 8 9 10 250 30 7 5 20 0 12 0 99";
+        assert_eq!(parse_stat(stat), Some((1, 280, 292)));
         assert!(cpu_time(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn a_process_tree_counts_its_children() {
+        assert_eq!(tree_cpu_time(&[]), None);
+        // This test process as the root: a busy child's CPU shows up in the tree's time and
+        // not in the root's own.
+        let me = std::process::id();
+        let before = tree_cpu_time(&[me]).unwrap();
+        let own_before = cpu_time(me).unwrap();
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        // The child spins until killed; wait (bounded) until its CPU shows in the tree.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let (tree, own) = loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let tree = tree_cpu_time(&[me]).unwrap() - before;
+            let own = cpu_time(me).unwrap() - own_before;
+            if tree >= own + Duration::from_millis(200) || std::time::Instant::now() > deadline {
+                break (tree, own);
+            }
+        };
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(tree >= own + Duration::from_millis(200), "tree {tree:?} own {own:?}");
+        // Once reaped, the child's time stays in the tree (the root's cutime/cstime).
+        assert!(tree_cpu_time(&[me]).unwrap() - before >= tree);
     }
 
     #[test]

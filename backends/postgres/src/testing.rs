@@ -349,6 +349,14 @@ impl TestServer {
         run(o.as_postgres, &o.bin.join("pg_ctl"), &["-D", &data, "-l", &log, "-m", "fast", "-w", "-t", "60", "restart"])
     }
 
+    /// The postmaster's pid, for a server this process started with Debian's binaries (the
+    /// first line of its `postmaster.pid`).
+    pub fn pid(&self) -> Option<u32> {
+        let o = self.owned.as_ref()?;
+        let text = std::fs::read_to_string(o.dir.path().join("data/postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
     /// The URL of database `name` on this server.
     pub fn url(&self, name: &str) -> String {
         match self.admin_url.rsplit_once('/') {
