@@ -766,8 +766,21 @@ impl Kv {
     }
 }
 
-fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
-    key >= start && (end.is_empty() || key < end)
+/// The entries of `map` whose keys are in `[start, end)` (an empty `end`: no upper bound), in
+/// key order, found through the tree rather than by walking every key.
+fn key_range<'a, V>(
+    map: &'a BTreeMap<Vec<u8>, V>,
+    start: &[u8],
+    end: &[u8],
+) -> std::collections::btree_map::Range<'a, Vec<u8>, V> {
+    use std::ops::Bound::{Excluded, Included, Unbounded};
+    if end.is_empty() {
+        map.range::<[u8], _>((Included(start), Unbounded))
+    } else if start < end {
+        map.range::<[u8], _>((Included(start), Excluded(end)))
+    } else {
+        map.range::<[u8], _>((Included(start), Excluded(start)))
+    }
 }
 
 #[tonic::async_trait]
@@ -831,10 +844,7 @@ impl tikvpb::tikv_server::Tikv for Kv {
         let m = self.0.mvcc.lock();
         // Locks in the range that this read must wait for: report them (only them) so the
         // client resolves them and scans again.
-        let locked: Vec<_> = m
-            .locks
-            .iter()
-            .filter(|(k, _)| in_range(k, &start, &end))
+        let locked: Vec<_> = key_range(&m.locks, &start, &end)
             .filter_map(|(k, _)| m.blocking_lock(k, req.version))
             .collect();
         if !locked.is_empty() {
@@ -848,9 +858,10 @@ impl tikvpb::tikv_server::Tikv for Kv {
             return Ok(Response::new(resp));
         }
         let limit = if req.limit == 0 { usize::MAX } else { req.limit as usize };
+        let in_range = key_range(&m.writes, &start, &end);
         let keys: Box<dyn Iterator<Item = (&Vec<u8>, &BTreeMap<u64, Write>)>> =
-            if req.reverse { Box::new(m.writes.iter().rev()) } else { Box::new(m.writes.iter()) };
-        for (k, _) in keys.filter(|(k, _)| in_range(k, &start, &end)) {
+            if req.reverse { Box::new(in_range.rev()) } else { Box::new(in_range) };
+        for (k, _) in keys {
             if resp.pairs.len() >= limit {
                 break;
             }
@@ -1102,10 +1113,8 @@ impl tikvpb::tikv_server::Tikv for Kv {
         let req = r.into_inner();
         let limit = if req.limit == 0 { usize::MAX } else { req.limit as usize };
         let m = self.0.mvcc.lock();
-        resp.locks = m
-            .locks
-            .iter()
-            .filter(|(k, l)| in_range(k, &req.start_key, &req.end_key) && l.start_ts <= req.max_version)
+        resp.locks = key_range(&m.locks, &req.start_key, &req.end_key)
+            .filter(|(_, l)| l.start_ts <= req.max_version)
             .take(limit)
             .map(|(k, l)| Mvcc::lock_info(k, l))
             .collect();
@@ -1139,5 +1148,25 @@ impl tikvpb::tikv_server::Tikv for Kv {
             }
         }
         Ok(Response::new(resp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_range_is_start_inclusive_end_exclusive_and_empty_end_is_open() {
+        let map: BTreeMap<Vec<u8>, u8> =
+            [b"a".to_vec(), b"b".to_vec(), b"ba".to_vec(), b"c".to_vec()].into_iter().map(|k| (k, 0)).collect();
+        let keys = |start: &[u8], end: &[u8]| -> Vec<Vec<u8>> { key_range(&map, start, end).map(|(k, _)| k.clone()).collect() };
+        assert_eq!(keys(b"b", b"c"), [b"b".to_vec(), b"ba".to_vec()]);
+        assert_eq!(keys(b"b", b""), [b"b".to_vec(), b"ba".to_vec(), b"c".to_vec()]);
+        assert_eq!(keys(b"", b""), map.keys().cloned().collect::<Vec<_>>());
+        assert_eq!(keys(b"", b"b"), [b"a".to_vec()]);
+        // An empty or inverted range holds nothing (and does not panic).
+        assert!(keys(b"b", b"b").is_empty());
+        assert!(keys(b"c", b"a").is_empty());
+        assert_eq!(key_range(&map, b"", b"c").rev().next().map(|(k, _)| k.clone()), Some(b"ba".to_vec()));
     }
 }
