@@ -131,7 +131,9 @@ pub(crate) struct Inner {
     feed: broadcast::Sender<Arc<ChangeBatch>>,
     wake: Notify,
     shutdown: watch::Sender<bool>,
-    /// Writes that take revisions go through this process's batching writer.
+    /// Writes that take revisions, and lease grants, keep-alives and revokes, go through this
+    /// process's batching writer: every writing transaction also writes the space counts
+    /// (`size.rs`), so writers in transactions of their own would all conflict on them.
     writer: mpsc::Sender<WriteItem>,
     /// The space quota in bytes (`quota_backend_bytes`, 0 made etcd's default).
     quota: u64,
@@ -696,8 +698,7 @@ impl Backend for TikvBackend {
             }
             let r = self
                 .inner
-                .run(
-                    true,
+                .write(
                     Arc::new(move |v: &mut View| {
                         v.check_quota(quota::LEASE_OVERHEAD, quota)?;
                         if v.lease(chosen)?.is_some() {
@@ -718,8 +719,7 @@ impl Backend for TikvBackend {
 
     async fn lease_revoke(&self, id: LeaseId) -> Result<Revision> {
         self.inner
-            .run(
-                true,
+            .write(
                 Arc::new(move |v: &mut View| {
                     if !revoke_in(v, id, false)? {
                         return Err(BackendError::LeaseNotFound);
@@ -732,8 +732,7 @@ impl Backend for TikvBackend {
 
     async fn lease_keep_alive(&self, id: LeaseId) -> Result<i64> {
         self.inner
-            .run(
-                true,
+            .write(
                 Arc::new(move |v: &mut View| match v.lease(id)? {
                     Some(rec) if rec.expires_ms > v.now_ms => {
                         let renewed = LeaseRec { ttl: rec.ttl, expires_ms: v.now_ms + rec.ttl * 1000 };
