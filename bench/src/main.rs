@@ -295,8 +295,12 @@ async fn start_contender(
 
 async fn compare_cmd(a: CompareArgs) -> Result<bool> {
     let list = a.workloads.clone().unwrap_or_else(|| Workload::ALL.to_vec());
-    let mut backends = a.backends.clone();
-    backends.dedup();
+    let mut backends: Vec<Backend> = Vec::new();
+    for &b in &a.backends {
+        if !backends.contains(&b) {
+            backends.push(b);
+        }
+    }
     let pg = if backends.contains(&Backend::Postgres) {
         let pg = tokio::task::spawn_blocking(cairn_postgres::testing::TestServer::start)
             .await?
@@ -342,20 +346,22 @@ async fn compare_cmd(a: CompareArgs) -> Result<bool> {
             }
         }
     }
-    for &b in &backends {
-        let of: Vec<CompareRow> = rows.iter().filter(|r| r.backend == b.name()).cloned().collect();
+    let per_backend: Vec<(Backend, Vec<CompareRow>)> = backends
+        .iter()
+        .map(|&b| (b, rows.iter().filter(|r| r.backend == b.name()).cloned().collect()))
+        .collect();
+    for (b, of) in &per_backend {
         println!("\nCairn ({}) against etcd:", b.name());
-        print!("{}", report::compare_table(&of));
+        print!("{}", report::compare_table(of));
     }
     let notes = report::compare_notes(&rows);
     if !notes.is_empty() {
         println!("\nnotes:\n{notes}");
     }
     if a.markdown {
-        for &b in &backends {
-            let of: Vec<CompareRow> = rows.iter().filter(|r| r.backend == b.name()).cloned().collect();
+        for (b, of) in &per_backend {
             println!("\nCairn ({}) against etcd:\n", b.name());
-            println!("{}", report::compare_markdown(&of));
+            println!("{}", report::compare_markdown(of));
         }
         println!("Workloads:");
         for w in &list {
