@@ -241,8 +241,9 @@ impl NativeBackend {
         }
         let (proposer, proposer_task) = {
             let raft = raft.clone();
+            let quiet = raft_thread.quiet();
             raft_thread
-                .run(async move { proposer::Proposer::start(raft) })
+                .run(async move { proposer::Proposer::start(raft, quiet) })
                 .await
         };
         let backend = Arc::new(NativeBackend {

@@ -6,12 +6,14 @@
 //! one state machine txn for the whole group, each request still getting its own revision and
 //! result. A single client sees no extra latency (a lone request is proposed at once).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cairn_backend::{BackendError, Result};
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::raft_thread::{spin_until, Quiet};
 use crate::types::{Command, CommandResult, Raft};
 
 /// Most commands in one entry.
@@ -35,14 +37,26 @@ pub(crate) struct Proposer {
     /// Held for writing while a leadership transfer is in progress: no new entry is proposed
     /// (requests queue up), as etcd stops proposing during a transfer.
     gate: Arc<tokio::sync::RwLock<()>>,
+    /// Proposals not yet answered.
+    waiting: Arc<AtomicUsize>,
+    quiet: Quiet,
 }
 
 impl Proposer {
-    pub fn start(raft: Raft) -> (Proposer, tokio::task::JoinHandle<()>) {
+    pub fn start(raft: Raft, quiet: Quiet) -> (Proposer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let gate = Arc::new(tokio::sync::RwLock::new(()));
-        let task = tokio::spawn(run(raft, rx, gate.clone()));
-        (Proposer { tx, gate }, task)
+        let task = tokio::spawn(run(raft, rx, gate.clone(), quiet.clone()));
+        let waiting = Arc::default();
+        (
+            Proposer {
+                tx,
+                gate,
+                waiting,
+                quiet,
+            },
+            task,
+        )
     }
 
     /// Stops proposing until the returned guard is dropped (requests wait meanwhile).
@@ -54,8 +68,34 @@ impl Proposer {
     /// index it was applied at. The state machine's rejections stay inside the result
     /// (`CommandResult::Err`).
     pub async fn propose(&self, cmd: Command) -> Result<(CommandResult, u64)> {
-        let (tx, rx) = oneshot::channel();
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let (tx, mut rx) = oneshot::channel();
+        let alone = self.waiting.fetch_add(1, Ordering::Relaxed) == 0;
+        let _waiting = Waiting(&self.waiting);
         self.tx.send((cmd, tx)).map_err(|_| BackendError::Stopped)?;
+        // A lone write while writes come one at a time: wait for the reply on this thread for
+        // about an fsync (see raft_thread.rs) rather than sleep and be woken for it. This
+        // holds the runtime's worker, which is why it is done only when nothing else writes.
+        if alone && self.quiet.get() {
+            let mut reply = None;
+            spin_until(|| match rx.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => false,
+                other => {
+                    reply = Some(other);
+                    true
+                }
+            });
+            match reply {
+                Some(Ok(r)) => return r,
+                Some(Err(_)) => return Err(BackendError::Stopped),
+                None => {}
+            }
+        }
         rx.await.map_err(|_| BackendError::Stopped)?
     }
 }
@@ -64,6 +104,7 @@ async fn run(
     raft: Raft,
     mut rx: mpsc::UnboundedReceiver<(Command, Reply)>,
     gate: Arc<tokio::sync::RwLock<()>>,
+    quiet: Quiet,
 ) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
@@ -78,6 +119,16 @@ async fn run(
                 Err(_) => break,
             }
         }
+        // Spinning helps only a lone node: with other members the raft thread waits for their
+        // answers on sockets, which only its park notices.
+        let members = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .count();
+        quiet.group(if members == 1 { group.len() } else { 0 });
         let (mut cmds, replies): (Vec<Command>, Vec<Reply>) = group.into_iter().unzip();
         let cmd = if cmds.len() == 1 {
             cmds.pop().expect("one command")
