@@ -438,30 +438,12 @@ impl Backend for PostgresBackend {
 
     async fn lease_grant(&self, id: LeaseId, ttl: i64) -> Result<LeaseGrant> {
         self.inner.check_quota(quota::LEASE_OVERHEAD).await?;
-        loop {
-            let chosen = if id == 0 { (rand::random::<u64>() >> 1) as i64 } else { id };
-            if chosen == 0 {
-                continue;
-            }
-            // The lease row and its bytes in the space count go in together (one statement);
-            // the count's update waits for a write batch holding the meta row, not the insert.
-            let row = sqlx::query(
-                "WITH i AS (INSERT INTO leases (id, ttl, expires_at) VALUES ($1, $2, now() + make_interval(secs => $2::float8))
-                            ON CONFLICT (id) DO NOTHING RETURNING cairn_lease_bytes() AS b),
-                      u AS (UPDATE meta SET bytes = bytes + (SELECT b FROM i)
-                            WHERE id = 1 AND EXISTS (SELECT 1 FROM i) RETURNING revision)
-                 SELECT revision FROM u",
-            )
-            .bind(chosen)
-            .bind(ttl)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(db_err)?;
-            match row {
-                Some(row) => return Ok(LeaseGrant { id: chosen, ttl, revision: row.try_get(0).map_err(db_err)? }),
-                None if id == 0 => continue,
-                None => return Err(BackendError::LeaseExists),
-            }
+        // Through the writer: concurrent grants join its batches (one commit for many), and the
+        // space count in the meta row, which every grant changes, is locked once per batch. A
+        // lone grant is one statement (`writer::grant_alone`).
+        match self.inner.submit(WriteOp::Grant { id, ttl }).await? {
+            WriteReply::Grant(g) => Ok(g),
+            _ => Err(BackendError::internal("writer answered a grant with something else")),
         }
     }
 

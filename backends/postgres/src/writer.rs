@@ -30,6 +30,8 @@ pub(crate) const CHANNEL: &str = "cairn_feed";
 /// A queued write.
 pub(crate) enum WriteOp {
     Txn(TxnRequest),
+    /// Grant a lease (id 0: a free id picked at random).
+    Grant { id: LeaseId, ttl: i64 },
     /// Revoke a lease: delete its keys at one revision and forget it.
     Revoke(LeaseId),
     /// Revoke every lease whose deadline has passed (by the database clock).
@@ -38,6 +40,7 @@ pub(crate) enum WriteOp {
 
 pub(crate) enum WriteReply {
     Txn(TxnResponse),
+    Grant(LeaseGrant),
     /// The revision after the revoke.
     Revoke(Revision),
     /// How many leases expired.
@@ -126,6 +129,9 @@ fn run_with_retry(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Re
 /// Runs one batch in one transaction. Returns each request's result and whether anything was
 /// committed at a new revision.
 fn run_batch(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<WriteReply>>, bool), BatchError> {
+    if let [WriteOp::Grant { id, ttl }] = ops {
+        return Ok((vec![grant_alone(inner, rt, *id, *ttl)?.map(WriteReply::Grant)], false));
+    }
     let mut tx = rt.block_on(inner.pool.begin())?;
     let (base, compact) = rt.block_on(sql::read_meta(&mut tx, true))?;
     let mut batch = Batch::new(rt, &mut tx, base, compact);
@@ -133,6 +139,7 @@ fn run_batch(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<
     for op in ops {
         results.push(match op {
             WriteOp::Txn(req) => batch.run_txn(req)?.map(WriteReply::Txn),
+            WriteOp::Grant { id, ttl } => batch.grant(*id, *ttl)?.map(WriteReply::Grant),
             WriteOp::Revoke(id) => batch.revoke(*id)?.map(WriteReply::Revoke),
             WriteOp::Expire => batch.expire()?.map(WriteReply::Expire),
         });
@@ -153,7 +160,7 @@ fn run_batch(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<
             .execute(&mut *tx),
         )?;
     } else if bytes != 0 {
-        // A revoke of a lease without keys: no new revision, one lease row fewer.
+        // Grants, or revokes of leases without keys: no new revision, lease rows more or fewer.
         rt.block_on(sqlx::query("UPDATE meta SET bytes = bytes + $1 WHERE id = 1").bind(bytes).execute(&mut *tx))?;
     }
     rt.block_on(tx.commit()).map_err(|error| {
@@ -163,6 +170,40 @@ fn run_batch(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<
         BatchError { error, commit_sent }
     })?;
     Ok((results, wrote))
+}
+
+/// A grant with nothing else to batch it with: one statement (one round trip) instead of a
+/// transaction. The lease row and its bytes in the space count go in together.
+fn grant_alone(inner: &Inner, rt: &Handle, id: LeaseId, ttl: i64) -> Result<Result<LeaseGrant>, BatchError> {
+    loop {
+        let chosen = if id == 0 { (rand::random::<u64>() >> 1) as i64 } else { id };
+        if chosen == 0 {
+            continue;
+        }
+        let row: Option<i64> = rt
+            .block_on(
+                sqlx::query_scalar(
+                    "WITH i AS (INSERT INTO leases (id, ttl, expires_at) VALUES ($1, $2, now() + make_interval(secs => $2::float8))
+                                ON CONFLICT (id) DO NOTHING RETURNING cairn_lease_bytes() AS b),
+                          u AS (UPDATE meta SET bytes = bytes + (SELECT b FROM i)
+                                WHERE id = 1 AND EXISTS (SELECT 1 FROM i) RETURNING revision)
+                     SELECT revision FROM u",
+                )
+                .bind(chosen)
+                .bind(ttl)
+                .fetch_optional(&inner.pool),
+            )
+            .map_err(|error| {
+                // It commits on its own: unless the database refused it, it may have.
+                let commit_sent = !matches!(error, sqlx::Error::Database(_));
+                BatchError { error, commit_sent }
+            })?;
+        match row {
+            Some(revision) => return Ok(Ok(LeaseGrant { id: chosen, ttl, revision })),
+            None if id == 0 => continue,
+            None => return Ok(Err(BackendError::LeaseExists)),
+        }
+    }
 }
 
 /// Runs a txn that cannot write (no put or delete on any branch) at one snapshot, without the
@@ -328,6 +369,34 @@ impl<'a> Batch<'a> {
     /// Deletes every key attached to `id` at one revision (none if it has no keys); the lease
     /// row is deleted in the same transaction, which is what makes revocation and expiry
     /// happen once across processes.
+    /// Inserts the lease row; its bytes join the space count with the batch's. Its deadline is
+    /// counted from now (the statement's time, not the batch's start).
+    fn grant(&mut self, id: LeaseId, ttl: i64) -> Result<Result<LeaseGrant>, BatchError> {
+        loop {
+            let chosen = if id == 0 { (rand::random::<u64>() >> 1) as i64 } else { id };
+            if chosen == 0 {
+                continue;
+            }
+            let bytes: Option<i64> = self.rt.block_on(
+                sqlx::query_scalar(
+                    "INSERT INTO leases (id, ttl, expires_at) VALUES ($1, $2, clock_timestamp() + make_interval(secs => $2::float8))
+                     ON CONFLICT (id) DO NOTHING RETURNING cairn_lease_bytes()",
+                )
+                .bind(chosen)
+                .bind(ttl)
+                .fetch_optional(&mut *self.conn),
+            )?;
+            match bytes {
+                Some(b) => {
+                    self.bytes += b;
+                    return Ok(Ok(LeaseGrant { id: chosen, ttl, revision: self.rev }));
+                }
+                None if id == 0 => continue,
+                None => return Ok(Err(BackendError::LeaseExists)),
+            }
+        }
+    }
+
     fn revoke(&mut self, id: LeaseId) -> Result<Result<Revision>, BatchError> {
         // The lease's keys may have been put earlier in this batch.
         self.flush()?;

@@ -139,7 +139,7 @@ async fn assert_exact(b: &PostgresBackend, what: &str) -> i64 {
 
 /// The count (`meta.bytes`) is what the tables hold after every kind of change, made by two
 /// processes at once: puts of new and existing keys (the live row replaced), multi-key txns,
-/// range deletes, leases granted, revoked (with and without keys) and expired, compaction in
+/// range deletes, leases granted (alone and batched), revoked (with and without keys) and expired, compaction in
 /// the background and physical; it survives a restart; a defragment recounts a damaged count;
 /// and migration 3 computes it for a database that had none.
 #[test]
@@ -196,6 +196,35 @@ fn the_count_is_exact_through_writes_leases_compaction_restart_and_migration() {
         })
         .await;
         assert_exact(&a, "a lease expired").await;
+
+        // Concurrent grants on both processes: the writers batch them together (a lone grant is
+        // a statement of its own), and an id granted earlier in the same batch is refused.
+        let mut grants = Vec::new();
+        for i in 0..40 {
+            let be = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let id = if i % 8 == 0 { 4242 } else { 0 };
+            grants.push(tokio::spawn(async move { be.lease_grant(id, 60).await }));
+        }
+        let (mut granted, mut refused) = (Vec::new(), 0);
+        for g in grants {
+            match g.await.unwrap() {
+                Ok(g) => granted.push(g.id),
+                Err(BackendError::LeaseExists) => refused += 1,
+                Err(e) => panic!("grant failed: {e}"),
+            }
+        }
+        assert_eq!(refused, 4, "id 4242 is granted once of five times");
+        granted.sort();
+        granted.dedup();
+        assert_eq!(granted.len(), 36, "every other grant has an id of its own");
+        let mut held = a.lease_leases().await.unwrap();
+        held.sort();
+        assert_eq!(held, granted);
+        assert_exact(&a, "concurrent grants").await;
+        for id in granted {
+            b.lease_revoke(id).await.unwrap();
+        }
+        assert_exact(&a, "concurrent grants revoked").await;
 
         // Compaction: in the background on one process while the other writes, then physical.
         let full = assert_exact(&a, "before compaction").await;
