@@ -5,9 +5,12 @@
 //! - `cairn-bench compare` starts a fresh real etcd and a fresh Cairn per workload (one per
 //!   `--backends` entry: native, postgres, tikv), runs the workload against each in turn (never
 //!   two loaded at once) and prints a Cairn/etcd table per backend.
+//! - `cairn-bench floor` measures the latency floor of a durable 1-client put here (fdatasync
+//!   plus a loopback round trip); `compare` measures it too when it runs put with 1 client.
 //!
 //! Only loopback targets are accepted; every loop is bounded in time and in operations.
 
+mod floor;
 mod keys;
 mod report;
 mod servers;
@@ -41,6 +44,12 @@ enum Cmd {
     Compare(CompareArgs),
     /// List the workloads.
     Workloads,
+    /// Measure the latency floor of a durable 1-client write on this machine.
+    Floor {
+        /// Where to write (default: the temp dir, where `compare` puts the data dirs).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -182,6 +191,12 @@ fn main() -> std::process::ExitCode {
         match cli.cmd {
             Cmd::Run(a) => run_cmd(a).await,
             Cmd::Compare(a) => compare_cmd(a).await,
+            Cmd::Floor { dir } => {
+                let dir = dir.unwrap_or_else(std::env::temp_dir);
+                let f = tokio::task::spawn_blocking(move || floor::measure(&dir)).await??;
+                println!("{}", f.describe());
+                Ok(true)
+            }
             Cmd::Workloads => {
                 for w in Workload::ALL {
                     println!("{:<16} {}", w.name(), w.describe());
@@ -198,6 +213,30 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(2)
         }
     }
+}
+
+/// The floor and each server's 1-client put p50 against it.
+fn floor_note(f: &floor::Floor, rows: &[CompareRow]) -> String {
+    let mut out = format!("- floor: {}\n", f.describe());
+    let against = |name: &str, o: &Outcome| {
+        let p50 = Duration::from_nanos(o.hist.value_at_quantile(0.5));
+        format!(
+            "- put c=1 {name}: p50 {:.3} ms = {:.2}x the floor\n",
+            p50.as_secs_f64() * 1e3,
+            p50.as_secs_f64() / f.floor().as_secs_f64()
+        )
+    };
+    let mut etcd_done = false;
+    for r in rows.iter().filter(|r| r.workload == Workload::Put.name() && r.clients == 1) {
+        if let (Ok(o), false) = (&r.etcd, etcd_done) {
+            out.push_str(&against("etcd", o));
+            etcd_done = true;
+        }
+        if let Ok(o) = &r.cairn {
+            out.push_str(&against(&format!("cairn ({})", r.backend), o));
+        }
+    }
+    out
 }
 
 async fn run_cmd(a: RunArgs) -> Result<bool> {
@@ -310,6 +349,22 @@ async fn compare_cmd(a: CompareArgs) -> Result<bool> {
     } else {
         None
     };
+    // The floor the 1-client put is judged against, measured before any server runs.
+    let floor = if list.contains(&Workload::Put) && a.common.clients.contains(&1) {
+        let dir = std::env::temp_dir();
+        match tokio::task::spawn_blocking(move || floor::measure(&dir)).await? {
+            Ok(f) => {
+                eprintln!("floor: {}", f.describe());
+                Some(f)
+            }
+            Err(e) => {
+                eprintln!("floor: not measured: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut rows: Vec<CompareRow> = Vec::new();
     eprintln!("  {:<10} {}", "", report::LINE_HEADER);
     for &w in &list {
@@ -354,7 +409,10 @@ async fn compare_cmd(a: CompareArgs) -> Result<bool> {
         println!("\nCairn ({}) against etcd:", b.name());
         print!("{}", report::compare_table(of));
     }
-    let notes = report::compare_notes(&rows);
+    let mut notes = report::compare_notes(&rows);
+    if let Some(f) = &floor {
+        notes.push_str(&floor_note(f, &rows));
+    }
     if !notes.is_empty() {
         println!("\nnotes:\n{notes}");
     }
