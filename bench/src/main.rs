@@ -215,30 +215,6 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// The floor and each server's 1-client put p50 against it.
-fn floor_note(f: &floor::Floor, rows: &[CompareRow]) -> String {
-    let mut out = format!("- floor: {}\n", f.describe());
-    let against = |name: &str, o: &Outcome| {
-        let p50 = Duration::from_nanos(o.hist.value_at_quantile(0.5));
-        format!(
-            "- put c=1 {name}: p50 {:.3} ms = {:.2}x the floor\n",
-            p50.as_secs_f64() * 1e3,
-            p50.as_secs_f64() / f.floor().as_secs_f64()
-        )
-    };
-    let mut etcd_done = false;
-    for r in rows.iter().filter(|r| r.workload == Workload::Put.name() && r.clients == 1) {
-        if let (Ok(o), false) = (&r.etcd, etcd_done) {
-            out.push_str(&against("etcd", o));
-            etcd_done = true;
-        }
-        if let Ok(o) = &r.cairn {
-            out.push_str(&against(&format!("cairn ({})", r.backend), o));
-        }
-    }
-    out
-}
-
 async fn run_cmd(a: RunArgs) -> Result<bool> {
     println!("{}", report::LINE_HEADER);
     let mut ok = true;
@@ -411,7 +387,7 @@ async fn compare_cmd(a: CompareArgs) -> Result<bool> {
     }
     let mut notes = report::compare_notes(&rows);
     if let Some(f) = &floor {
-        notes.push_str(&floor_note(f, &rows));
+        notes.push_str(&report::floor_note(f, &rows));
     }
     if !notes.is_empty() {
         println!("\nnotes:\n{notes}");

@@ -322,9 +322,59 @@ pub fn compare_notes(rows: &[CompareRow]) -> String {
     out
 }
 
+/// The floor and each server's 1-client put p50 against it (etcd's once).
+pub fn floor_note(f: &crate::floor::Floor, rows: &[CompareRow]) -> String {
+    let mut out = format!("- floor: {}\n", f.describe());
+    let floor_ms = f.floor().as_secs_f64() * 1e3;
+    let against = |name: &str, o: &Outcome| match o.p50_ms() {
+        Some(p50) => format!("- put c=1 {name}: p50 {p50:.3} ms = {:.2}x the floor\n", p50 / floor_ms),
+        None => String::new(),
+    };
+    let mut etcd_done = false;
+    for r in rows.iter().filter(|r| r.workload == "put" && r.clients == 1) {
+        if let (Ok(o), false) = (&r.etcd, etcd_done) {
+            out.push_str(&against("etcd", o));
+            etcd_done = true;
+        }
+        if let Ok(o) = &r.cairn {
+            out.push_str(&against(&format!("cairn ({})", r.backend), o));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_floor_note_puts_each_servers_1_client_put_against_the_floor() {
+        let f = crate::floor::Floor {
+            fsync_p50: Duration::from_micros(120),
+            fsync_p99: Duration::from_micros(250),
+            rtt_p50: Duration::from_micros(80),
+            rtt_p99: Duration::from_micros(100),
+        };
+        let row = |backend: &str, clients, etcd_us, cairn_us| CompareRow {
+            backend: backend.into(),
+            workload: "put".into(),
+            clients,
+            etcd: Ok(outcome(1, 1, &[etcd_us])),
+            cairn: Ok(outcome(1, 1, &[cairn_us])),
+        };
+        let rows = [
+            row("native", 1, 460, 300),
+            row("postgres", 1, 460, 1_200),
+            row("native", 16, 1_000, 900),
+        ];
+        let note = floor_note(&f, &rows);
+        let lines: Vec<&str> = note.lines().collect();
+        assert_eq!(lines.len(), 4, "{note}");
+        assert!(lines[0].starts_with("- floor: "), "{note}");
+        assert_eq!(lines[1], "- put c=1 etcd: p50 0.460 ms = 2.30x the floor");
+        assert_eq!(lines[2], "- put c=1 cairn (native): p50 0.300 ms = 1.50x the floor");
+        assert_eq!(lines[3], "- put c=1 cairn (postgres): p50 1.200 ms = 6.00x the floor");
+    }
 
     fn outcome(ops: u64, secs: u64, lat_us: &[u64]) -> Outcome {
         let mut hist = new_histogram();
