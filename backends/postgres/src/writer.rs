@@ -11,7 +11,7 @@
 //! WAL flush) for many client writes. A batch that fails before its COMMIT was sent is retried
 //! from scratch when the failure is transient; after that, its requests get `Unavailable`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -135,6 +135,7 @@ fn run_batch(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<
     let mut tx = rt.block_on(inner.pool.begin())?;
     let (base, compact) = rt.block_on(sql::read_meta(&mut tx, true))?;
     let mut batch = Batch::new(rt, &mut tx, base, compact);
+    batch.prefetch(ops)?;
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
         results.push(match op {
@@ -247,11 +248,79 @@ struct Batch<'a> {
     /// bytes of the rows they inserted minus those of the rows they replaced or deleted, as
     /// the database computed them (`cairn_*_bytes`). Added to the count when the batch commits.
     bytes: i64,
+    /// The live row (or `None`: no live key) in `current` of keys the batch's requests name,
+    /// read in one statement before they run (`prefetch`) and kept up to date by `flush`, so a
+    /// request reading one of them needs no round trip. Only this batch writes `current` while
+    /// it holds the meta row lock.
+    known: HashMap<Vec<u8>, Option<KeyValue>>,
+}
+
+/// Most keys a batch reads ahead.
+const PREFETCH_KEYS: usize = 4096;
+
+/// The single keys `req` may read at the latest revision: its compares', its puts' (a put reads
+/// the key's previous version), its single-key gets' and deletes', nested txns' included.
+fn single_keys<'r>(req: &'r TxnRequest, out: &mut Vec<&'r [u8]>) {
+    for c in &req.compare {
+        if c.range.is_single() {
+            out.push(&c.range.key);
+        }
+    }
+    for op in req.success.iter().chain(&req.failure) {
+        match op {
+            RequestOp::Range(r) if r.range.is_single() && r.revision <= 0 => out.push(&r.range.key),
+            RequestOp::Put(p) => out.push(&p.key),
+            RequestOp::DeleteRange(d) if d.range.is_single() => out.push(&d.range.key),
+            RequestOp::Txn(t) => single_keys(t, out),
+            _ => {}
+        }
+    }
 }
 
 impl<'a> Batch<'a> {
     fn new(rt: &'a Handle, conn: &'a mut PgConnection, base: Revision, compact: Revision) -> Self {
-        Batch { rt, conn, rev: base, compact, flushed_rev: base, pending: BTreeMap::new(), rows: Vec::new(), bytes: 0 }
+        Batch {
+            rt,
+            conn,
+            rev: base,
+            compact,
+            flushed_rev: base,
+            pending: BTreeMap::new(),
+            rows: Vec::new(),
+            bytes: 0,
+            known: HashMap::new(),
+        }
+    }
+
+    /// Reads the live rows of the single keys the batch's txns name, in one statement (when
+    /// there are two or more: one key costs the same round trip read when it is needed).
+    fn prefetch(&mut self, ops: &[WriteOp]) -> Result<(), sqlx::Error> {
+        let mut keys = Vec::new();
+        for op in ops {
+            if let WriteOp::Txn(req) = op {
+                single_keys(req, &mut keys);
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        keys.truncate(PREFETCH_KEYS);
+        if keys.len() < 2 {
+            return Ok(());
+        }
+        let keys: Vec<Vec<u8>> = keys.into_iter().map(<[u8]>::to_vec).collect();
+        let rows = self.rt.block_on(
+            sqlx::query(
+                "SELECT key, create_revision, mod_revision, version, lease, value FROM current WHERE key = ANY($1::bytea[])",
+            )
+            .bind(&keys)
+            .fetch_all(&mut *self.conn),
+        )?;
+        self.known.extend(keys.into_iter().map(|k| (k, None)));
+        for row in &rows {
+            let kv = sql::decode_kv(row)?;
+            self.known.insert(kv.key.clone(), Some(kv));
+        }
+        Ok(())
     }
 
     /// Writes the batch's unflushed changes to `kv` and `current`.
@@ -261,6 +330,11 @@ impl<'a> Batch<'a> {
         }
         let rows = std::mem::take(&mut self.rows);
         let pending = std::mem::take(&mut self.pending);
+        for (key, kv) in &pending {
+            if let Some(known) = self.known.get_mut(key) {
+                *known = kv.clone();
+            }
+        }
         let mut cols = KvColumns::default();
         for r in rows {
             cols.push(r);
@@ -562,6 +636,20 @@ impl TxnView for ReqView<'_, '_> {
     }
 
     fn range_latest(&mut self, range: &KeyRange, limit: Option<usize>, count_only: bool) -> Result<(Vec<KeyValue>, i64)> {
+        if range.is_single() {
+            // This request's writes, the batch's unflushed ones, then what the batch read ahead.
+            let hit = match self.pending.get(&range.key).or_else(|| self.batch.pending.get(&range.key)) {
+                Some(kv) => Some(kv.clone()),
+                None => self.batch.known.get(&range.key).cloned(),
+            };
+            if let Some(kv) = hit {
+                let count = i64::from(kv.is_some());
+                if count_only {
+                    return Ok((Vec::new(), count));
+                }
+                return Ok((kv.into_iter().take(limit.unwrap_or(usize::MAX)).collect(), count));
+            }
+        }
         let overlay = self.overlay(range);
         let rt = self.batch.rt;
         if overlay.is_empty() {
@@ -614,5 +702,61 @@ impl TxnView for ReqView<'_, '_> {
         let kv = KeyValue { key: prev.key.clone(), mod_revision: rev, ..KeyValue::default() };
         self.events.push((true, kv, Some(prev)));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{testing, PostgresBackend, PostgresOptions};
+
+    fn put(key: &str, value: &str) -> RequestOp {
+        RequestOp::Put(PutRequest { key: key.into(), value: value.into(), ..Default::default() })
+    }
+
+    /// One batch reads its txns' keys ahead. A revoke in its middle flushes the batch's earlier
+    /// writes to the database; a later txn of the batch must still see them.
+    #[test]
+    fn a_batch_sees_its_own_writes_across_a_flush() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let url = testing::server().create_database().await.unwrap();
+            let b = PostgresBackend::connect(&url, PostgresOptions::default()).await.unwrap();
+            let lease = b.lease_grant(0, 60).await.unwrap().id;
+            let ops = vec![
+                WriteOp::Txn(TxnRequest::unconditional(vec![put("k", "1"), put("other", "-")])),
+                WriteOp::Revoke(lease),
+                WriteOp::Txn(TxnRequest {
+                    compare: vec![Compare {
+                        result: CompareResult::Equal,
+                        target: CompareTarget::Value(b"1".to_vec()),
+                        range: KeyRange::single("k"),
+                    }],
+                    success: vec![put("other", "saw k")],
+                    failure: vec![put("other", "missed k")],
+                }),
+            ];
+            let inner = b.inner.clone();
+            let handle = Handle::current();
+            let (results, wrote) = tokio::task::spawn_blocking(move || {
+                run_with_retry(&inner, &handle, &ops).map_err(|e| e.error.to_string())
+            })
+            .await
+            .unwrap()
+            .unwrap();
+            assert!(wrote);
+            assert_eq!(results.len(), 3);
+            match &results[2] {
+                Ok(WriteReply::Txn(t)) => assert!(t.succeeded, "the last txn saw k=1 written earlier in its batch"),
+                other => panic!("the last txn: {:?}", other.as_ref().err()),
+            }
+            let (kvs, _) = b
+                .range(RangeRequest { range: KeyRange::single("other"), ..Default::default() })
+                .await
+                .map(|r| (r.kvs, r.count))
+                .unwrap();
+            assert_eq!(kvs[0].value, b"saw k");
+            b.shutdown().await;
+        });
     }
 }

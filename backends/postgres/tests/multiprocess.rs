@@ -162,6 +162,67 @@ fn compare_and_swap_is_atomic_across_instances() {
     });
 }
 
+/// The same with txns that name several keys, so that each writer's batch reads its keys ahead
+/// in one statement: a CAS must still see the writes of the batch's earlier txns (flushed or
+/// not) and of the other instance. Each task increments its counter (three counters, several
+/// tasks each) and records its last increment under a key of its own, in the same txn.
+#[test]
+fn compare_and_swap_stays_atomic_when_batches_read_ahead() {
+    rt().block_on(async {
+        let url = testing::server().create_database().await.unwrap();
+        let a = instance(&url, opts("cairn-a")).await;
+        let b = instance(&url, opts("cairn-b")).await;
+        for c in 0..3 {
+            put(&*a, &format!("n{c}"), "0").await;
+        }
+        const TASKS: usize = 12;
+        const INCS: usize = 15;
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let be = if t % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.push(tokio::spawn(async move {
+                let counter = format!("n{}", t % 3);
+                for i in 0..INCS {
+                    loop {
+                        let cur = get(&*be, &counter).await.unwrap();
+                        let v: i64 = String::from_utf8(cur.value).unwrap().parse().unwrap();
+                        let resp = be
+                            .txn(TxnRequest {
+                                compare: vec![Compare { result: CompareResult::Equal, target: CompareTarget::Mod(cur.mod_revision), range: single(&counter) }],
+                                success: vec![put_op(&counter, &(v + 1).to_string()), put_op(&format!("last/{t}"), &i.to_string())],
+                                failure: vec![RequestOp::Range(RangeRequest { range: single(&counter), ..Default::default() })],
+                            })
+                            .await
+                            .unwrap();
+                        if resp.succeeded {
+                            break;
+                        }
+                        // The failure branch read the counter the compare saw: newer than ours.
+                        let Some(ResponseOp::Range(r)) = resp.responses.first() else { panic!("no range response") };
+                        assert!(r.kvs[0].mod_revision > cur.mod_revision, "a CAS failed against the revision it read");
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        for c in 0..3 {
+            let n = get(&*b, &format!("n{c}")).await.unwrap();
+            let total = (TASKS / 3 * INCS) as i64;
+            assert_eq!(String::from_utf8(n.value).unwrap(), total.to_string(), "counter {c}: no increment lost");
+            assert_eq!(n.version, total + 1, "counter {c}: one version per increment");
+        }
+        for t in 0..TASKS {
+            let last = get(&*a, &format!("last/{t}")).await.unwrap();
+            assert_eq!(String::from_utf8(last.value).unwrap(), (INCS - 1).to_string());
+            assert_eq!(last.version, INCS as i64, "task {t}: one version per increment");
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+    });
+}
+
 /// Leases expire once: three instances sweep every 20 ms, yet each lease's keys are deleted in
 /// exactly one revision, and the revisions stay gap-free.
 #[test]
