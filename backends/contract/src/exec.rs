@@ -27,6 +27,26 @@ pub trait TxnView {
     fn delete(&mut self, prev: KeyValue, rev: Revision) -> Result<()>;
 }
 
+/// The single keys `req` may read at the latest revision through a view: its compares', its
+/// puts' (a put reads the key's previous version), its single-key gets' and deletes', nested
+/// txns' included. A backend whose reads are round trips can read them all ahead at once.
+pub fn single_keys<'r>(req: &'r TxnRequest, out: &mut Vec<&'r [u8]>) {
+    for c in &req.compare {
+        if c.range.is_single() {
+            out.push(&c.range.key);
+        }
+    }
+    for op in req.success.iter().chain(&req.failure) {
+        match op {
+            RequestOp::Range(r) if r.range.is_single() && r.revision <= 0 => out.push(&r.range.key),
+            RequestOp::Put(p) => out.push(&p.key),
+            RequestOp::DeleteRange(d) if d.range.is_single() => out.push(&d.range.key),
+            RequestOp::Txn(t) => single_keys(t, out),
+            _ => {}
+        }
+    }
+}
+
 /// Runs `req` through `view`. Returns the response and whether anything was written (then the
 /// caller commits at `view.base_revision() + 1`; otherwise it should discard the view).
 pub fn execute(view: &mut impl TxnView, req: &TxnRequest) -> Result<(TxnResponse, bool)> {
@@ -195,5 +215,33 @@ pub fn compare_kv(cmp: &Compare, kv: &KeyValue) -> bool {
         CompareResult::NotEqual => ord != Ordering::Equal,
         CompareResult::Greater => ord == Ordering::Greater,
         CompareResult::Less => ord == Ordering::Less,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_keys_are_those_a_txn_may_read_at_the_latest_revision() {
+        let get = |k: &str, rev| RequestOp::Range(RangeRequest { range: KeyRange::single(k), revision: rev, ..Default::default() });
+        let req = TxnRequest {
+            compare: vec![
+                Compare { result: CompareResult::Equal, target: CompareTarget::Version(1), range: KeyRange::single("c") },
+                Compare { result: CompareResult::Equal, target: CompareTarget::Version(1), range: KeyRange::prefix("p/") },
+            ],
+            success: vec![
+                RequestOp::Put(PutRequest { key: b"put".to_vec(), ..Default::default() }),
+                get("get", 0),
+                get("old", 5),
+                RequestOp::DeleteRange(DeleteRangeRequest { range: KeyRange::single("del"), prev_kv: false }),
+                RequestOp::DeleteRange(DeleteRangeRequest { range: KeyRange::prefix("d/"), prev_kv: false }),
+            ],
+            failure: vec![RequestOp::Txn(TxnRequest::unconditional(vec![get("nested", 0)]))],
+        };
+        let mut keys = Vec::new();
+        single_keys(&req, &mut keys);
+        let keys: Vec<&str> = keys.iter().map(|k| std::str::from_utf8(k).unwrap()).collect();
+        assert_eq!(keys, ["c", "put", "get", "del", "nested"]);
     }
 }

@@ -258,25 +258,6 @@ struct Batch<'a> {
 /// Most keys a batch reads ahead.
 const PREFETCH_KEYS: usize = 4096;
 
-/// The single keys `req` may read at the latest revision: its compares', its puts' (a put reads
-/// the key's previous version), its single-key gets' and deletes', nested txns' included.
-fn single_keys<'r>(req: &'r TxnRequest, out: &mut Vec<&'r [u8]>) {
-    for c in &req.compare {
-        if c.range.is_single() {
-            out.push(&c.range.key);
-        }
-    }
-    for op in req.success.iter().chain(&req.failure) {
-        match op {
-            RequestOp::Range(r) if r.range.is_single() && r.revision <= 0 => out.push(&r.range.key),
-            RequestOp::Put(p) => out.push(&p.key),
-            RequestOp::DeleteRange(d) if d.range.is_single() => out.push(&d.range.key),
-            RequestOp::Txn(t) => single_keys(t, out),
-            _ => {}
-        }
-    }
-}
-
 impl<'a> Batch<'a> {
     fn new(rt: &'a Handle, conn: &'a mut PgConnection, base: Revision, compact: Revision) -> Self {
         Batch {
@@ -298,7 +279,7 @@ impl<'a> Batch<'a> {
         let mut keys = Vec::new();
         for op in ops {
             if let WriteOp::Txn(req) = op {
-                single_keys(req, &mut keys);
+                exec::single_keys(req, &mut keys);
             }
         }
         keys.sort_unstable();

@@ -162,6 +162,8 @@ type AnyJob = Job<AnyAnswer>;
 /// A write waiting for the batching writer.
 struct WriteItem {
     job: AnyJob,
+    /// User keys the job will read at the latest revision (read ahead with the batch's).
+    keys: Vec<Vec<u8>>,
     reply: oneshot::Sender<Result<AnyAnswer>>,
 }
 
@@ -191,30 +193,37 @@ impl Inner {
     /// timeout. `write`: in a transaction that commits what the job wrote; otherwise at a
     /// snapshot.
     async fn run<T: Send + 'static>(self: &Arc<Self>, write: bool, job: Job<T>) -> Result<T> {
-        let mut answers = self.run_jobs(write, vec![erase(job)]).await?;
+        let mut answers = self.run_jobs(write, vec![erase(job)], Vec::new()).await?;
         unerase(answers.pop().ok_or_else(|| BackendError::internal("tikv: no answer"))??)
     }
 
     /// Runs `job` through the batching writer: it shares a TiKV transaction (and the retries)
     /// with other writes of this process, each taking its own revision.
     async fn write<T: Send + 'static>(self: &Arc<Self>, job: Job<T>) -> Result<T> {
+        self.write_reading(job, Vec::new()).await
+    }
+
+    /// [`Inner::write`] for a job that will read `keys` (user keys, at the latest revision):
+    /// the attempt reads every job's keys ahead in one batch get.
+    async fn write_reading<T: Send + 'static>(self: &Arc<Self>, job: Job<T>, keys: Vec<Vec<u8>>) -> Result<T> {
         let (reply, rx) = oneshot::channel();
-        self.writer.send(WriteItem { job: erase(job), reply }).await.map_err(|_| BackendError::Stopped)?;
+        self.writer.send(WriteItem { job: erase(job), keys, reply }).await.map_err(|_| BackendError::Stopped)?;
         unerase(rx.await.map_err(|_| BackendError::Stopped)??)
     }
 
     /// Runs `jobs` in order in one transaction (or snapshot) per attempt, retrying the whole
     /// attempt until the retry timeout. Returns each job's answer.
-    async fn run_jobs(self: &Arc<Self>, write: bool, jobs: Vec<AnyJob>) -> Result<Vec<Result<AnyAnswer>>> {
+    async fn run_jobs(self: &Arc<Self>, write: bool, jobs: Vec<AnyJob>, keys: Vec<Vec<u8>>) -> Result<Vec<Result<AnyAnswer>>> {
         let deadline = Instant::now() + self.opts.retry_timeout;
         let mut backoff = Duration::from_millis(2);
         let jobs = Arc::new(jobs);
+        let keys = Arc::new(keys);
         loop {
             if *self.shutdown.borrow() {
                 return Err(BackendError::Stopped);
             }
-            let (inner, jobs2, rt) = (self.clone(), jobs.clone(), Handle::current());
-            let r = tokio::task::spawn_blocking(move || inner.attempt(&rt, write, &jobs2, deadline))
+            let (inner, jobs2, keys2, rt) = (self.clone(), jobs.clone(), keys.clone(), Handle::current());
+            let r = tokio::task::spawn_blocking(move || inner.attempt(&rt, write, &jobs2, &keys2, deadline))
                 .await
                 .map_err(|e| BackendError::internal(format!("tikv attempt panicked: {e}")))?;
             match r {
@@ -234,7 +243,14 @@ impl Inner {
     }
 
     /// One attempt, on a blocking thread.
-    fn attempt(&self, rt: &Handle, write: bool, jobs: &[AnyJob], deadline: Instant) -> Attempt<Vec<Result<AnyAnswer>>> {
+    fn attempt(
+        &self,
+        rt: &Handle,
+        write: bool,
+        jobs: &[AnyJob],
+        keys: &[Vec<u8>],
+        deadline: Instant,
+    ) -> Attempt<Vec<Result<AnyAnswer>>> {
         let opened = rt.block_on(async {
             if write {
                 let txn = self.client.begin_with_options(txn_options()).await?;
@@ -252,6 +268,9 @@ impl Inner {
             Ok(v) => v,
             Err(e) => return Attempt::Retry(format!("tikv: read meta: {e}")),
         };
+        if let Err(e) = view.read_ahead(keys) {
+            return Attempt::Retry(format!("tikv: read ahead: {e}"));
+        }
         let mut answers = Vec::with_capacity(jobs.len());
         let mut failed = None;
         for job in jobs {
@@ -535,7 +554,10 @@ async fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriteItem>) {
             }
         }
         let jobs = items.iter().map(|i| i.job.clone()).collect();
-        match inner.run_jobs(true, jobs).await {
+        let mut keys: Vec<Vec<u8>> = items.iter_mut().flat_map(|i| std::mem::take(&mut i.keys)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        match inner.run_jobs(true, jobs, keys).await {
             Ok(answers) => {
                 for (item, answer) in items.into_iter().zip(answers) {
                     let _ = item.reply.send(answer);
@@ -641,13 +663,17 @@ impl Backend for TikvBackend {
         let writes = req.has_writes();
         let (cost, quota) = (quota::txn_cost(&req), self.inner.quota);
         let req = Arc::new(req);
+        let req_keys = req.clone();
         let job: Job<TxnResponse> = Arc::new(move |v: &mut View| {
             // In the write's own transaction, so the size is exact across processes.
             v.check_quota(cost, quota)?;
             exec::execute(v, &req).map(|(resp, _)| resp)
         });
         if writes {
-            self.inner.write(job).await
+            let mut keys = Vec::new();
+            exec::single_keys(&req_keys, &mut keys);
+            let keys = keys.into_iter().map(<[u8]>::to_vec).collect();
+            self.inner.write_reading(job, keys).await
         } else {
             self.inner.run(false, job).await
         }

@@ -162,6 +162,9 @@ pub(crate) struct View {
     /// Every TiKV write of this attempt besides the counter and the log (`None`: delete).
     /// Reads through the view see them, so later jobs of a batch see earlier jobs' writes.
     pub(crate) staged: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Values of single keys read at this attempt's snapshot (`None`: absent), read ahead or
+    /// read once: the snapshot does not change, and staged writes take precedence.
+    known: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// How to undo `staged` back to a checkpoint: (key, its previous staged state).
     undo: Vec<Undo>,
     /// Events of the job running now (its revision is `base + 1`).
@@ -219,6 +222,7 @@ impl View {
             compact,
             now_ms,
             staged: BTreeMap::new(),
+            known: HashMap::new(),
             undo: Vec::new(),
             events: Vec::new(),
             sealed: Vec::new(),
@@ -344,8 +348,28 @@ impl View {
         if let Some(v) = self.staged.get(&key) {
             return Ok(v.clone());
         }
-        let r = self.rt.block_on(self.reader.get(key));
-        self.io(r)
+        if let Some(v) = self.known.get(&key) {
+            return Ok(v.clone());
+        }
+        let r = self.rt.block_on(self.reader.get(key.clone()));
+        let v = self.io(r)?;
+        self.known.insert(key, v.clone());
+        Ok(v)
+    }
+
+    /// Reads the live versions of `keys` (user keys) in one batch get, for the jobs that will
+    /// read them (a txn's puts and compares).
+    pub(crate) fn read_ahead(&mut self, keys: &[Vec<u8>]) -> tikv_client::Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let wanted: Vec<Vec<u8>> = keys.iter().map(|k| self.keys.current(k)).collect();
+        let mut found = self.rt.block_on(self.reader.batch_get(wanted.clone()))?;
+        for k in wanted {
+            let v = found.remove(&k);
+            self.known.insert(k, v);
+        }
+        Ok(())
     }
 
     /// Every pair in `[start, end)`, staged writes included.
@@ -460,6 +484,18 @@ impl TxnView for View {
         limit: Option<usize>,
         count_only: bool,
     ) -> Result<(Vec<KeyValue>, i64)> {
+        if range.is_single() {
+            // One get (staged, read ahead or read now) instead of a count and a scan.
+            let kv = match self.get_raw(self.keys.current(&range.key))? {
+                Some(v) => Some(dec::<KeyValue>(&v)?),
+                None => None,
+            };
+            let count = i64::from(kv.is_some());
+            if count_only {
+                return Ok((Vec::new(), count));
+            }
+            return Ok((kv.into_iter().take(limit.unwrap_or(usize::MAX)).collect(), count));
+        }
         let Some((s, e)) = self.keys.current_range(range) else {
             return Ok((Vec::new(), 0));
         };
