@@ -23,9 +23,10 @@ use tokio::sync::oneshot;
 pub(crate) const SPIN: Duration = Duration::from_micros(500);
 
 /// Whether writes come one at a time to a lone node: the proposer notes when it proposes a
-/// group of one request and forgets it when a group has several or the node has peers. Only in the 10 ms after such a group do the
-/// raft thread and a writer spin: with many clients the threads have work queued anyway, and
-/// spinning would take CPU from it; an idle server does not spin on its timers.
+/// group of one request and forgets it when a group has several or the node has peers. Only
+/// in the 10 ms after such a group do the raft thread and a writer spin: with many clients the
+/// threads have work queued anyway, and spinning would take CPU from it; an idle server does
+/// not spin on its timers.
 #[derive(Clone)]
 pub(crate) struct Quiet(Arc<(Instant, AtomicU64)>);
 
@@ -53,7 +54,7 @@ impl Quiet {
         let (base, at) = &*self.0;
         match at.load(Ordering::Relaxed) {
             0 => false,
-            t => base.elapsed().as_micros() as u64 + 1 - t < QUIET_FOR.as_micros() as u64,
+            t => (base.elapsed().as_micros() as u64 + 1).saturating_sub(t) < QUIET_FOR.as_micros() as u64,
         }
     }
 }

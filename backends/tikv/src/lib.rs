@@ -162,7 +162,7 @@ type AnyJob = Job<AnyAnswer>;
 /// A write waiting for the batching writer.
 struct WriteItem {
     job: AnyJob,
-    /// User keys the job will read at the latest revision (read ahead with the batch's).
+    /// TiKV keys the job will read (read ahead with the batch's in one BatchGet).
     keys: Vec<Vec<u8>>,
     reply: oneshot::Sender<Result<AnyAnswer>>,
 }
@@ -203,8 +203,8 @@ impl Inner {
         self.write_reading(job, Vec::new()).await
     }
 
-    /// [`Inner::write`] for a job that will read `keys` (user keys, at the latest revision):
-    /// the attempt reads every job's keys ahead in one batch get.
+    /// [`Inner::write`] for a job that will read `keys` (TiKV keys: a txn's live versions, a
+    /// lease's record): the attempt reads every job's keys ahead in one batch get.
     async fn write_reading<T: Send + 'static>(self: &Arc<Self>, job: Job<T>, keys: Vec<Vec<u8>>) -> Result<T> {
         let (reply, rx) = oneshot::channel();
         self.writer.send(WriteItem { job: erase(job), keys, reply }).await.map_err(|_| BackendError::Stopped)?;
@@ -672,7 +672,7 @@ impl Backend for TikvBackend {
         if writes {
             let mut keys = Vec::new();
             exec::single_keys(&req_keys, &mut keys);
-            let keys = keys.into_iter().map(<[u8]>::to_vec).collect();
+            let keys = keys.into_iter().map(|k| self.inner.keys.current(k)).collect();
             self.inner.write_reading(job, keys).await
         } else {
             self.inner.run(false, job).await
@@ -724,7 +724,7 @@ impl Backend for TikvBackend {
             }
             let r = self
                 .inner
-                .write(
+                .write_reading(
                     Arc::new(move |v: &mut View| {
                         v.check_quota(quota::LEASE_OVERHEAD, quota)?;
                         if v.lease(chosen)?.is_some() {
@@ -733,6 +733,7 @@ impl Backend for TikvBackend {
                         v.set_lease(chosen, None, Some(LeaseRec { ttl, expires_ms: v.now_ms + ttl * 1000 }));
                         Ok(v.base_revision())
                     }),
+                    vec![self.inner.keys.lease(chosen)],
                 )
                 .await;
             match r {
@@ -758,7 +759,7 @@ impl Backend for TikvBackend {
 
     async fn lease_keep_alive(&self, id: LeaseId) -> Result<i64> {
         self.inner
-            .write(
+            .write_reading(
                 Arc::new(move |v: &mut View| match v.lease(id)? {
                     Some(rec) if rec.expires_ms > v.now_ms => {
                         let renewed = LeaseRec { ttl: rec.ttl, expires_ms: v.now_ms + rec.ttl * 1000 };
@@ -767,6 +768,7 @@ impl Backend for TikvBackend {
                     }
                     _ => Err(BackendError::LeaseNotFound),
                 }),
+                vec![self.inner.keys.lease(id)],
             )
             .await
     }

@@ -357,13 +357,13 @@ impl View {
         Ok(v)
     }
 
-    /// Reads the live versions of `keys` (user keys) in one batch get, for the jobs that will
-    /// read them (a txn's puts and compares).
+    /// Reads `keys` (TiKV keys) in one batch get, for the jobs that will read them (a txn's
+    /// puts and compares read live versions, a lease grant or keep-alive its record).
     pub(crate) fn read_ahead(&mut self, keys: &[Vec<u8>]) -> tikv_client::Result<()> {
         if keys.is_empty() {
             return Ok(());
         }
-        let wanted: Vec<Vec<u8>> = keys.iter().map(|k| self.keys.current(k)).collect();
+        let wanted = keys.to_vec();
         let mut found = self.rt.block_on(self.reader.batch_get(wanted.clone()))?;
         for k in wanted {
             let v = found.remove(&k);
