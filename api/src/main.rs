@@ -385,17 +385,20 @@ async fn shutdown_signal() {
     }
 }
 
-/// One glibc malloc arena, unless MALLOC_ARENA_MAX says otherwise. By default glibc gives
+/// Two glibc malloc arenas, unless MALLOC_ARENA_MAX says otherwise. By default glibc gives
 /// threads up to 8 arenas per core, and the runtime's worker and blocking threads fragment
 /// them: the peak RSS of a 256-client put run here was about 400 MB with the default, 150 MB
-/// with one arena, at no cost in CPU per request (BENCHMARKS.md). Small allocations still come
-/// from each thread's cache without taking the arena's lock.
+/// with one arena (BENCHMARKS.md). One arena made the threads queue on its lock, though:
+/// replies are built on the raft thread and freed on the workers, and the other way round for
+/// requests, so at 16 clients most of the server's futex calls were malloc's lock. Two arenas:
+/// puts at 256 clients +15 % (server CPU per put 51-56 -> 45-47 us), peak RSS within a few MB
+/// of one arena's, below etcd's in every row of `cairn-bench compare` (BENCHMARKS.md).
 #[allow(unsafe_code)]
 fn limit_malloc_arenas() {
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
         unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 1);
+            libc::mallopt(libc::M_ARENA_MAX, 2);
         }
     }
 }

@@ -28,33 +28,58 @@ pub(crate) const SPIN: Duration = Duration::from_micros(500);
 /// threads have work queued anyway, and spinning would take CPU from it; an idle server does
 /// not spin on its timers.
 #[derive(Clone)]
-pub(crate) struct Quiet(Arc<(Instant, AtomicU64)>);
+pub(crate) struct Quiet(Arc<QuietState>);
+
+struct QuietState {
+    base: Instant,
+    /// When the last lone write was proposed, in microseconds since `base`, plus 1 (0: none
+    /// since the last group of several).
+    at: AtomicU64,
+    /// Lone writes proposed in a row.
+    streak: AtomicU64,
+}
 
 /// How long after a lone write the threads still expect the next one.
 const QUIET_FOR: Duration = Duration::from_millis(10);
+/// Lone writes in a row before the threads spin. With 16 clients an occasional group of one
+/// (a client's request arriving just after a group left) made the raft thread spin most of
+/// the time, taking CPU the clients' requests needed; a lone client makes every group a lone
+/// write.
+const STREAK: u64 = 8;
 
 impl Quiet {
     fn new() -> Quiet {
-        Quiet(Arc::new((Instant::now(), AtomicU64::new(0))))
+        Quiet(Arc::new(QuietState {
+            base: Instant::now(),
+            at: AtomicU64::new(0),
+            streak: AtomicU64::new(0),
+        }))
     }
 
-    /// Records a proposed group of `n` requests (0: forget, the node has peers).
+    /// Records a proposed group of `n` requests (0: forget, the node has peers). Only the
+    /// proposer calls it, one group at a time.
     pub fn group(&self, n: usize) {
-        let (base, at) = &*self.0;
-        // 0 is "not quiet"; a lone write's time is stored as microseconds since `base`, plus 1.
-        let now = if n == 1 {
-            base.elapsed().as_micros() as u64 + 1
+        let q = &*self.0;
+        if n == 1 {
+            q.at.store(q.base.elapsed().as_micros() as u64 + 1, Ordering::Relaxed);
+            q.streak.fetch_add(1, Ordering::Relaxed);
         } else {
-            0
-        };
-        at.store(now, Ordering::Relaxed);
+            q.at.store(0, Ordering::Relaxed);
+            q.streak.store(0, Ordering::Relaxed);
+        }
     }
 
     pub fn get(&self) -> bool {
-        let (base, at) = &*self.0;
-        match at.load(Ordering::Relaxed) {
+        let q = &*self.0;
+        if q.streak.load(Ordering::Relaxed) < STREAK {
+            return false;
+        }
+        match q.at.load(Ordering::Relaxed) {
             0 => false,
-            t => (base.elapsed().as_micros() as u64 + 1).saturating_sub(t) < QUIET_FOR.as_micros() as u64,
+            t => {
+                (q.base.elapsed().as_micros() as u64 + 1).saturating_sub(t)
+                    < QUIET_FOR.as_micros() as u64
+            }
         }
     }
 }
@@ -142,17 +167,23 @@ mod tests {
     fn only_a_recent_lone_write_makes_the_threads_spin() {
         let q = Quiet::new();
         assert!(!q.get(), "nothing written yet");
-        q.group(1);
+        let lone = |n| (0..n).for_each(|_| q.group(1));
+        lone(STREAK - 1);
+        assert!(!q.get(), "too few lone writes in a row");
+        lone(1);
         assert!(q.get());
         q.group(7);
         assert!(
             !q.get(),
             "a group of several: other clients keep the threads busy"
         );
-        q.group(1);
+        lone(1);
+        assert!(!q.get(), "one lone write after a group of several");
+        lone(STREAK);
         q.group(0);
         assert!(!q.get(), "a node with peers");
-        q.group(1);
+        lone(STREAK);
+        assert!(q.get());
         std::thread::sleep(QUIET_FOR + Duration::from_millis(5));
         assert!(!q.get(), "an idle server stops spinning");
     }
