@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::authority_fix::AuthorityFix;
+use crate::coalesce::Coalesce;
 
 /// A TLS handshake that takes longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,13 +28,13 @@ pub enum Conn {
 }
 
 /// What the gRPC server reads connections from.
-pub type Incoming = mpsc::Receiver<io::Result<AuthorityFix<Conn>>>;
+pub type Incoming = mpsc::Receiver<io::Result<AuthorityFix<Coalesce<Conn>>>>;
 
 /// Starts accepting on `listener`; connections go to `tx`. Ends when the receiver is gone.
 pub fn spawn_accept_loop(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
-    tx: mpsc::Sender<io::Result<AuthorityFix<Conn>>>,
+    tx: mpsc::Sender<io::Result<AuthorityFix<Coalesce<Conn>>>>,
 ) -> tokio::task::JoinHandle<()> {
     let acceptor = tls.map(TlsAcceptor::from);
     tokio::spawn(async move {
@@ -51,7 +52,7 @@ pub fn spawn_accept_loop(
             let _ = tcp.set_nodelay(true);
             match &acceptor {
                 None => {
-                    if tx.send(Ok(AuthorityFix::new(Conn::Plain(tcp)))).await.is_err() {
+                    if tx.send(Ok(AuthorityFix::new(Coalesce::new(Conn::Plain(tcp))))).await.is_err() {
                         return;
                     }
                 }
@@ -63,11 +64,11 @@ pub fn spawn_accept_loop(
     })
 }
 
-async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, tx: mpsc::Sender<io::Result<AuthorityFix<Conn>>>) {
+async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, tx: mpsc::Sender<io::Result<AuthorityFix<Coalesce<Conn>>>>) {
     let peer = tcp.peer_addr().ok();
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => {
-            let _ = tx.send(Ok(AuthorityFix::new(Conn::Tls(Box::new(tls))))).await;
+            let _ = tx.send(Ok(AuthorityFix::new(Coalesce::new(Conn::Tls(Box::new(tls)))))).await;
         }
         Ok(Err(e)) => {
             tracing::warn!(remote = ?peer, error = %crate::tls::go_error(&e), "rejected connection: TLS handshake failed")

@@ -15,6 +15,7 @@ pub mod ids;
 pub mod alarms;
 pub mod auth;
 pub mod authority_fix;
+pub mod coalesce;
 pub mod cluster;
 pub mod concurrency;
 pub mod conn;

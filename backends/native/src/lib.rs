@@ -242,8 +242,9 @@ impl NativeBackend {
         let (proposer, proposer_task) = {
             let raft = raft.clone();
             let quiet = raft_thread.quiet();
+            let replies_on = tokio::runtime::Handle::current();
             raft_thread
-                .run(async move { proposer::Proposer::start(raft, quiet) })
+                .run(async move { proposer::Proposer::start(raft, quiet, replies_on) })
                 .await
         };
         let backend = Arc::new(NativeBackend {

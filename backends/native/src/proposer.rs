@@ -43,10 +43,14 @@ pub(crate) struct Proposer {
 }
 
 impl Proposer {
-    pub fn start(raft: Raft, quiet: Quiet) -> (Proposer, tokio::task::JoinHandle<()>) {
+    pub fn start(
+        raft: Raft,
+        quiet: Quiet,
+        replies_on: tokio::runtime::Handle,
+    ) -> (Proposer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let gate = Arc::new(tokio::sync::RwLock::new(()));
-        let task = tokio::spawn(run(raft, rx, gate.clone(), quiet.clone()));
+        let task = tokio::spawn(run(raft, rx, gate.clone(), quiet.clone(), replies_on));
         let waiting = Arc::default();
         (
             Proposer {
@@ -105,6 +109,7 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<(Command, Reply)>,
     gate: Arc<tokio::sync::RwLock<()>>,
     quiet: Quiet,
+    replies_on: tokio::runtime::Handle,
 ) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
@@ -137,6 +142,7 @@ async fn run(
         };
         let pending = raft.client_write_ff(cmd).await;
         drop(open);
+        let replies_on = replies_on.clone();
         tokio::spawn(async move {
             let result = match pending {
                 Ok(rx) => match rx.await {
@@ -147,7 +153,14 @@ async fn run(
                 Err(fatal) => Err(map_write_error(RaftError::Fatal(fatal))),
             };
             drop(permit);
-            deliver(result, replies);
+            // A group's replies are sent from one task on the server's runtime: each wakes
+            // its request's task there without a cross-thread wake-up of its own, and the
+            // connections write the group's responses together (api's coalesce.rs).
+            if replies.len() > 1 {
+                replies_on.spawn(async move { deliver(result, replies) });
+            } else {
+                deliver(result, replies);
+            }
         });
     }
 }
