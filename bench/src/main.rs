@@ -153,6 +153,10 @@ struct CompareArgs {
     /// Pause between runs, letting the previous server settle.
     #[arg(long, default_value = "1s", value_parser = keys::parse_duration)]
     pause: Duration,
+    /// Rounds per workload, each on fresh servers; the table shows each side's median round
+    /// and the notes every round's ratio (runs here move by 10-30 % from one to the next).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     #[command(flatten)]
     common: Common,
 }
@@ -345,38 +349,16 @@ async fn compare_cmd(a: CompareArgs) -> Result<bool> {
     eprintln!("  {:<10} {}", "", report::LINE_HEADER);
     for &w in &list {
         eprintln!("== {} ({})", w.name(), w.describe());
-        let mut etcd = ServerProc::start("etcd", &a.etcd, &[]).await.map_err(|e| format!("{e:#}"));
-        if let Err(e) = &etcd {
-            eprintln!("  etcd: {e}");
-        }
-        let mut cairns = Vec::new();
-        for &b in &backends {
-            cairns.push(start_contender(b, &a, pg.as_ref()).await);
-        }
-        for &clients in &a.common.clients {
-            let e = run_against(&mut etcd, &[], w, &a.common, clients).await;
-            tokio::time::sleep(a.pause).await;
-            for c in &mut cairns {
-                let r = run_against(&mut c.server, &c.store_pids, w, &a.common, clients).await;
-                tokio::time::sleep(a.pause).await;
-                rows.push(CompareRow {
-                    backend: c.backend.name().to_string(),
-                    workload: w.name().to_string(),
-                    clients,
-                    etcd: e.clone(),
-                    cairn: r,
-                });
+        for round in 1..=a.rounds {
+            if a.rounds > 1 {
+                eprintln!("  round {round} of {}", a.rounds);
             }
-        }
-        if let Ok(s) = &mut etcd {
-            s.stop().await;
-        }
-        for c in &mut cairns {
-            if let Ok(s) = &mut c.server {
-                s.stop().await;
-            }
+            compare_round(w, &a, &backends, pg.as_ref(), &mut rows).await;
         }
     }
+    let all_ok = rows.iter().all(|r| r.etcd.is_ok() && r.cairn.is_ok());
+    let rounds_note = report::rounds_note(&rows);
+    let rows = report::median_rows(&rows);
     let per_backend: Vec<(Backend, Vec<CompareRow>)> = backends
         .iter()
         .map(|&b| (b, rows.iter().filter(|r| r.backend == b.name()).cloned().collect()))
@@ -386,6 +368,7 @@ async fn compare_cmd(a: CompareArgs) -> Result<bool> {
         print!("{}", report::compare_table(of));
     }
     let mut notes = report::compare_notes(&rows);
+    notes.push_str(&rounds_note);
     if let Some(f) = &floor {
         notes.push_str(&report::floor_note(f, &rows));
     }
@@ -405,5 +388,47 @@ async fn compare_cmd(a: CompareArgs) -> Result<bool> {
             println!("\nNotes per run:\n{notes}");
         }
     }
-    Ok(rows.iter().all(|r| r.etcd.is_ok() && r.cairn.is_ok()))
+    Ok(all_ok)
+}
+
+/// One round of workload `w`: fresh servers, every client count against etcd and then each
+/// Cairn backend.
+async fn compare_round(
+    w: Workload,
+    a: &CompareArgs,
+    backends: &[Backend],
+    pg: Option<&cairn_postgres::testing::TestServer>,
+    rows: &mut Vec<CompareRow>,
+) {
+    let mut etcd = ServerProc::start("etcd", &a.etcd, &[]).await.map_err(|e| format!("{e:#}"));
+    if let Err(e) = &etcd {
+        eprintln!("  etcd: {e}");
+    }
+    let mut cairns = Vec::new();
+    for &b in backends {
+        cairns.push(start_contender(b, a, pg).await);
+    }
+    for &clients in &a.common.clients {
+        let e = run_against(&mut etcd, &[], w, &a.common, clients).await;
+        tokio::time::sleep(a.pause).await;
+        for c in &mut cairns {
+            let r = run_against(&mut c.server, &c.store_pids, w, &a.common, clients).await;
+            tokio::time::sleep(a.pause).await;
+            rows.push(CompareRow {
+                backend: c.backend.name().to_string(),
+                workload: w.name().to_string(),
+                clients,
+                etcd: e.clone(),
+                cairn: r,
+            });
+        }
+    }
+    if let Ok(s) = &mut etcd {
+        s.stop().await;
+    }
+    for c in &mut cairns {
+        if let Ok(s) = &mut c.server {
+            s.stop().await;
+        }
+    }
 }

@@ -322,6 +322,71 @@ pub fn compare_notes(rows: &[CompareRow]) -> String {
     out
 }
 
+/// Folds the rows of several rounds (each round on fresh servers) into one row per backend,
+/// workload and client count: each side is its median round by ops/s (the lower middle one
+/// for an even count), and a round that failed counts only when every round failed. Rows keep
+/// the order of the first round. With one round the rows come back as they were.
+pub fn median_rows(rows: &[CompareRow]) -> Vec<CompareRow> {
+    let mut out: Vec<CompareRow> = Vec::new();
+    for r in rows {
+        if out
+            .iter()
+            .any(|o| (&o.backend, &o.workload, o.clients) == (&r.backend, &r.workload, r.clients))
+        {
+            continue;
+        }
+        let same: Vec<&CompareRow> = rows
+            .iter()
+            .filter(|o| (&o.backend, &o.workload, o.clients) == (&r.backend, &r.workload, r.clients))
+            .collect();
+        out.push(CompareRow {
+            backend: r.backend.clone(),
+            workload: r.workload.clone(),
+            clients: r.clients,
+            etcd: median_side(same.iter().map(|o| &o.etcd)),
+            cairn: median_side(same.iter().map(|o| &o.cairn)),
+        });
+    }
+    out
+}
+
+fn median_side<'a>(
+    sides: impl Iterator<Item = &'a Result<Outcome, String>>,
+) -> Result<Outcome, String> {
+    let sides: Vec<&Result<Outcome, String>> = sides.collect();
+    let mut ok: Vec<&Outcome> = sides.iter().filter_map(|s| s.as_ref().ok()).collect();
+    if ok.is_empty() {
+        return sides
+            .first()
+            .map(|s| (*s).clone())
+            .unwrap_or_else(|| Err("no round ran".into()));
+    }
+    ok.sort_by(|a, b| a.ops_per_sec().total_cmp(&b.ops_per_sec()));
+    Ok(ok[(ok.len() - 1) / 2].clone())
+}
+
+/// Each round's Cairn/etcd ratio per row, when there was more than one round.
+pub fn rounds_note(rows: &[CompareRow]) -> String {
+    let mut out = String::new();
+    for m in median_rows(rows) {
+        let ratios: Vec<String> = rows
+            .iter()
+            .filter(|o| (&o.backend, &o.workload, o.clients) == (&m.backend, &m.workload, m.clients))
+            .map(|o| o.ratio().map_or_else(|| "-".to_string(), |x| format!("{x:.2}")))
+            .collect();
+        if ratios.len() > 1 {
+            out.push_str(&format!(
+                "- {} c={} cairn ({})/etcd per round: {}\n",
+                m.workload,
+                m.clients,
+                m.backend,
+                ratios.join(" ")
+            ));
+        }
+    }
+    out
+}
+
 /// The floor and each server's 1-client put p50 against it (etcd's once).
 pub fn floor_note(f: &crate::floor::Floor, rows: &[CompareRow]) -> String {
     let mut out = format!("- floor: {}\n", f.describe());
@@ -374,6 +439,43 @@ mod tests {
         assert_eq!(lines[1], "- put c=1 etcd: p50 0.460 ms = 2.30x the floor");
         assert_eq!(lines[2], "- put c=1 cairn (native): p50 0.300 ms = 1.50x the floor");
         assert_eq!(lines[3], "- put c=1 cairn (postgres): p50 1.200 ms = 6.00x the floor");
+    }
+
+    #[test]
+    fn rounds_fold_into_their_median_round_per_side() {
+        let row = |clients, etcd_ops, cairn: Result<u64, &str>| CompareRow {
+            backend: "native".into(),
+            workload: "put".into(),
+            clients,
+            etcd: Ok(outcome(etcd_ops, 1, &[500])),
+            cairn: cairn.map(|ops| outcome(ops, 1, &[300])).map_err(str::to_string),
+        };
+        let rows = [
+            row(1, 100, Ok(300)),
+            row(16, 1_000, Ok(1_000)),
+            row(1, 300, Ok(100)),
+            row(16, 3_000, Err("refused")),
+            row(1, 200, Ok(200)),
+            row(16, 2_000, Ok(5_000)),
+        ];
+        let m = median_rows(&rows);
+        assert_eq!(m.len(), 2);
+        assert_eq!((m[0].clients, m[1].clients), (1, 16), "the first round's order");
+        let ops = |o: &Result<Outcome, String>| o.as_ref().map(|o| o.ops).unwrap();
+        // Each side on its own: the 1-client row's median etcd round is not its median Cairn one.
+        assert_eq!((ops(&m[0].etcd), ops(&m[0].cairn)), (200, 200));
+        // Two good Cairn rounds: the lower one; the failed round does not count.
+        assert_eq!((ops(&m[1].etcd), ops(&m[1].cairn)), (2_000, 1_000));
+        let note = rounds_note(&rows);
+        assert_eq!(
+            note,
+            "- put c=1 cairn (native)/etcd per round: 3.00 0.33 1.00\n\
+             - put c=16 cairn (native)/etcd per round: 1.00 - 2.50\n"
+        );
+        let all_failed = [row(1, 100, Err("a")), row(1, 100, Err("b"))];
+        assert_eq!(median_rows(&all_failed)[0].cairn.as_ref().unwrap_err(), "a");
+        assert_eq!(median_rows(&rows[..2]).len(), 2, "one round");
+        assert!(rounds_note(&rows[..2]).is_empty(), "one round: no note");
     }
 
     fn outcome(ops: u64, secs: u64, lat_us: &[u64]) -> Outcome {
