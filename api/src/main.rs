@@ -392,7 +392,8 @@ async fn shutdown_signal() {
 /// replies are built on the raft thread and freed on the workers, and the other way round for
 /// requests, so at 16 clients most of the server's futex calls were malloc's lock. Two arenas:
 /// puts at 256 clients +15 % (server CPU per put 51-56 -> 45-47 us), peak RSS within a few MB
-/// of one arena's, below etcd's in every row of `cairn-bench compare` (BENCHMARKS.md).
+/// of one arena's: at or below etcd's in every row of a full `cairn-bench compare` run, though
+/// one later 1-client put round peaked 6 MB above etcd's (BENCHMARKS.md, stop 19).
 #[allow(unsafe_code)]
 fn limit_malloc_arenas() {
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {

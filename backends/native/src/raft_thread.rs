@@ -24,7 +24,8 @@ pub(crate) const SPIN: Duration = Duration::from_micros(500);
 
 /// Whether writes come one at a time to a lone node: the proposer notes when it proposes a
 /// group of one request and forgets it when a group has several or the node has peers. Only
-/// in the 10 ms after such a group do the raft thread and a writer spin: with many clients the
+/// after [`STREAK`] such groups in a row, and in the 10 ms after the last one, do the raft
+/// thread and a writer spin: with many clients the
 /// threads have work queued anyway, and spinning would take CPU from it; an idle server does
 /// not spin on its timers.
 #[derive(Clone)]
