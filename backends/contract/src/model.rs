@@ -12,6 +12,21 @@ pub type Revision = i64;
 /// A lease ID. 0 means "no lease".
 pub type LeaseId = i64;
 
+/// The ID a lease grant tries: the one requested, or for 0 ("the backend chooses") a random
+/// positive one, as etcd's lessor picks. A backend whose chosen ID turns out to be taken calls
+/// it again for another.
+pub fn lease_id_to_try(requested: LeaseId) -> LeaseId {
+    if requested != 0 {
+        return requested;
+    }
+    loop {
+        let id = (rand::random::<u64>() >> 1) as LeaseId;
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
 /// One key at one revision, as etcd's `mvccpb.KeyValue`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
@@ -380,4 +395,21 @@ pub enum MemberChange {
 pub struct Doc {
     pub version: u64,
     pub value: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_grant_tries_the_requested_id_or_a_positive_random_one() {
+        assert_eq!(lease_id_to_try(7), 7);
+        assert_eq!(lease_id_to_try(-3), -3, "a requested ID is passed on as it is");
+        let chosen: Vec<LeaseId> = (0..1000).map(|_| lease_id_to_try(0)).collect();
+        assert!(chosen.iter().all(|&id| id > 0), "{chosen:?}");
+        let mut distinct = chosen.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert!(distinct.len() > 990, "random, not fixed: {} distinct", distinct.len());
+    }
 }

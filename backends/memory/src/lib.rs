@@ -7,8 +7,6 @@
 mod feed;
 mod store;
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -90,11 +88,8 @@ async fn expiry_task(backend: Weak<MemoryBackend>) {
 /// A random positive non-zero lease ID not in use.
 fn new_lease_id(store: &Store) -> LeaseId {
     loop {
-        // RandomState is seeded randomly per process and differs per instance.
-        let mut h = RandomState::new().build_hasher();
-        h.write_usize(store.leases.len());
-        let id = (h.finish() >> 1) as i64;
-        if id != 0 && !store.leases.contains_key(&id) {
+        let id = cairn_backend::lease_id_to_try(0);
+        if !store.leases.contains_key(&id) {
             return id;
         }
     }

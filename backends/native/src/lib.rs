@@ -963,14 +963,7 @@ impl Backend for NativeBackend {
         self.check_quota(quota::LEASE_OVERHEAD).await?;
         let chosen = id != 0;
         loop {
-            let id = if chosen {
-                id
-            } else {
-                rand::random::<i64>() & i64::MAX
-            };
-            if id == 0 {
-                continue;
-            }
+            let id = cairn_backend::lease_id_to_try(id);
             match self.propose(Command::LeaseGrant { id, ttl }).await {
                 Ok(CommandResult::LeaseGrant(g)) => return Ok(g),
                 Ok(other) => return Err(unexpected(other)),

@@ -177,10 +177,7 @@ fn run_batch(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<
 /// transaction. The lease row and its bytes in the space count go in together.
 fn grant_alone(inner: &Inner, rt: &Handle, id: LeaseId, ttl: i64) -> Result<Result<LeaseGrant>, BatchError> {
     loop {
-        let chosen = if id == 0 { (rand::random::<u64>() >> 1) as i64 } else { id };
-        if chosen == 0 {
-            continue;
-        }
+        let chosen = cairn_backend::lease_id_to_try(id);
         let row: Option<i64> = rt
             .block_on(
                 sqlx::query_scalar(
@@ -428,10 +425,7 @@ impl<'a> Batch<'a> {
     /// counted from now (the statement's time, not the batch's start).
     fn grant(&mut self, id: LeaseId, ttl: i64) -> Result<Result<LeaseGrant>, BatchError> {
         loop {
-            let chosen = if id == 0 { (rand::random::<u64>() >> 1) as i64 } else { id };
-            if chosen == 0 {
-                continue;
-            }
+            let chosen = cairn_backend::lease_id_to_try(id);
             let bytes: Option<i64> = self.rt.block_on(
                 sqlx::query_scalar(
                     "INSERT INTO leases (id, ttl, expires_at) VALUES ($1, $2, clock_timestamp() + make_interval(secs => $2::float8))

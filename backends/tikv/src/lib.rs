@@ -718,10 +718,7 @@ impl Backend for TikvBackend {
     async fn lease_grant(&self, id: LeaseId, ttl: i64) -> Result<LeaseGrant> {
         let quota = self.inner.quota;
         loop {
-            let chosen = if id == 0 { (rand::random::<u64>() >> 1) as i64 } else { id };
-            if chosen == 0 {
-                continue;
-            }
+            let chosen = cairn_backend::lease_id_to_try(id);
             let r = self
                 .inner
                 .write_reading(
