@@ -98,8 +98,8 @@ impl Drop for Store {
     /// Ends the open write txn before the database closes (closing waits for it). It is
     /// committed, not synced: raft's log still has its entries if this is a crash.
     fn drop(&mut self) {
-        if let Some(txn) = self.writer.get_mut().txn.take() {
-            if let Err(e) = txn.commit() {
+        if let Some(open) = self.writer.get_mut().txn.take() {
+            if let Err(e) = open.into_owner().commit() {
                 tracing::warn!(error = %e, "committing the state machine on close failed");
             }
         }
@@ -108,8 +108,40 @@ impl Drop for Store {
 
 /// The open write txn and when it was begun.
 struct Pending {
-    txn: Option<WriteTransaction>,
+    txn: Option<OpenTxn>,
     opened: Instant,
+}
+
+self_cell::self_cell!(
+    /// The open write txn with its tables, which stay open from the first apply to the commit:
+    /// opening redb's five tables for each apply (each a lookup in redb's table tree and a
+    /// decode of its definition) cost more allocations than the puts of a 16-client group.
+    struct OpenTxn {
+        owner: WriteTransaction,
+        #[not_covariant]
+        dependent: OpenTables,
+    }
+);
+
+/// The tables an apply writes, open in the txn `'t`.
+struct OpenTables<'t> {
+    versions: redb::Table<'t, (u64, u32), &'static [u8]>,
+    leases: redb::Table<'t, i64, i64>,
+    lease_keys: redb::Table<'t, (i64, &'static [u8]), ()>,
+    docs: redb::Table<'t, &'static str, &'static [u8]>,
+    meta: redb::Table<'t, &'static str, &'static [u8]>,
+}
+
+impl<'t> OpenTables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self> {
+        Ok(OpenTables {
+            versions: txn.open_table(VERSIONS).map_err(db_err)?,
+            leases: txn.open_table(LEASES).map_err(db_err)?,
+            lease_keys: txn.open_table(LEASE_KEYS).map_err(db_err)?,
+            docs: txn.open_table(DOCS).map_err(db_err)?,
+            meta: txn.open_table(META).map_err(db_err)?,
+        })
+    }
 }
 
 /// What `applied_state` needs.
@@ -252,7 +284,8 @@ impl Store {
         let mut w = self.writer.lock();
         let db = self.db.read();
         if w.txn.is_none() {
-            w.txn = Some(db.begin_write().map_err(db_err)?);
+            let txn = db.begin_write().map_err(db_err)?;
+            w.txn = Some(OpenTxn::try_new(txn, |txn| OpenTables::open(txn))?);
             w.opened = Instant::now();
         }
         let r = self.apply_in(&mut w, entries);
@@ -271,7 +304,7 @@ impl Store {
         w: &mut Pending,
         entries: Vec<crate::types::Entry>,
     ) -> Result<Vec<CommandResult>> {
-        let txn = w.txn.as_ref().expect("an open write txn");
+        let open = w.txn.as_mut().expect("an open write txn");
         // Only puts and deletes of txns are covered by the overlay; anything else is committed
         // before the apply returns.
         let mut flush = false;
@@ -279,11 +312,10 @@ impl Store {
         let mut batches = Vec::new();
         let mut lease_changes = Vec::new();
         let mut compacted = false;
-        let new_revs;
-        {
-            let mut t = Tables::open(txn, self)?;
-            let mut rev = read_i64(&t.meta, M_REVISION)?;
-            let mut compact = read_i64(&t.meta, M_COMPACT)?;
+        let new_revs = open.with_dependent_mut(|_, tables| -> Result<(Revision, Revision)> {
+            let mut t = Tables::new(tables, self);
+            let mut rev = read_i64(&*t.meta, M_REVISION)?;
+            let mut compact = read_i64(&*t.meta, M_COMPACT)?;
             let mut last = None;
             let mut membership = None;
             for entry in entries {
@@ -322,8 +354,8 @@ impl Store {
                 let m = postcard::to_allocvec(&m).map_err(db_err)?;
                 t.meta.insert(M_MEMBERSHIP, m.as_slice()).map_err(db_err)?;
             }
-            new_revs = (rev, compact);
-        }
+            Ok((rev, compact))
+        })?;
         {
             // Each txn published its revision with its rows (see write_events).
             let ov = self.overlay.write();
@@ -360,9 +392,10 @@ impl Store {
     /// than [`SYNC_EVERY`]) and empties the overlay. A failed commit loses the txn: raft stops
     /// on the error, as the store can no longer be trusted.
     fn commit(&self, w: &mut Pending, sync: bool) -> Result<()> {
-        let Some(mut txn) = w.txn.take() else {
+        let Some(open) = w.txn.take() else {
             return Ok(());
         };
+        let mut txn = open.into_owner();
         let sync = sync || self.last_sync.lock().elapsed() >= SYNC_EVERY;
         txn.set_durability(if sync {
             Durability::Immediate
@@ -678,30 +711,37 @@ fn read_i64(t: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> 
         .unwrap_or(0))
 }
 
-/// The tables of one write txn, and what an apply changes in memory.
-struct Tables<'t> {
-    overlay: &'t RwLock<Overlay>,
-    index: &'t RwLock<KeyIndex>,
-    revision: &'t AtomicI64,
-    versions: redb::Table<'t, (u64, u32), &'static [u8]>,
-    leases: redb::Table<'t, i64, i64>,
-    lease_keys: redb::Table<'t, (i64, &'static [u8]), ()>,
-    docs: redb::Table<'t, &'static str, &'static [u8]>,
-    meta: redb::Table<'t, &'static str, &'static [u8]>,
+/// The tables of the open write txn `'t`, and what an apply changes in memory.
+struct Tables<'a, 't> {
+    overlay: &'a RwLock<Overlay>,
+    index: &'a RwLock<KeyIndex>,
+    revision: &'a AtomicI64,
+    versions: &'a mut redb::Table<'t, (u64, u32), &'static [u8]>,
+    leases: &'a mut redb::Table<'t, i64, i64>,
+    lease_keys: &'a mut redb::Table<'t, (i64, &'static [u8]), ()>,
+    docs: &'a mut redb::Table<'t, &'static str, &'static [u8]>,
+    meta: &'a mut redb::Table<'t, &'static str, &'static [u8]>,
 }
 
-impl<'t> Tables<'t> {
-    fn open(txn: &'t WriteTransaction, store: &'t Store) -> Result<Self> {
-        Ok(Tables {
+impl<'a, 't> Tables<'a, 't> {
+    fn new(open: &'a mut OpenTables<'t>, store: &'a Store) -> Self {
+        let OpenTables {
+            versions,
+            leases,
+            lease_keys,
+            docs,
+            meta,
+        } = open;
+        Tables {
             overlay: &store.overlay,
             index: &store.index,
             revision: &store.revision,
-            versions: txn.open_table(VERSIONS).map_err(db_err)?,
-            leases: txn.open_table(LEASES).map_err(db_err)?,
-            lease_keys: txn.open_table(LEASE_KEYS).map_err(db_err)?,
-            docs: txn.open_table(DOCS).map_err(db_err)?,
-            meta: txn.open_table(META).map_err(db_err)?,
-        })
+            versions,
+            leases,
+            lease_keys,
+            docs,
+            meta,
+        }
     }
 
     /// Runs one command. Rejections become `CommandResult::Err` and change nothing; storage
@@ -850,8 +890,8 @@ impl<'t> Tables<'t> {
         ViewTables {
             overlay,
             index: self.index,
-            versions: &self.versions,
-            leases: &self.leases,
+            versions: &*self.versions,
+            leases: &*self.leases,
         }
     }
 
@@ -879,7 +919,7 @@ impl<'t> Tables<'t> {
                 }
                 EventKind::Delete => encode_tombstone(rev),
             };
-            insert_version(&mut self.versions, key, rev as u64, sub, &rec)?;
+            insert_version(self.versions, key, rev as u64, sub, &rec)?;
             records.push(rec.into_boxed_slice());
         }
         // Readers see the live records, the rows and the revision change together; index
