@@ -164,9 +164,10 @@ impl ExecState {
             value,
             lease,
         };
-        view.put(kv, prev.clone())?;
+        let prev_kv = if req.prev_kv { prev.clone() } else { None };
+        view.put(kv, prev)?;
         self.wrote = true;
-        Ok(PutResponse { revision: rev, prev_kv: if req.prev_kv { prev } else { None } })
+        Ok(PutResponse { revision: rev, prev_kv })
     }
 
     fn delete(&mut self, view: &mut impl TxnView, req: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {

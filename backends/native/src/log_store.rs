@@ -33,10 +33,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        let st = self.wal.state.lock();
+        let mut st = self.wal.state.lock();
         st.entries
-            .range(range)
-            .map(|(_, e)| e.decode())
+            .range_mut(range)
+            .map(|(_, e)| e.read())
             .collect::<Result<_, _>>()
             .map_err(|e| StorageIOError::read_logs(&e).into())
     }

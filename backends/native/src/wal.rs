@@ -56,12 +56,27 @@ pub(crate) enum Record {
 pub(crate) struct LogEntry {
     pub log_id: LogId,
     payload: Box<[u8]>,
+    /// The entry as it was appended, until its first read takes it: on a single node that is
+    /// the state machine's apply, which so decodes nothing it was just handed.
+    unread: Option<Entry>,
 }
 
 impl LogEntry {
     /// The entry of a [`Record::Entry`]'s encoded `payload`.
     fn new(log_id: LogId, payload: Box<[u8]>) -> Self {
-        LogEntry { log_id, payload }
+        LogEntry {
+            log_id,
+            payload,
+            unread: None,
+        }
+    }
+
+    /// The entry, taken as appended on its first read and decoded from its bytes after that.
+    pub fn read(&mut self) -> io::Result<Entry> {
+        match self.unread.take() {
+            Some(e) => Ok(e),
+            None => self.decode(),
+        }
     }
 
     pub fn decode(&self) -> io::Result<Entry> {
@@ -239,7 +254,15 @@ impl Wal {
             }
         }
         records.extend(entries.into_iter().map(Record::Entry));
-        self.encode(&records)
+        let mut encoded = self.encode(&records)?;
+        let appended = records.into_iter().filter_map(|r| match r {
+            Record::Entry(e) => Some(e),
+            _ => None,
+        });
+        for (kept, e) in encoded.entries.iter_mut().zip(appended) {
+            kept.unread = Some(e);
+        }
+        Ok(encoded)
     }
 
     /// Records framed for the log, to queue with [`Wal::submit_encoded`].

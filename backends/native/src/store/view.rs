@@ -42,8 +42,10 @@ pub(crate) struct View<'a, V, L> {
     pub leases: &'a L,
     pub base: Revision,
     pub compact: Revision,
-    /// Newest state of each key this txn wrote (None: deleted).
-    pub pending: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    /// Newest state of each key this txn wrote (None: deleted), as of `events[..folded]`: built
+    /// only when the txn reads after it wrote, so a txn of puts alone copies nothing into it.
+    pending: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    folded: usize,
     pub events: Vec<Event>,
 }
 
@@ -57,8 +59,21 @@ impl<'a, V: VersionsTable, L: LeaseTable> View<'a, V, L> {
             base,
             compact,
             pending: BTreeMap::new(),
+            folded: 0,
             events: Vec::new(),
         }
+    }
+
+    /// Brings `pending` up to date with the events recorded since it was last.
+    fn fold_pending(&mut self) {
+        for ev in &self.events[self.folded..] {
+            let state = match ev.kind {
+                EventKind::Put => Some(ev.kv.clone()),
+                EventKind::Delete => None,
+            };
+            self.pending.insert(ev.kv.key.clone(), state);
+        }
+        self.folded = self.events.len();
     }
 
     fn pending_in(&self, range: &KeyRange) -> bool {
@@ -160,6 +175,7 @@ impl<V: VersionsTable, L: LeaseTable> TxnView for View<'_, V, L> {
         limit: Option<usize>,
         count_only: bool,
     ) -> Result<(Vec<KeyValue>, i64)> {
+        self.fold_pending();
         if !self.pending_in(range) {
             let mut kvs = Vec::new();
             let count = scan_current(self.overlay, range, limit, count_only, |kv| kvs.push(kv));
@@ -211,7 +227,6 @@ impl<V: VersionsTable, L: LeaseTable> TxnView for View<'_, V, L> {
     }
 
     fn put(&mut self, kv: KeyValue, prev: Option<KeyValue>) -> Result<()> {
-        self.pending.insert(kv.key.clone(), Some(kv.clone()));
         self.events.push(Event {
             kind: EventKind::Put,
             kv,
@@ -221,7 +236,6 @@ impl<V: VersionsTable, L: LeaseTable> TxnView for View<'_, V, L> {
     }
 
     fn delete(&mut self, prev: KeyValue, rev: Revision) -> Result<()> {
-        self.pending.insert(prev.key.clone(), None);
         let kv = KeyValue {
             key: prev.key.clone(),
             mod_revision: rev,
