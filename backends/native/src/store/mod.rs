@@ -314,8 +314,8 @@ impl Store {
         let mut compacted = false;
         let new_revs = open.with_dependent_mut(|_, tables| -> Result<(Revision, Revision)> {
             let mut t = Tables::new(tables, self);
-            let mut rev = read_i64(&*t.meta, M_REVISION)?;
-            let mut compact = read_i64(&*t.meta, M_COMPACT)?;
+            let mut rev = read_i64(&t.tables.meta, M_REVISION)?;
+            let mut compact = read_i64(&t.tables.meta, M_COMPACT)?;
             let mut last = None;
             let mut membership = None;
             for entry in entries {
@@ -340,19 +340,19 @@ impl Store {
                 };
                 results.push(result);
             }
-            t.meta
+            t.tables.meta
                 .insert(M_REVISION, enc_i64(rev).as_slice())
                 .map_err(db_err)?;
-            t.meta
+            t.tables.meta
                 .insert(M_COMPACT, enc_i64(compact).as_slice())
                 .map_err(db_err)?;
             let applied = postcard::to_allocvec(&last).map_err(db_err)?;
-            t.meta
+            t.tables.meta
                 .insert(M_APPLIED, applied.as_slice())
                 .map_err(db_err)?;
             if let Some(m) = membership {
                 let m = postcard::to_allocvec(&m).map_err(db_err)?;
-                t.meta.insert(M_MEMBERSHIP, m.as_slice()).map_err(db_err)?;
+                t.tables.meta.insert(M_MEMBERSHIP, m.as_slice()).map_err(db_err)?;
             }
             Ok((rev, compact))
         })?;
@@ -716,31 +716,16 @@ struct Tables<'a, 't> {
     overlay: &'a RwLock<Overlay>,
     index: &'a RwLock<KeyIndex>,
     revision: &'a AtomicI64,
-    versions: &'a mut redb::Table<'t, (u64, u32), &'static [u8]>,
-    leases: &'a mut redb::Table<'t, i64, i64>,
-    lease_keys: &'a mut redb::Table<'t, (i64, &'static [u8]), ()>,
-    docs: &'a mut redb::Table<'t, &'static str, &'static [u8]>,
-    meta: &'a mut redb::Table<'t, &'static str, &'static [u8]>,
+    tables: &'a mut OpenTables<'t>,
 }
 
 impl<'a, 't> Tables<'a, 't> {
-    fn new(open: &'a mut OpenTables<'t>, store: &'a Store) -> Self {
-        let OpenTables {
-            versions,
-            leases,
-            lease_keys,
-            docs,
-            meta,
-        } = open;
+    fn new(tables: &'a mut OpenTables<'t>, store: &'a Store) -> Self {
         Tables {
             overlay: &store.overlay,
             index: &store.index,
             revision: &store.revision,
-            versions,
-            leases,
-            lease_keys,
-            docs,
-            meta,
+            tables,
         }
     }
 
@@ -793,6 +778,7 @@ impl<'a, 't> Tables<'a, 't> {
                 value,
             } => {
                 let current = self
+                    .tables
                     .docs
                     .get(name.as_str())
                     .map_err(db_err)?
@@ -802,7 +788,7 @@ impl<'a, 't> Tables<'a, 't> {
                 }
                 let mut rec = (expected + 1).to_le_bytes().to_vec();
                 rec.extend_from_slice(&value);
-                self.docs
+                self.tables.docs
                     .insert(name.as_str(), rec.as_slice())
                     .map_err(db_err)?;
                 Ok((CommandResult::DocPut(Some(expected + 1)), Vec::new()))
@@ -826,10 +812,10 @@ impl<'a, 't> Tables<'a, 't> {
                 ))
             }
             Command::LeaseGrant { id, ttl } => {
-                if self.leases.get(id).map_err(db_err)?.is_some() {
+                if self.tables.leases.get(id).map_err(db_err)?.is_some() {
                     return Ok((CommandResult::Err(BackendError::LeaseExists), Vec::new()));
                 }
-                self.leases.insert(id, ttl).map_err(db_err)?;
+                self.tables.leases.insert(id, ttl).map_err(db_err)?;
                 lease_changes.push(LeaseChange::Granted(id, ttl));
                 Ok((
                     CommandResult::LeaseGrant(LeaseGrant {
@@ -841,11 +827,12 @@ impl<'a, 't> Tables<'a, 't> {
                 ))
             }
             Command::LeaseRevoke { id } => {
-                if self.leases.get(id).map_err(db_err)?.is_none() {
+                if self.tables.leases.get(id).map_err(db_err)?.is_none() {
                     return Ok((CommandResult::Err(BackendError::LeaseNotFound), Vec::new()));
                 }
                 let mut keys = Vec::new();
                 for item in self
+                    .tables
                     .lease_keys
                     .range::<(i64, &[u8])>((id, &[][..])..)
                     .map_err(db_err)?
@@ -875,7 +862,7 @@ impl<'a, 't> Tables<'a, 't> {
                     *rev += 1;
                     vec![self.write_events(*rev, events)?]
                 };
-                self.leases.remove(id).map_err(db_err)?;
+                self.tables.leases.remove(id).map_err(db_err)?;
                 lease_changes.push(LeaseChange::Revoked(id));
                 Ok((CommandResult::LeaseRevoke(*rev), batch))
             }
@@ -890,8 +877,8 @@ impl<'a, 't> Tables<'a, 't> {
         ViewTables {
             overlay,
             index: self.index,
-            versions: &*self.versions,
-            leases: &*self.leases,
+            versions: &self.tables.versions,
+            leases: &self.tables.leases,
         }
     }
 
@@ -903,7 +890,7 @@ impl<'a, 't> Tables<'a, 't> {
             let key = ev.kv.key.as_slice();
             if let Some(prev) = &ev.prev_kv {
                 if prev.lease != 0 {
-                    self.lease_keys.remove((prev.lease, key)).map_err(db_err)?;
+                    self.tables.lease_keys.remove((prev.lease, key)).map_err(db_err)?;
                 }
             }
             let sub = sub as u32;
@@ -911,7 +898,7 @@ impl<'a, 't> Tables<'a, 't> {
                 EventKind::Put => {
                     let rec = encode_kv(&ev.kv);
                     if ev.kv.lease != 0 {
-                        self.lease_keys
+                        self.tables.lease_keys
                             .insert((ev.kv.lease, key), ())
                             .map_err(db_err)?;
                     }
@@ -919,7 +906,7 @@ impl<'a, 't> Tables<'a, 't> {
                 }
                 EventKind::Delete => encode_tombstone(rev),
             };
-            insert_version(self.versions, key, rev as u64, sub, &rec)?;
+            insert_version(&mut self.tables.versions, key, rev as u64, sub, &rec)?;
             records.push(rec.into_boxed_slice());
         }
         // Readers see the live records, the rows and the revision change together; index
