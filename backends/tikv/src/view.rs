@@ -363,12 +363,14 @@ impl View {
         if keys.is_empty() {
             return Ok(());
         }
-        let wanted = keys.to_vec();
-        let mut found = self.rt.block_on(self.reader.batch_get(wanted.clone()))?;
-        for k in wanted {
-            let v = found.remove(&k);
-            self.known.insert(k, v);
+        let found = self.rt.block_on(self.reader.batch_get(keys.to_vec()))?;
+        // The keys found come back owned; only the missing ones are copied again.
+        for k in keys {
+            if !found.contains_key(k) {
+                self.known.insert(k.clone(), None);
+            }
         }
+        self.known.extend(found.into_iter().map(|(k, v)| (k, Some(v))));
         Ok(())
     }
 
