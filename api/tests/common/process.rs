@@ -33,15 +33,18 @@ pub struct Starting {
     cairn: Cairn,
     ready: std::sync::mpsc::Receiver<()>,
     args: Vec<String>,
+    /// Its stderr so far, for the message when it does not become ready.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Starting {
     /// Waits for etcd's second readiness line.
-    pub fn ready(self) -> Cairn {
-        let args = &self.args;
-        self.ready
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("cairn {args:?} did not become ready"));
+    pub fn ready(mut self) -> Cairn {
+        if self.ready.recv_timeout(Duration::from_secs(60)).is_err() {
+            let status = self.cairn.child.try_wait();
+            let log = self.log.lock().unwrap().join("\n");
+            panic!("cairn {:?} did not become ready (exit: {status:?}); its stderr:\n{log}", self.args);
+        }
         self.cairn
     }
 }
@@ -67,9 +70,14 @@ pub fn spawn(name: &str, args: &[&str]) -> Starting {
         .expect("spawn cairn");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = log.clone();
     std::thread::spawn(move || {
         let mut ready = 0;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if ready < 2 {
+                kept.lock().unwrap().push(line.clone());
+            }
             if line.contains("published") || line.contains("enabled capabilities for version") {
                 ready += 1;
                 if ready == 2 {
@@ -82,6 +90,7 @@ pub fn spawn(name: &str, args: &[&str]) -> Starting {
         cairn: Cairn { child, endpoint },
         ready: rx,
         args: args.iter().map(|a| a.to_string()).collect(),
+        log,
     }
 }
 
