@@ -42,7 +42,7 @@ use tonic::client::Grpc;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::service::Routes;
 use tonic::{Code, Status};
-use tonic_prost::ProstCodec;
+use cairn_proto::codec::Codec;
 
 use crate::metrics::Metrics;
 
@@ -384,7 +384,7 @@ where
     };
     let result = async {
         let mut grpc = client(routes).await?;
-        grpc.unary(request(call.metadata, msg), PathAndQuery::from_static(path), ProstCodec::<Req, Resp>::default())
+        grpc.unary(request(call.metadata, msg), PathAndQuery::from_static(path), Codec::<Req, Resp>::default())
             .await
     }
     .await;
@@ -411,7 +411,7 @@ where
         grpc.server_streaming(
             request(call.metadata, msg),
             PathAndQuery::from_static(path),
-            ProstCodec::<Req, Resp>::default(),
+            Codec::<Req, Resp>::default(),
         )
         .await
     }
@@ -441,7 +441,7 @@ where
         grpc.streaming(
             request(call.metadata, futures::stream::iter(msgs)),
             PathAndQuery::from_static(path),
-            ProstCodec::<Req, Resp>::default(),
+            Codec::<Req, Resp>::default(),
         )
         .await
     }

@@ -18,6 +18,8 @@
 
 #![allow(clippy::all, clippy::pedantic)]
 
+pub mod codec;
+
 /// etcd's `mvccpb` package: stored key-values and watch events.
 pub mod mvccpb {
     tonic::include_proto!("mvccpb");
