@@ -451,6 +451,12 @@ impl NativeBackend {
         if !self.replicated() {
             return self.proposer.propose(cmd).await;
         }
+        // Boxed: the peer call and the timers make this future large, and every request's
+        // future that awaits this one would carry that size on a single node too.
+        Box::pin(self.propose_replicated(cmd)).await
+    }
+
+    async fn propose_replicated(&self, cmd: Command) -> Result<(CommandResult, u64)> {
         let deadline = Instant::now() + self.request_timeout;
         loop {
             let (leader, addr) = self.wait_leader(deadline).await?;
@@ -494,6 +500,11 @@ impl NativeBackend {
         if !self.replicated() {
             return Ok(());
         }
+        // Boxed for the reason given in `propose_indexed`.
+        Box::pin(self.read_barrier_replicated()).await
+    }
+
+    async fn read_barrier_replicated(&self) -> Result<()> {
         let deadline = Instant::now() + self.request_timeout;
         loop {
             let (leader, addr) = self.wait_leader(deadline).await?;
