@@ -36,12 +36,16 @@ pub const M_MEMBERSHIP: &str = "membership";
 /// A version record: `create | mod | version | lease` (i64 LE each) then the value.
 pub fn encode_kv(kv: &KeyValue) -> Vec<u8> {
     let mut out = Vec::with_capacity(32 + kv.value.len());
+    append_kv(&mut out, kv);
+    out
+}
+
+fn append_kv(out: &mut Vec<u8>, kv: &KeyValue) {
     out.extend_from_slice(&kv.create_revision.to_le_bytes());
     out.extend_from_slice(&kv.mod_revision.to_le_bytes());
     out.extend_from_slice(&kv.version.to_le_bytes());
     out.extend_from_slice(&kv.lease.to_le_bytes());
     out.extend_from_slice(&kv.value);
-    out
 }
 
 /// The tombstone record of a delete at `rev`.
@@ -81,6 +85,26 @@ pub fn encode_version(key: &[u8], rec: &[u8]) -> Vec<u8> {
     out.extend_from_slice(key);
     out.extend_from_slice(rec);
     out
+}
+
+/// Writes into `out` (emptied first) the VERSIONS row of `kv`, a tombstone at `rev` when `kv`
+/// is `None`, and returns where its record starts.
+pub fn encode_version_into(out: &mut Vec<u8>, key: &[u8], kv: Option<&KeyValue>, rev: i64) -> usize {
+    out.clear();
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(key);
+    let at = out.len();
+    match kv {
+        Some(kv) => append_kv(out, kv),
+        None => append_kv(
+            out,
+            &KeyValue {
+                mod_revision: rev,
+                ..Default::default()
+            },
+        ),
+    }
+    at
 }
 
 /// The key and the record of a VERSIONS row.

@@ -38,7 +38,7 @@ use tokio::sync::broadcast;
 
 pub(crate) use codec::*;
 use index::KeyIndex;
-use overlay::Overlay;
+use overlay::{Overlay, Record};
 pub(crate) use view::db_err;
 use view::{View, ViewTables};
 
@@ -130,6 +130,8 @@ struct OpenTables<'t> {
     lease_keys: redb::Table<'t, (i64, &'static [u8]), ()>,
     docs: redb::Table<'t, &'static str, &'static [u8]>,
     meta: redb::Table<'t, &'static str, &'static [u8]>,
+    /// Where an apply encodes each VERSIONS row (kept, so that its allocation is reused).
+    row: Vec<u8>,
 }
 
 impl<'t> OpenTables<'t> {
@@ -140,6 +142,7 @@ impl<'t> OpenTables<'t> {
             lease_keys: txn.open_table(LEASE_KEYS).map_err(db_err)?,
             docs: txn.open_table(DOCS).map_err(db_err)?,
             meta: txn.open_table(META).map_err(db_err)?,
+            row: Vec::new(),
         })
     }
 }
@@ -893,21 +896,18 @@ impl<'a, 't> Tables<'a, 't> {
                     self.tables.lease_keys.remove((prev.lease, key)).map_err(db_err)?;
                 }
             }
-            let sub = sub as u32;
-            let rec = match ev.kind {
-                EventKind::Put => {
-                    let rec = encode_kv(&ev.kv);
-                    if ev.kv.lease != 0 {
-                        self.tables.lease_keys
-                            .insert((ev.kv.lease, key), ())
-                            .map_err(db_err)?;
-                    }
-                    rec
-                }
-                EventKind::Delete => encode_tombstone(rev),
-            };
-            insert_version(&mut self.tables.versions, key, rev as u64, sub, &rec)?;
-            records.push(rec.into_boxed_slice());
+            let put = ev.kind == EventKind::Put;
+            if put && ev.kv.lease != 0 {
+                self.tables.lease_keys
+                    .insert((ev.kv.lease, key), ())
+                    .map_err(db_err)?;
+            }
+            let t = &mut *self.tables;
+            let at = encode_version_into(&mut t.row, key, put.then_some(&ev.kv), rev);
+            t.versions
+                .insert((rev as u64, sub as u32), t.row.as_slice())
+                .map_err(db_err)?;
+            records.push(Record::from(&t.row[at..]));
         }
         // Readers see the live records, the rows and the revision change together; index
         // readers skip versions above the revision they read at.

@@ -23,20 +23,25 @@
 //! copies are identical.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use cairn_backend::{Event, EventKind, KeyRange};
 
 use super::codec::encode_tombstone;
 use super::index::bounds;
 
+/// A version's record (see codec.rs), shared by the live map and the history rows.
+pub(crate) type Record = Arc<[u8]>;
+
 /// The newest record of each live key.
-pub(crate) type Live = BTreeMap<Vec<u8>, Box<[u8]>>;
+pub(crate) type Live = BTreeMap<Vec<u8>, Record>;
 
 #[derive(Default)]
 pub(crate) struct Overlay {
     live: Live,
-    /// (key, mod revision) -> record (a tombstone for a delete), applied since the last commit.
-    history: BTreeMap<(Vec<u8>, u64), Box<[u8]>>,
+    /// (revision, sub-revision) -> record (a tombstone for a delete), applied since the last
+    /// commit: VERSIONS' own key, so a lookup compares two integers, not key bytes.
+    history: BTreeMap<(u64, u32), Record>,
 }
 
 impl Overlay {
@@ -65,7 +70,7 @@ impl Overlay {
     pub fn live_in<'a>(
         &'a self,
         range: &'a KeyRange,
-    ) -> impl Iterator<Item = (&'a Vec<u8>, &'a Box<[u8]>)> + 'a {
+    ) -> impl Iterator<Item = (&'a Vec<u8>, &'a Record)> + 'a {
         bounds(range)
             .into_iter()
             .flat_map(|b| self.live.range::<[u8], _>(b))
@@ -86,13 +91,14 @@ impl Overlay {
     }
 
     /// Adds what one applied revision wrote: `records` holds each event's record (a put's
-    /// encoded key-value, a delete's tombstone), in the order of `events`.
-    pub fn record(&mut self, rev: i64, events: &[Event], records: Vec<Box<[u8]>>) {
-        for (ev, rec) in events.iter().zip(records) {
+    /// encoded key-value, a delete's tombstone), in the order of `events` (their sub-revisions).
+    pub fn record(&mut self, rev: i64, events: &[Event], records: Vec<Record>) {
+        for (sub, (ev, rec)) in events.iter().zip(records).enumerate() {
             let key = &ev.kv.key;
+            let at = (rev as u64, sub as u32);
             match ev.kind {
                 EventKind::Put => {
-                    self.history.insert((key.clone(), rev as u64), rec.clone());
+                    self.history.insert(at, rec.clone());
                     match self.live.get_mut(key.as_slice()) {
                         Some(r) => *r = rec,
                         None => {
@@ -103,14 +109,15 @@ impl Overlay {
                 EventKind::Delete => {
                     self.live.remove(key.as_slice());
                     debug_assert_eq!(&rec[..], &encode_tombstone(rev)[..]);
-                    self.history.insert((key.clone(), rev as u64), rec);
+                    self.history.insert(at, rec);
                 }
             }
         }
     }
 
-    /// The record of the version (key, revision) `at`, when it is applied but not committed.
-    pub fn history_record(&self, at: &(Vec<u8>, u64)) -> Option<&[u8]> {
-        self.history.get(at).map(|v| &v[..])
+    /// The record of the version at (revision, sub-revision) `at`, when it is applied but not
+    /// committed.
+    pub fn history_record(&self, at: (u64, u32)) -> Option<&[u8]> {
+        self.history.get(&at).map(|v| &v[..])
     }
 }

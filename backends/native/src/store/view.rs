@@ -149,13 +149,12 @@ pub(crate) fn scan_history<V: VersionsTable>(
     // The index lock is held only to list the versions, not while reading their rows.
     let (found, count) = index.read().live_at(range, rev, limit, count_only)?;
     for (key, (r, entry)) in found {
-        let at = (key, r);
-        if let Some(rec) = ov.history_record(&at) {
-            visit(decode_kv(&at.0, rec, true));
+        if let Some(rec) = ov.history_record((r, index_sub(entry))) {
+            visit(decode_kv(&key, rec, true));
             continue;
         }
         let row = version_record(versions, r, entry)?;
-        visit(decode_kv(&at.0, decode_version(row.value()).1, true));
+        visit(decode_kv(&key, decode_version(row.value()).1, true));
     }
     Ok(count)
 }
