@@ -12,7 +12,6 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::Connected;
 
@@ -37,63 +36,94 @@ enum Mode {
 pub struct AuthorityFix<S> {
     inner: S,
     mode: Mode,
-    /// Bytes read from `inner` but not yet released (an incomplete frame).
-    pending: BytesMut,
-    /// Bytes ready for the reader.
-    ready: BytesMut,
+    /// Bytes read from `inner` are `buf[start..end]`; the reader may have `buf[start..checked]`.
+    /// Reads land in `buf` directly (allocated and zeroed once, grown only for a header frame
+    /// longer than it), so a read costs one copy, into the reader's buffer.
+    buf: Vec<u8>,
+    start: usize,
+    checked: usize,
+    end: usize,
+    /// Payload bytes still to come of a frame that needs no fix (only header blocks do), which
+    /// go to the reader as they arrive.
+    skip: usize,
 }
+
+/// Initial size of a connection's read buffer: a full frame at h2's default maximum size.
+const BUF_SIZE: usize = FRAME_HEADER + 16 * 1024;
 
 impl<S> AuthorityFix<S> {
     pub fn new(inner: S) -> Self {
-        Self { inner, mode: Mode::Preface, pending: BytesMut::new(), ready: BytesMut::new() }
+        Self { inner, mode: Mode::Preface, buf: Vec::new(), start: 0, checked: 0, end: 0, skip: 0 }
     }
 
-    /// Moves complete units from `pending` to `ready`; false when more input is needed.
-    fn release(&mut self) -> bool {
+    /// Moves `checked` over the bytes that may go to the reader; false when more input is
+    /// needed first.
+    fn check(&mut self) -> bool {
+        let before = self.checked;
         match self.mode {
-            Mode::Raw => {
-                if self.pending.is_empty() {
-                    return false;
-                }
-                let all = self.pending.split();
-                self.ready.unsplit(all);
-                true
-            }
+            Mode::Raw => self.checked = self.end,
             Mode::Preface => {
-                let n = self.pending.len().min(PREFACE.len());
-                if self.pending[..n] != PREFACE[..n] {
+                let got = &self.buf[self.start..self.end];
+                let n = got.len().min(PREFACE.len());
+                if got[..n] != PREFACE[..n] {
                     self.mode = Mode::Raw;
-                    return true;
+                    self.checked = self.end;
+                } else if n == PREFACE.len() {
+                    self.checked += PREFACE.len();
+                    self.mode = Mode::Frames;
+                    self.check_frames();
                 }
-                if n < PREFACE.len() {
-                    return false;
-                }
-                let preface = self.pending.split_to(PREFACE.len());
-                self.ready.unsplit(preface);
-                self.mode = Mode::Frames;
-                true
             }
-            Mode::Frames => self.release_frame(),
+            Mode::Frames => self.check_frames(),
         }
+        self.checked > before
     }
 
-    fn release_frame(&mut self) -> bool {
-        if self.pending.len() < FRAME_HEADER {
-            return false;
-        }
-        let len = u32::from_be_bytes([0, self.pending[0], self.pending[1], self.pending[2]]) as usize;
-        if self.pending.len() < FRAME_HEADER + len {
-            return false;
-        }
-        let mut frame = self.pending.split_to(FRAME_HEADER + len);
-        let (kind, flags) = (frame[3], frame[4]);
-        if kind == TYPE_HEADERS || kind == TYPE_CONTINUATION {
-            if let Some(block) = header_block(&mut frame[FRAME_HEADER..], kind, flags) {
+    fn check_frames(&mut self) {
+        loop {
+            let n = self.skip.min(self.end - self.checked);
+            self.checked += n;
+            self.skip -= n;
+            if self.skip > 0 {
+                return;
+            }
+            let rest = &mut self.buf[self.checked..self.end];
+            if rest.len() < FRAME_HEADER {
+                return;
+            }
+            let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+            let (kind, flags) = (rest[3], rest[4]);
+            if kind != TYPE_HEADERS && kind != TYPE_CONTINUATION {
+                self.checked += FRAME_HEADER;
+                self.skip = len;
+                continue;
+            }
+            if rest.len() < FRAME_HEADER + len {
+                return;
+            }
+            if let Some(block) = header_block(&mut rest[FRAME_HEADER..FRAME_HEADER + len], kind, flags) {
                 patch_header_block(block);
             }
+            self.checked += FRAME_HEADER + len;
         }
-        self.ready.unsplit(frame);
-        true
+    }
+
+    /// Makes room after `end` for the next read.
+    fn make_room(&mut self) {
+        if self.start == self.end {
+            (self.start, self.checked, self.end) = (0, 0, 0);
+        }
+        if self.buf.is_empty() {
+            self.buf = vec![0; BUF_SIZE];
+        } else if self.end == self.buf.len() {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                (self.checked, self.end) = (self.checked - self.start, self.end - self.start);
+                self.start = 0;
+            } else {
+                self.buf.resize(self.buf.len() * 2, 0);
+            }
+        }
     }
 }
 
@@ -243,30 +273,31 @@ impl Bits {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
-            if !this.ready.is_empty() {
-                let n = this.ready.len().min(buf.remaining());
-                buf.put_slice(&this.ready[..n]);
-                this.ready.advance(n);
+            if this.checked > this.start {
+                let n = (this.checked - this.start).min(out.remaining());
+                out.put_slice(&this.buf[this.start..this.start + n]);
+                this.start += n;
                 return Poll::Ready(Ok(()));
             }
-            if this.release() {
+            if this.end > this.start && this.check() {
                 continue;
             }
-            let mut chunk = [0u8; 8192];
-            let mut rb = ReadBuf::new(&mut chunk);
+            this.make_room();
+            let mut rb = ReadBuf::new(&mut this.buf[this.end..]);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
-            if rb.filled().is_empty() {
+            let n = rb.filled().len();
+            if n == 0 {
                 // EOF: hand over whatever is left as it is.
                 this.mode = Mode::Raw;
-                if !this.release() {
-                    return Poll::Ready(Ok(()));
+                if this.check() {
+                    continue;
                 }
-                continue;
+                return Poll::Ready(Ok(()));
             }
-            this.pending.extend_from_slice(rb.filled());
+            this.end += n;
         }
     }
 }
@@ -388,9 +419,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn stream_rewrites_headers_frames_only() {
-        use tokio::io::AsyncReadExt;
+    /// The preface, a HEADERS frame with `http://h:1` as its authority, a DATA frame holding
+    /// `http://x:1`, and another HEADERS frame.
+    fn wire() -> Vec<u8> {
         let block = literal_authority(b"http://h:1", false);
         let mut wire = PREFACE.to_vec();
         let mut headers = vec![0, 0, block.len() as u8, TYPE_HEADERS, 0x4, 0, 0, 0, 1];
@@ -398,12 +429,83 @@ mod tests {
         let data = [0, 0, 10, 0x0, 0, 0, 0, 0, 1, b'h', b't', b't', b'p', b':', b'/', b'/', b'x', b':', b'1'];
         wire.extend_from_slice(&headers);
         wire.extend_from_slice(&data);
-        let mut fixed = AuthorityFix::new(&wire[..]);
+        wire.extend_from_slice(&headers);
+        wire
+    }
+
+    /// Reads `input` through the fix, the underlying reads returning `chunk` bytes at most and
+    /// the reader asking for `want` at most.
+    async fn read_through(input: &[u8], chunk: usize, want: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let (client, server) = tokio::io::duplex(chunk);
+        let input = input.to_vec();
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut client = client;
+            for piece in input.chunks(chunk) {
+                client.write_all(piece).await.unwrap();
+            }
+        });
+        let mut fixed = AuthorityFix::new(server);
         let mut out = Vec::new();
-        fixed.read_to_end(&mut out).await.unwrap();
+        let mut buf = vec![0u8; want];
+        loop {
+            let n = fixed.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        writer.await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn stream_rewrites_headers_frames_only() {
+        let wire = wire();
+        let out = read_through(&wire, 64 * 1024, 64 * 1024).await;
         assert_eq!(out.len(), wire.len());
         let s = String::from_utf8_lossy(&out);
-        assert!(s.contains("httpB--h:1"), "{s}");
-        assert!(s.ends_with("http://x:1"), "DATA frames are not touched");
+        assert_eq!(s.matches("httpB--h:1").count(), 2, "{s}");
+        assert!(s.contains("http://x:1"), "DATA frames are not touched");
+    }
+
+    #[tokio::test]
+    async fn frames_split_across_reads_come_out_the_same() {
+        let wire = wire();
+        let whole = read_through(&wire, 64 * 1024, 64 * 1024).await;
+        for (chunk, want) in [(1, 1), (1, 100), (7, 3), (13, 1000), (100, 5)] {
+            assert_eq!(read_through(&wire, chunk, want).await, whole, "chunk {chunk}, read {want}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_header_frame_longer_than_the_buffer_is_fixed_too() {
+        let mut block = literal_authority(b"http://h:1", false);
+        // A literal header without indexing, new name "x" with a 3 * BUF_SIZE value, before
+        // the authority; its length as an HPACK integer with a 7-bit prefix.
+        let long = 3 * BUF_SIZE;
+        let mut filler = vec![0x00, 0x01, b'x', 0x7f];
+        let mut v = long - 127;
+        while v >= 128 {
+            filler.push((v % 128) as u8 | 0x80);
+            v /= 128;
+        }
+        filler.push(v as u8);
+        filler.resize(filler.len() + long, b'a');
+        filler.append(&mut block);
+        let len = filler.len();
+        let mut wire = PREFACE.to_vec();
+        wire.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, TYPE_HEADERS, 0x4, 0, 0, 0, 1]);
+        wire.extend_from_slice(&filler);
+        let out = read_through(&wire, 4096, 1000).await;
+        assert_eq!(out.len(), wire.len());
+        assert!(out.ends_with(b"httpB--h:1"));
+    }
+
+    #[tokio::test]
+    async fn other_protocols_pass_through() {
+        let wire = b"GET /health HTTP/1.1\r\nHost: http://h:1\r\n\r\n".to_vec();
+        assert_eq!(read_through(&wire, 5, 7).await, wire);
     }
 }
