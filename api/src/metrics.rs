@@ -202,8 +202,14 @@ struct Inner {
     is_leader: IntGauge,
     leader_changes: IntCounter,
     last_leader: Mutex<Option<u64>>,
-    started: IntCounterVec,
-    handled: IntCounterVec,
+    /// Each of [`METHODS`]' `grpc_server_started_total` and its `grpc_server_handled_total` by
+    /// code (index: the gRPC code), looked up once here rather than by labels on each call.
+    calls: Vec<CallCounters>,
+}
+
+struct CallCounters {
+    started: IntCounter,
+    handled: Vec<IntCounter>,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -283,12 +289,13 @@ impl Metrics {
         r.register(Box::new(started.clone())).expect("unique metric name");
         r.register(Box::new(handled.clone())).expect("unique metric name");
         // go-grpc-prometheus's InitializeMetrics: every method and code starts at 0.
-        for (service, method, kind) in METHODS {
-            started.with_label_values(&[method, service, kind]);
-            for code in CODES {
-                handled.with_label_values(&[code, method, service, kind]);
-            }
-        }
+        let calls = METHODS
+            .iter()
+            .map(|(service, method, kind)| CallCounters {
+                started: started.with_label_values(&[method, service, kind]),
+                handled: CODES.iter().map(|code| handled.with_label_values(&[code, method, service, kind])).collect(),
+            })
+            .collect();
         Self {
             inner: Arc::new(Inner {
                 registry: r,
@@ -305,8 +312,7 @@ impl Metrics {
                 is_leader,
                 leader_changes,
                 last_leader: Mutex::new(None),
-                started,
-                handled,
+                calls,
             }),
         }
     }
@@ -326,9 +332,9 @@ impl Metrics {
     /// no known method.
     pub fn grpc_call(&self, path: &str) -> Option<GrpcCall> {
         let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-        let (service, method, kind) = *METHODS.iter().find(|(s, m, _)| *s == service && *m == method)?;
-        self.inner.started.with_label_values(&[method, service, kind]).inc();
-        Some(GrpcCall { metrics: self.clone(), labels: [service, method, kind] })
+        let at = METHODS.iter().position(|(s, m, _)| *s == service && *m == method)?;
+        self.inner.calls[at].started.inc();
+        Some(GrpcCall { metrics: self.clone(), method: at })
     }
 
     /// The text exposition, with the backend-derived gauges read now.
@@ -359,13 +365,14 @@ impl Metrics {
 /// One gRPC call being counted; records `grpc_server_handled_total` once.
 pub struct GrpcCall {
     metrics: Metrics,
-    labels: [&'static str; 3],
+    /// Index in [`METHODS`].
+    method: usize,
 }
 
 impl GrpcCall {
-    fn finish(self, code: &str) {
-        let [service, method, kind] = self.labels;
-        self.metrics.inner.handled.with_label_values(&[code, method, service, kind]).inc();
+    /// `code`: the gRPC code, an index in [`CODES`].
+    fn finish(self, code: usize) {
+        self.metrics.inner.calls[self.method].handled[code].inc();
     }
 
     /// Records the call from its response: a `grpc-status` in the headers (trailers-only
@@ -373,19 +380,24 @@ impl GrpcCall {
     /// body is dropped before them.
     pub fn wrap(self, resp: http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> {
         if let Some(code) = resp.headers().get("grpc-status") {
-            self.finish(code_name(code.as_bytes()));
+            self.finish(code_index(code.as_bytes()));
             return resp;
         }
         resp.map(|body| tonic::body::Body::new(MeteredBody { inner: body, call: Some(self) }))
     }
 }
 
-fn code_name(status: &[u8]) -> &'static str {
+const CODE_OK: usize = 0;
+const CODE_CANCELED: usize = 1;
+const CODE_UNKNOWN: usize = 2;
+
+/// The gRPC code of a `grpc-status` value (an index in [`CODES`]); `Unknown` when it is none.
+fn code_index(status: &[u8]) -> usize {
     std::str::from_utf8(status)
         .ok()
         .and_then(|s| s.parse::<usize>().ok())
-        .and_then(|i| CODES.get(i))
-        .unwrap_or(&"Unknown")
+        .filter(|&i| i < CODES.len())
+        .unwrap_or(CODE_UNKNOWN)
 }
 
 struct MeteredBody {
@@ -396,7 +408,7 @@ struct MeteredBody {
 impl Drop for MeteredBody {
     fn drop(&mut self) {
         if let Some(call) = self.call.take() {
-            call.finish("Canceled");
+            call.finish(CODE_CANCELED);
         }
     }
 }
@@ -410,15 +422,15 @@ impl http_body::Body for MeteredBody {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(code) = frame.trailers_ref().and_then(|t| t.get("grpc-status")) {
-                    let name = code_name(code.as_bytes());
+                    let code = code_index(code.as_bytes());
                     if let Some(call) = self.call.take() {
-                        call.finish(name);
+                        call.finish(code);
                     }
                 }
             }
             Poll::Ready(None) => {
                 if let Some(call) = self.call.take() {
-                    call.finish("OK");
+                    call.finish(CODE_OK);
                 }
             }
             _ => {}
@@ -469,8 +481,11 @@ mod tests {
 
     #[test]
     fn grpc_status_names_are_grpc_gos() {
-        assert_eq!(code_name(b"1"), "Canceled");
-        assert_eq!(code_name(b"16"), "Unauthenticated");
-        assert_eq!(code_name(b"x"), "Unknown");
+        assert_eq!(CODES[code_index(b"0")], "OK");
+        assert_eq!(CODES[code_index(b"1")], "Canceled");
+        assert_eq!(CODES[code_index(b"2")], "Unknown");
+        assert_eq!(CODES[code_index(b"16")], "Unauthenticated");
+        assert_eq!(CODES[code_index(b"17")], "Unknown");
+        assert_eq!(CODES[code_index(b"x")], "Unknown");
     }
 }
