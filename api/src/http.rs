@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use cairn_backend::{Backend, KeyRange, RangeRequest};
+use cairn_proto::etcdserverpb::kv_server::KvServer;
 use cairn_proto::etcdserverpb::AlarmType;
 use futures::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode};
@@ -23,6 +24,7 @@ use crate::alarms::Alarms;
 use crate::auth::AuthStore;
 use crate::conn::ConnInfo;
 use crate::gateway::{with_cors, Gateway};
+use crate::kv::KvService;
 use crate::metrics::Metrics;
 
 /// What the endpoints need to answer.
@@ -38,7 +40,13 @@ pub struct HttpState {
     /// certificate names a user (the gateway would not use it).
     pub auth: Arc<AuthStore>,
     pub client_cert_auth: bool,
+    /// The KV service, also among the gRPC routes: its calls (the bulk of a server's) go to it
+    /// straight from here, without the router's per-call boxing and service clone.
+    pub kv: KvServer<KvService>,
 }
+
+/// The path prefix of the KV service's methods.
+const KV_PREFIX: &str = "/etcdserverpb.KV/";
 
 #[derive(Clone)]
 pub struct HttpEndpointsLayer {
@@ -75,7 +83,7 @@ where
     S: Service<Request<B>, Response = Response<Body>> + Send + 'static,
     S::Future: Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: std::fmt::Display,
+    B::Error: std::fmt::Display + Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
     type Response = Response<Body>;
     type Error = S::Error;
@@ -92,6 +100,17 @@ where
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         if is_grpc {
             let call = self.state.metrics.grpc_call(req.uri().path());
+            if req.uri().path().starts_with(KV_PREFIX) {
+                // (a generated server is always ready: its poll_ready returns Ready at once)
+                let answer = self.state.kv.clone().call(req);
+                return Box::pin(async move {
+                    let resp = answer.await.unwrap_or_else(|never| match never {});
+                    Ok(match call {
+                        Some(call) => call.wrap(resp),
+                        None => resp,
+                    })
+                });
+            }
             let answer = self.inner.call(req);
             return Box::pin(async move {
                 let resp = answer.await?;

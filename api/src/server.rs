@@ -239,7 +239,8 @@ impl Server {
         let watch = WatchService::new(backend.clone(), header.clone(), watch_cfg).with_auth(guard.clone());
         // One set of service instances behind gRPC, the JSON gateway and Lock/Election (which
         // call KV, Lease and Watch in-process, as etcd's v3lock/v3election do).
-        let core = Routes::new(KvServer::new(kv).max_decoding_message_size(max_decode))
+        let kv = KvServer::new(kv).max_decoding_message_size(max_decode);
+        let core = Routes::new(kv.clone())
             .add_service(WatchServer::new(watch).max_decoding_message_size(max_decode))
             .add_service(LeaseServer::new(lease).max_decoding_message_size(max_decode));
         let routes = core
@@ -259,6 +260,7 @@ impl Server {
             metrics,
             auth: self.auth.clone(),
             client_cert_auth: cfg.client_tls.client_cert_auth,
+            kv,
         });
         let http = HttpEndpointsLayer::shared(http_state.clone());
         let router = tonic::transport::Server::builder()
