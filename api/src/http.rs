@@ -100,25 +100,17 @@ where
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         if is_grpc {
             let call = self.state.metrics.grpc_call(req.uri().path());
+            let metered = |resp| match call {
+                Some(call) => call.wrap(resp),
+                None => resp,
+            };
             if req.uri().path().starts_with(KV_PREFIX) {
                 // (a generated server is always ready: its poll_ready returns Ready at once)
                 let answer = self.state.kv.clone().call(req);
-                return Box::pin(async move {
-                    let resp = answer.await.unwrap_or_else(|never| match never {});
-                    Ok(match call {
-                        Some(call) => call.wrap(resp),
-                        None => resp,
-                    })
-                });
+                return Box::pin(async move { Ok(metered(answer.await.unwrap_or_else(|never| match never {}))) });
             }
             let answer = self.inner.call(req);
-            return Box::pin(async move {
-                let resp = answer.await?;
-                Ok(match call {
-                    Some(call) => call.wrap(resp),
-                    None => resp,
-                })
-            });
+            return Box::pin(async move { Ok(metered(answer.await?)) });
         }
         let path = req.uri().path().to_string();
         let query = parse_query(req.uri().query().unwrap_or_default());
