@@ -50,10 +50,15 @@ fn append_kv(out: &mut Vec<u8>, kv: &KeyValue) {
 
 /// The tombstone record of a delete at `rev`.
 pub fn encode_tombstone(rev: i64) -> Vec<u8> {
-    encode_kv(&KeyValue {
+    encode_kv(&tombstone(rev))
+}
+
+/// What a tombstone record holds: the delete's revision, nothing else.
+fn tombstone(rev: i64) -> KeyValue {
+    KeyValue {
         mod_revision: rev,
         ..Default::default()
-    })
+    }
 }
 
 fn i64_at(b: &[u8], at: usize) -> i64 {
@@ -81,28 +86,25 @@ pub fn decode_kv(key: &[u8], b: &[u8], with_value: bool) -> KeyValue {
 /// A VERSIONS row: the key's length, the key, the record.
 pub fn encode_version(key: &[u8], rec: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + key.len() + rec.len());
-    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
-    out.extend_from_slice(key);
+    append_version_key(&mut out, key);
     out.extend_from_slice(rec);
     out
+}
+
+fn append_version_key(out: &mut Vec<u8>, key: &[u8]) {
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(key);
 }
 
 /// Writes into `out` (emptied first) the VERSIONS row of `kv`, a tombstone at `rev` when `kv`
 /// is `None`, and returns where its record starts.
 pub fn encode_version_into(out: &mut Vec<u8>, key: &[u8], kv: Option<&KeyValue>, rev: i64) -> usize {
     out.clear();
-    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
-    out.extend_from_slice(key);
+    append_version_key(out, key);
     let at = out.len();
     match kv {
         Some(kv) => append_kv(out, kv),
-        None => append_kv(
-            out,
-            &KeyValue {
-                mod_revision: rev,
-                ..Default::default()
-            },
-        ),
+        None => append_kv(out, &tombstone(rev)),
     }
     at
 }
