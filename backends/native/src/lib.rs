@@ -12,6 +12,7 @@
 //! linearizable reads on a follower go through the leader, lease keep-alives and expiry are the
 //! leader's, and every member applies the same log to its own store.
 
+mod feed;
 mod leases;
 mod log_store;
 mod network;
@@ -30,13 +31,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cairn_backend::{
-    quota, Backend, BackendError, BackendStatus, CompactResponse, FeedItem, FeedStream, HashKv,
+    quota, Backend, BackendError, BackendStatus, CompactResponse, FeedStream, HashKv,
     LeaseGrant, LeaseId, LeaseInfo, MemberChange, RangeRequest, RangeResponse, Result, Revision,
     TxnRequest, TxnResponse,
 };
 use openraft::{BasicNode, Config, SnapshotPolicy};
-use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::mpsc;
 
 use crate::log_store::LogStore;
 use crate::network::PeerNetwork;
@@ -965,9 +964,7 @@ impl Backend for NativeBackend {
             });
         }
         let next = if from <= 0 { cur + 1 } else { from };
-        let (tx, out) = mpsc::channel(64);
-        tokio::spawn(feed(self.store.clone(), rx, next, tx));
-        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)))
+        Ok(feed::stream(self.store.clone(), rx, next))
     }
 
     async fn current_revision(&self) -> Result<(Revision, Revision)> {
@@ -1134,96 +1131,6 @@ impl Backend for NativeBackend {
         {
             CommandResult::DocPut(v) => Ok(v),
             other => Err(unexpected(other)),
-        }
-    }
-}
-
-/// How long a feed stays quiet before it reports progress.
-const IDLE_PROGRESS: Duration = Duration::from_millis(500);
-
-/// One watcher's feed: history from the store up to the present, then live batches, never
-/// skipping or repeating a revision (see `Backend::watch`).
-async fn feed(
-    store: Arc<Store>,
-    mut rx: tokio::sync::broadcast::Receiver<Arc<cairn_backend::ChangeBatch>>,
-    mut next: Revision,
-    tx: mpsc::Sender<Result<FeedItem>>,
-) {
-    async fn catch_up(
-        store: &Arc<Store>,
-        next: &mut Revision,
-        upto: Revision,
-        tx: &mpsc::Sender<Result<FeedItem>>,
-    ) -> bool {
-        while *next <= upto {
-            let (_, compact) = store.current();
-            if *next < compact {
-                let _ = tx
-                    .send(Err(BackendError::Compacted {
-                        compact_revision: compact,
-                    }))
-                    .await;
-                return false;
-            }
-            let (s, from) = (store.clone(), *next);
-            let batches = match blocking(move || s.read_events(from, upto, 256)).await {
-                Ok(b) => b,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return false;
-                }
-            };
-            if batches.is_empty() {
-                *next = upto + 1;
-                break;
-            }
-            for b in batches {
-                *next = b.revision + 1;
-                if tx.send(Ok(FeedItem::Changes(Arc::new(b)))).await.is_err() {
-                    return false;
-                }
-            }
-        }
-        true
-    }
-
-    let (cur, _) = store.current();
-    if !catch_up(&store, &mut next, cur, &tx).await {
-        return;
-    }
-    if tx.send(Ok(FeedItem::Progress(next - 1))).await.is_err() {
-        return;
-    }
-    loop {
-        let item = tokio::select! {
-            item = rx.recv() => item,
-            _ = tx.closed() => return,
-            _ = tokio::time::sleep(IDLE_PROGRESS) => {
-                // Idle: tell the watcher how far it is synced, if nothing is in flight.
-                if store.current().0 == next - 1 && tx.send(Ok(FeedItem::Progress(next - 1))).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-        };
-        match item {
-            Ok(b) if b.revision < next => {}
-            Ok(b) => {
-                if b.revision > next && !catch_up(&store, &mut next, b.revision - 1, &tx).await {
-                    return;
-                }
-                next = b.revision + 1;
-                if tx.send(Ok(FeedItem::Changes(b))).await.is_err() {
-                    return;
-                }
-            }
-            Err(RecvError::Lagged(_)) => {
-                let (cur, _) = store.current();
-                if !catch_up(&store, &mut next, cur, &tx).await {
-                    return;
-                }
-            }
-            Err(RecvError::Closed) => return,
         }
     }
 }
