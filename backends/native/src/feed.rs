@@ -139,8 +139,7 @@ impl Feed {
                 return self.fail(BackendError::Compacted { compact_revision: compact });
             }
             let (s, from) = (self.store.clone(), self.next);
-            let read = tokio::task::spawn_blocking(move || s.read_events(from, upto, CATCH_UP_REVISIONS)).await;
-            match read.map_err(BackendError::internal).and_then(|r| r) {
+            match crate::blocking(move || s.read_events(from, upto, CATCH_UP_REVISIONS)).await {
                 Err(e) => return self.fail(e),
                 Ok(batches) if batches.is_empty() => self.next = upto + 1,
                 Ok(batches) => {
