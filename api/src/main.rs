@@ -19,7 +19,6 @@ use cairn_tikv::{TikvBackend, TikvOptions, TikvTls};
 use config::{split_urls, BackendKind, Flags, ParseExit};
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
     let loaded = match config::parse(std::env::args_os().collect()) {
         Ok(l) => l,
         Err(ParseExit::Message { text, code }) => {
@@ -385,21 +384,20 @@ async fn shutdown_signal() {
     }
 }
 
-/// Two glibc malloc arenas, unless MALLOC_ARENA_MAX says otherwise. By default glibc gives
-/// threads up to 8 arenas per core, and the runtime's worker and blocking threads fragment
-/// them: the peak RSS of a 256-client put run here was about 400 MB with the default, 150 MB
-/// with one arena (BENCHMARKS.md). One arena made the threads queue on its lock, though:
-/// replies are built on the raft thread and freed on the workers, and the other way round for
-/// requests, so at 16 clients most of the server's futex calls were malloc's lock. Two arenas:
-/// puts at 256 clients +15 % (server CPU per put 51-56 -> 45-47 us), peak RSS within a few MB
-/// of one arena's: at or below etcd's in every row of a full `cairn-bench compare` run, though
-/// one later 1-client put round peaked 6 MB above etcd's (BENCHMARKS.md, stop 19).
-#[allow(unsafe_code)]
-fn limit_malloc_arenas() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
-}
+/// The allocator: jemalloc, through tikv-jemallocator (TiKV's maintained fork of the
+/// jemallocator crate). Under 256 clients' puts glibc's malloc and free were about a tenth of the
+/// runtime workers' and the raft thread's CPU (requests are built on one thread and freed on
+/// another, and tonic's and hyper's per-request futures are over a kilobyte); jemalloc's thread
+/// caches took puts at 256 clients from 33.6-36.9k to 37.7-42.0k per second (BENCHMARKS.md,
+/// stop 23). mimalloc gave a similar gain but 8-30 MB more peak RSS (stop 19).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read before `main` (the `_RJEM_MALLOC_CONF` environment variable still
+/// overrides them). One arena: jemalloc's default of four per core cost 8 MB of peak RSS on a
+/// lone client's puts, more than etcd's; with one, a lone client's puts peak at or below
+/// glibc's. Freed pages go back to the system 100 ms after they are last used, and at once
+/// once they are purged lazily ("muzzy"), so a burst does not keep its peak.
+#[allow(non_upper_case_globals, unsafe_code)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8; 46] = b"narenas:1,dirty_decay_ms:100,muzzy_decay_ms:0\0";
