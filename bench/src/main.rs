@@ -185,6 +185,11 @@ fn params(
     }
 }
 
+/// jemalloc, as the server's: the load generator shares the machine's cores with the servers
+/// it measures, and glibc's malloc and free were a visible part of its CPU per request.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
