@@ -99,7 +99,7 @@ impl Drop for Store {
     /// committed, not synced: raft's log still has its entries if this is a crash.
     fn drop(&mut self) {
         if let Some(open) = self.writer.get_mut().txn.take() {
-            if let Err(e) = open.into_owner().commit() {
+            if let Err(e) = open.finish().and_then(|txn| txn.commit().map_err(db_err)) {
                 tracing::warn!(error = %e, "committing the state machine on close failed");
             }
         }
@@ -132,18 +132,63 @@ struct OpenTables<'t> {
     meta: redb::Table<'t, &'static str, &'static [u8]>,
     /// Where an apply encodes each VERSIONS row (kept, so that its allocation is reused).
     row: Vec<u8>,
+    /// The revision, compacted revision and last applied log id as of the last apply. They
+    /// go into META once, when the txn is committed ([`OpenTxn::finish`]), not with every
+    /// apply (three META inserts and an encode each time).
+    revision: Revision,
+    compact: Revision,
+    applied: Option<LogId>,
+    /// Whether an apply changed them since the txn was opened (`applied` stays unset until
+    /// an apply with entries).
+    moved: bool,
 }
 
 impl<'t> OpenTables<'t> {
     fn open(txn: &'t WriteTransaction) -> Result<Self> {
+        let meta = txn.open_table(META).map_err(db_err)?;
+        let revision = read_i64(&meta, M_REVISION)?;
+        let compact = read_i64(&meta, M_COMPACT)?;
         Ok(OpenTables {
             versions: txn.open_table(VERSIONS).map_err(db_err)?,
             leases: txn.open_table(LEASES).map_err(db_err)?,
             lease_keys: txn.open_table(LEASE_KEYS).map_err(db_err)?,
             docs: txn.open_table(DOCS).map_err(db_err)?,
-            meta: txn.open_table(META).map_err(db_err)?,
+            meta,
             row: Vec::new(),
+            revision,
+            compact,
+            applied: None,
+            moved: false,
         })
+    }
+
+    /// Writes what the applies since the txn was opened moved into META.
+    fn write_meta(&mut self) -> Result<()> {
+        if !self.moved {
+            return Ok(());
+        }
+        self.meta
+            .insert(M_REVISION, enc_i64(self.revision).as_slice())
+            .map_err(db_err)?;
+        self.meta
+            .insert(M_COMPACT, enc_i64(self.compact).as_slice())
+            .map_err(db_err)?;
+        if self.applied.is_some() {
+            let applied = postcard::to_allocvec(&self.applied).map_err(db_err)?;
+            self.meta
+                .insert(M_APPLIED, applied.as_slice())
+                .map_err(db_err)?;
+        }
+        self.moved = false;
+        Ok(())
+    }
+}
+
+impl OpenTxn {
+    /// The txn with everything its applies did written into it, ready to commit.
+    fn finish(mut self) -> Result<WriteTransaction> {
+        self.with_dependent_mut(|_, tables| tables.write_meta())?;
+        Ok(self.into_owner())
     }
 }
 
@@ -317,8 +362,8 @@ impl Store {
         let mut compacted = false;
         let new_revs = open.with_dependent_mut(|_, tables| -> Result<(Revision, Revision)> {
             let mut t = Tables::new(tables, self);
-            let mut rev = read_i64(&t.tables.meta, M_REVISION)?;
-            let mut compact = read_i64(&t.tables.meta, M_COMPACT)?;
+            let mut rev = t.tables.revision;
+            let mut compact = t.tables.compact;
             let mut last = None;
             let mut membership = None;
             for entry in entries {
@@ -343,16 +388,12 @@ impl Store {
                 };
                 results.push(result);
             }
-            t.tables.meta
-                .insert(M_REVISION, enc_i64(rev).as_slice())
-                .map_err(db_err)?;
-            t.tables.meta
-                .insert(M_COMPACT, enc_i64(compact).as_slice())
-                .map_err(db_err)?;
-            let applied = postcard::to_allocvec(&last).map_err(db_err)?;
-            t.tables.meta
-                .insert(M_APPLIED, applied.as_slice())
-                .map_err(db_err)?;
+            t.tables.revision = rev;
+            t.tables.compact = compact;
+            if last.is_some() {
+                t.tables.applied = last;
+            }
+            t.tables.moved = true;
             if let Some(m) = membership {
                 let m = postcard::to_allocvec(&m).map_err(db_err)?;
                 t.tables.meta.insert(M_MEMBERSHIP, m.as_slice()).map_err(db_err)?;
@@ -398,7 +439,7 @@ impl Store {
         let Some(open) = w.txn.take() else {
             return Ok(());
         };
-        let mut txn = open.into_owner();
+        let mut txn = open.finish()?;
         let sync = sync || self.last_sync.lock().elapsed() >= SYNC_EVERY;
         txn.set_durability(if sync {
             Durability::Immediate
@@ -1069,6 +1110,36 @@ mod tests {
         let reopened = Store::open(&dir.path().join("b.redb"), 1 << 20).unwrap();
         let got = range(&reopened, all, 0, 0, true);
         assert_eq!(got.count, model.len() as i64);
+    }
+
+    /// The revision and the last applied log id reach META when the open write txn is
+    /// committed (by a flush, or when the store closes), and a reopened store starts from them.
+    #[test]
+    fn revision_and_applied_id_outlive_a_reopen() {
+        for flush in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("s.redb");
+            let store = Store::open(&path, 1 << 20).unwrap();
+            let (start, _) = store.current();
+            for index in 1..=3u64 {
+                let op = RequestOp::Put(PutRequest {
+                    key: format!("k{index}").into_bytes(),
+                    value: b"v".to_vec(),
+                    ..Default::default()
+                });
+                let cmd = Command::Txn(TxnRequest::unconditional(vec![op]));
+                store.apply(vec![entry(index, cmd)]).unwrap();
+            }
+            assert_eq!(store.current().0, start + 3);
+            if flush {
+                store.flush().unwrap();
+            }
+            drop(store);
+            let reopened = Store::open(&path, 1 << 20).unwrap();
+            assert_eq!(reopened.current().0, start + 3, "flush: {flush}");
+            let applied = reopened.applied_state().unwrap().last_applied;
+            assert_eq!(applied.map(|l| l.index), Some(3), "flush: {flush}");
+        }
     }
 
     /// An etcd key space loads with its revisions into a fresh store only.
