@@ -26,7 +26,6 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
 use tonic::Streaming;
 
 use crate::keys::{self, NS_KV, NS_LIST, NS_OTHER, NS_WATCH};
@@ -152,7 +151,7 @@ pub async fn run(w: Workload, p: &Params) -> Result<Outcome> {
     let mut out = match w {
         Workload::Put => {
             let ops = build_ops(p.clients, |i| {
-                let kv = KvClient::new(channels[i % channels.len()].clone());
+                let kv = channels[i % channels.len()].kv();
                 let seed = p.seed.wrapping_add(i as u64);
                 let keyspace = p.keyspace;
                 async move {
@@ -171,7 +170,7 @@ pub async fn run(w: Workload, p: &Params) -> Result<Outcome> {
             preload_namespace(&channels, NS_KV, p.keyspace).await?;
             let serializable = w == Workload::RangeS;
             let ops = build_ops(p.clients, |i| {
-                let kv = KvClient::new(channels[i % channels.len()].clone());
+                let kv = channels[i % channels.len()].kv();
                 let seed = p.seed.wrapping_add(i as u64);
                 let keyspace = p.keyspace;
                 async move {
@@ -196,7 +195,7 @@ pub async fn run(w: Workload, p: &Params) -> Result<Outcome> {
                     .collect(),
             );
             let ops = build_ops(p.clients, |i| {
-                let kv = KvClient::new(channels[i % channels.len()].clone());
+                let kv = channels[i % channels.len()].kv();
                 let seed = p.seed.wrapping_add(i as u64);
                 let keyspace = p.keyspace;
                 let cache = revs.clone();
@@ -218,7 +217,7 @@ pub async fn run(w: Workload, p: &Params) -> Result<Outcome> {
         Workload::Lease | Workload::LeaseKeepAlive => {
             let keep_first = w == Workload::LeaseKeepAlive;
             let ops = build_ops(p.clients, |i| {
-                let lease = LeaseClient::new(channels[i % channels.len()].clone());
+                let lease = channels[i % channels.len()].lease();
                 async move { LeaseOp::open(lease, keep_first).await }
             })
             .await?;
@@ -228,7 +227,7 @@ pub async fn run(w: Workload, p: &Params) -> Result<Outcome> {
             preload_list_data(&channels).await?;
             let count = w == Workload::Count;
             let ops = build_ops(p.clients, |i| {
-                let kv = KvClient::new(channels[i % channels.len()].clone());
+                let kv = channels[i % channels.len()].kv();
                 async move { Ok(ListOp { kv, count }) }
             })
             .await?;
@@ -330,41 +329,80 @@ fn parse_vm_hwm(status: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// `n` connections, spread over `endpoints`.
+/// One HTTP/2 connection to a server, used as it is: each request goes straight to hyper's
+/// connection handle. tonic's `Channel` adds a buffer task in front of it (a channel send
+/// and a reply per request, to share one connection between callers), reconnection and
+/// header layers; in the load generator's profile at 256 clients that stack was about a
+/// fifth of its CPU, CPU the servers it measures share.
 ///
-/// Each connection writes through Cairn's [`Coalesce`]: requests that many clients send
-/// at once go out in one write, and a request's HEADERS and DATA frames in one, as Go's gRPC
-/// (etcd's clients, Kubernetes) buffers its writes until it has nothing more to send. With
-/// tonic's plain connection the load generator made two `writev`s per request, which cost it
-/// as much CPU as the server it measures on the same two cores.
-pub async fn connect(endpoints: &[String], n: usize) -> Result<Vec<Channel>> {
+/// It writes through Cairn's [`Coalesce`]: requests that many clients send at once go out in
+/// one write, and a request's HEADERS and DATA frames in one, as Go's gRPC (etcd's clients,
+/// Kubernetes) buffers its writes until it has nothing more to send. With tonic's plain
+/// connection the load generator made two `writev`s per request, which cost it as much CPU as
+/// the server it measures on the same two cores.
+#[derive(Clone)]
+pub struct Conn {
+    send: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
+    /// `http://host:port`: the scheme and authority of every request.
+    origin: http::Uri,
+}
+
+impl Conn {
+    pub fn kv(&self) -> KvClient<Conn> {
+        KvClient::with_origin(self.clone(), self.origin.clone())
+    }
+
+    pub fn lease(&self) -> LeaseClient<Conn> {
+        LeaseClient::with_origin(self.clone(), self.origin.clone())
+    }
+
+    pub fn watch(&self) -> WatchClient<Conn> {
+        WatchClient::with_origin(self.clone(), self.origin.clone())
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Conn {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, hyper::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), hyper::Error>> {
+        self.send.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.send.send_request(req))
+    }
+}
+
+/// `n` connections, spread over `endpoints` (`http://host:port`).
+pub async fn connect(endpoints: &[String], n: usize) -> Result<Vec<Conn>> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let ep = &endpoints[i % endpoints.len()];
-        let ch = Endpoint::from_shared(ep.clone())?
-            .connect_timeout(Duration::from_secs(5))
-            .connect_with_connector(coalesced_tcp())
+        let conn = tokio::time::timeout(Duration::from_secs(5), dial(ep))
             .await
+            .map_err(|_| anyhow::anyhow!("timed out"))
+            .and_then(|r| r)
             .with_context(|| format!("connecting to {ep}"))?;
-        out.push(ch);
+        out.push(conn);
     }
     Ok(out)
 }
 
-fn coalesced_tcp() -> impl tower::Service<
-    http::Uri,
-    Response = hyper_util::rt::TokioIo<Coalesce<tokio::net::TcpStream>>,
-    Error = std::io::Error,
-    Future = impl Send,
-> + Clone
-       + Send {
-    tower::service_fn(|uri: http::Uri| async move {
-        let host = uri.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']).to_string();
-        let port = uri.port_u16().unwrap_or(2379);
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-        tcp.set_nodelay(true)?;
-        Ok(hyper_util::rt::TokioIo::new(Coalesce::new(tcp)))
-    })
+async fn dial(endpoint: &str) -> Result<Conn> {
+    let origin: http::Uri = endpoint.parse()?;
+    let host = origin.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']).to_string();
+    let port = origin.port_u16().unwrap_or(2379);
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+    tcp.set_nodelay(true)?;
+    let io = hyper_util::rt::TokioIo::new(Coalesce::new(tcp));
+    let (send, connection) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .handshake(io)
+        .await?;
+    tokio::spawn(connection);
+    Ok(Conn { send, origin })
 }
 
 /// One client's operation in a closed loop.
@@ -501,7 +539,7 @@ fn status_text(s: tonic::Status) -> String {
 }
 
 struct PutOp {
-    kv: KvClient<Channel>,
+    kv: KvClient<Conn>,
     rng: SmallRng,
     keyspace: u64,
     value: Vec<u8>,
@@ -523,7 +561,7 @@ impl Op for PutOp {
 }
 
 struct RangeOp {
-    kv: KvClient<Channel>,
+    kv: KvClient<Conn>,
     rng: SmallRng,
     keyspace: u64,
     serializable: bool,
@@ -555,7 +593,7 @@ impl Op for RangeOp {
 /// clients raced on one key) the else-branch's get refreshes the cache, as the apiserver does
 /// before it retries.
 struct TxnOp {
-    kv: KvClient<Channel>,
+    kv: KvClient<Conn>,
     rng: SmallRng,
     keyspace: u64,
     value: Vec<u8>,
@@ -624,7 +662,7 @@ impl Op for TxnOp {
 }
 
 struct LeaseOp {
-    lease: LeaseClient<Channel>,
+    lease: LeaseClient<Conn>,
     tx: mpsc::Sender<LeaseKeepAliveRequest>,
     rx: Streaming<LeaseKeepAliveResponse>,
     /// `Some(id)`: keep this one lease alive (lease-keepalive); `None`: grant a new lease per op.
@@ -634,7 +672,7 @@ struct LeaseOp {
 impl LeaseOp {
     /// Grants a first lease and opens the keep-alive stream with it: gRPC servers may send the
     /// stream's headers only with the first response, so the stream opens with a request.
-    async fn open(mut lease: LeaseClient<Channel>, keep_first: bool) -> Result<LeaseOp> {
+    async fn open(mut lease: LeaseClient<Conn>, keep_first: bool) -> Result<LeaseOp> {
         let g = lease
             .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
             .await?
@@ -699,7 +737,7 @@ impl Op for LeaseOp {
 }
 
 struct ListOp {
-    kv: KvClient<Channel>,
+    kv: KvClient<Conn>,
     count: bool,
 }
 
@@ -751,9 +789,9 @@ impl Op for ListOp {
 // ---------------------------------------------------------------------------------------------
 // Preloading
 
-async fn count_namespace(ch: &Channel, ns: u8) -> Result<u64> {
+async fn count_namespace(ch: &Conn, ns: u8) -> Result<u64> {
     let (key, range_end) = keys::namespace_range(ns);
-    let r = KvClient::new(ch.clone())
+    let r = ch.kv()
         .range(RangeRequest {
             key,
             range_end,
@@ -767,7 +805,7 @@ async fn count_namespace(ch: &Channel, ns: u8) -> Result<u64> {
 
 /// Writes keys `0..n` of namespace `ns` (unless all are there already) in txns of 100 puts,
 /// 8 txns in flight.
-async fn preload_namespace(channels: &[Channel], ns: u8, n: u64) -> Result<()> {
+async fn preload_namespace(channels: &[Conn], ns: u8, n: u64) -> Result<()> {
     if count_namespace(&channels[0], ns).await? >= n {
         return Ok(());
     }
@@ -780,7 +818,7 @@ async fn preload_namespace(channels: &[Channel], ns: u8, n: u64) -> Result<()> {
     while next < n || !set.is_empty() {
         while next < n && set.len() < IN_FLIGHT {
             let end = (next + BATCH).min(n);
-            let mut kv = KvClient::new(channels[i % channels.len()].clone());
+            let mut kv = channels[i % channels.len()].kv();
             i += 1;
             let range = next..end;
             set.spawn(async move {
@@ -818,15 +856,15 @@ async fn preload_namespace(channels: &[Channel], ns: u8, n: u64) -> Result<()> {
 }
 
 /// The list data set: 10k keys under the listed prefix and 90k others.
-async fn preload_list_data(channels: &[Channel]) -> Result<()> {
+async fn preload_list_data(channels: &[Conn]) -> Result<()> {
     preload_namespace(channels, NS_LIST, LIST_PREFIX_KEYS).await?;
     preload_namespace(channels, NS_OTHER, LIST_TOTAL_KEYS - LIST_PREFIX_KEYS).await
 }
 
 /// Each key's current mod_revision, by index (keys-only range over the namespace).
-async fn mod_revisions(ch: &Channel, ns: u8, n: u64) -> Result<Vec<i64>> {
+async fn mod_revisions(ch: &Conn, ns: u8, n: u64) -> Result<Vec<i64>> {
     let (key, range_end) = keys::namespace_range(ns);
-    let r = KvClient::new(ch.clone())
+    let r = ch.kv()
         .max_decoding_message_size(256 << 20)
         .range(RangeRequest {
             key,
@@ -862,7 +900,7 @@ struct WatchStream {
     rx: Streaming<WatchResponse>,
 }
 
-async fn open_watch_stream(ch: Channel, watchers: usize) -> Result<WatchStream> {
+async fn open_watch_stream(ch: Conn, watchers: usize) -> Result<WatchStream> {
     let (tx, rx_req) = mpsc::channel(watchers + 4);
     let (key, range_end) = keys::namespace_range(NS_WATCH);
     for _ in 0..watchers {
@@ -876,7 +914,7 @@ async fn open_watch_stream(ch: Channel, watchers: usize) -> Result<WatchStream> 
         .await
         .map_err(|_| anyhow!("watch request channel closed"))?;
     }
-    let mut rx = WatchClient::new(ch)
+    let mut rx = ch.watch()
         .watch(ReceiverStream::new(rx_req))
         .await?
         .into_inner();
@@ -901,7 +939,7 @@ async fn open_watch_stream(ch: Channel, watchers: usize) -> Result<WatchStream> 
 /// delivered and the lag from each put's response to each event's arrival.
 async fn watch_run(
     p: &Params,
-    channels: &[Channel],
+    channels: &[Conn],
     watchers: usize,
     streams: usize,
     rate: Option<u64>,
@@ -955,7 +993,7 @@ async fn watch_run(
     let period = rate.map(|r| Duration::from_secs_f64(p.clients as f64 / r as f64));
     let mut writers = JoinSet::new();
     for i in 0..p.clients {
-        let mut kv = KvClient::new(channels[i % channels.len()].clone());
+        let mut kv = channels[i % channels.len()].kv();
         let seed = p.seed.wrapping_add(i as u64);
         let keyspace = p.keyspace;
         let max_ops = p.max_ops_per_client;
