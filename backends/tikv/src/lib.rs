@@ -137,7 +137,15 @@ pub(crate) struct Inner {
     writer: mpsc::Sender<WriteItem>,
     /// The space quota in bytes (`quota_backend_bytes`, 0 made etcd's default).
     quota: u64,
+    /// Attempts on blocking threads at once ([`ATTEMPTS`]).
+    attempts: tokio::sync::Semaphore,
 }
+
+/// Most attempts running at once. Each holds a blocking thread while it waits on TiKV, so 256
+/// clients' reads made 263 threads, each with an allocator cache of its own (peak RSS 118 MB
+/// at 256 clients' ranges, 58 MB with glibc's malloc; BENCHMARKS.md, stop 23). Attempts wait
+/// on the network more than they compute: a few dozen keep two cores busy.
+const ATTEMPTS: usize = 32;
 
 /// The outcome of one attempt.
 enum Attempt<T> {
@@ -223,9 +231,11 @@ impl Inner {
                 return Err(BackendError::Stopped);
             }
             let (inner, jobs2, keys2, rt) = (self.clone(), jobs.clone(), keys.clone(), Handle::current());
+            let permit = self.attempts.acquire().await.map_err(|_| BackendError::Stopped)?;
             let r = tokio::task::spawn_blocking(move || inner.attempt(&rt, write, &jobs2, &keys2, deadline))
                 .await
                 .map_err(|e| BackendError::internal(format!("tikv attempt panicked: {e}")))?;
+            drop(permit);
             match r {
                 Attempt::Done(t) => return Ok(t),
                 Attempt::Fail(e) => return Err(e),
@@ -445,6 +455,7 @@ impl TikvBackend {
             wake: Notify::new(),
             shutdown,
             writer,
+            attempts: tokio::sync::Semaphore::new(ATTEMPTS),
         });
         // Data written before the space count has none: count it now (a scan of every counted
         // row, once; the transaction stores it). With the count stored this writes nothing.
