@@ -134,13 +134,11 @@ struct OpenTables<'t> {
     row: Vec<u8>,
     /// The revision, compacted revision and last applied log id as of the last apply. They
     /// go into META once, when the txn is committed ([`OpenTxn::finish`]), not with every
-    /// apply (three META inserts and an encode each time).
+    /// apply (three META inserts and an encode each time). `applied` stays unset until an
+    /// apply with entries.
     revision: Revision,
     compact: Revision,
     applied: Option<LogId>,
-    /// Whether an apply changed them since the txn was opened (`applied` stays unset until
-    /// an apply with entries).
-    moved: bool,
 }
 
 impl<'t> OpenTables<'t> {
@@ -158,15 +156,11 @@ impl<'t> OpenTables<'t> {
             revision,
             compact,
             applied: None,
-            moved: false,
         })
     }
 
-    /// Writes what the applies since the txn was opened moved into META.
+    /// Writes where the applies since the txn was opened left them into META.
     fn write_meta(&mut self) -> Result<()> {
-        if !self.moved {
-            return Ok(());
-        }
         self.meta
             .insert(M_REVISION, enc_i64(self.revision).as_slice())
             .map_err(db_err)?;
@@ -179,7 +173,6 @@ impl<'t> OpenTables<'t> {
                 .insert(M_APPLIED, applied.as_slice())
                 .map_err(db_err)?;
         }
-        self.moved = false;
         Ok(())
     }
 }
@@ -393,7 +386,6 @@ impl Store {
             if last.is_some() {
                 t.tables.applied = last;
             }
-            t.tables.moved = true;
             if let Some(m) = membership {
                 let m = postcard::to_allocvec(&m).map_err(db_err)?;
                 t.tables.meta.insert(M_MEMBERSHIP, m.as_slice()).map_err(db_err)?;
