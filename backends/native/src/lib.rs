@@ -612,10 +612,19 @@ impl NativeBackend {
         // Measuring walks redb's trees: off the async threads, and rarely (Store::in_use).
         let in_use = match self.store.in_use_estimate() {
             Some(v) => v,
-            None => {
-                let store = self.store.clone();
-                blocking(move || store.in_use()).await?
-            }
+            None => match self.store.claim_measurement() {
+                Some(claim) => {
+                    let store = self.store.clone();
+                    blocking(move || {
+                        let _claim = claim;
+                        store.in_use()
+                    })
+                    .await?
+                }
+                // Another writer is measuring: the estimate only over-counts, and a write
+                // it would refuse is measured again first.
+                None => self.store.estimate(),
+            },
         };
         if quota::exceeds(in_use.max(0) as u64, cost, self.quota) {
             let store = self.store.clone();

@@ -90,6 +90,8 @@ pub(crate) struct Store {
     /// Held while deciding to measure and measuring, so that callers who all find the
     /// estimate due (every write at once, under load) measure once, not once each.
     measuring: Mutex<()>,
+    /// Set while a caller that must not wait measures (see [`Store::claim_measurement`]).
+    measure_claimed: std::sync::atomic::AtomicBool,
     /// Measurements taken since the store was opened.
     measurements: std::sync::atomic::AtomicU64,
 }
@@ -103,6 +105,15 @@ impl Drop for Store {
                 tracing::warn!(error = %e, "committing the state machine on close failed");
             }
         }
+    }
+}
+
+/// The right to take a due measurement of the in-use bytes, given up when dropped.
+pub(crate) struct MeasureClaim(Arc<Store>);
+
+impl Drop for MeasureClaim {
+    fn drop(&mut self) {
+        self.0.measure_claimed.store(false, Ordering::Release);
     }
 }
 
@@ -246,6 +257,7 @@ impl Store {
             written_since: AtomicI64::new(0),
             measured_at: Mutex::new((Instant::now(), Duration::ZERO)),
             measuring: Mutex::new(()),
+            measure_claimed: Default::default(),
             measurements: Default::default(),
         });
         store.sizes()?;
@@ -627,7 +639,20 @@ impl Store {
         Some(self.estimate())
     }
 
-    fn estimate(&self) -> i64 {
+    /// For a writer that finds the measurement due: `Some` for the one caller that is to take
+    /// it (on a blocking thread, holding the claim), `None` while another caller has it; the
+    /// others go on with [`Store::estimate`]. When every writer under load waited for it, 256
+    /// clients put 256 tasks on the blocking pool each time (a thread started for each).
+    pub fn claim_measurement(self: &Arc<Self>) -> Option<MeasureClaim> {
+        self.measure_claimed
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| MeasureClaim(self.clone()))
+    }
+
+    /// The last measurement plus what was applied since: an over-estimate, as deletes and
+    /// compaction are not subtracted until the next measurement.
+    pub fn estimate(&self) -> i64 {
         self.measured_in_use.load(Ordering::Relaxed) + self.written_since.load(Ordering::Relaxed)
     }
 
@@ -1489,6 +1514,20 @@ mod tests {
             results.iter().all(|&v| v > 0 && v == results[0]),
             "{results:?}"
         );
+    }
+
+    /// Writers that must not wait for a due measurement: one of them claims it, the others
+    /// go on with the estimate until the claim is given up.
+    #[test]
+    fn one_writer_at_a_time_claims_a_due_measurement() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb"), 1 << 20).unwrap();
+        store.apply(vec![entry(1, put("k", "v"))]).unwrap();
+        let claim = store.claim_measurement().expect("nobody measures yet");
+        assert!(store.claim_measurement().is_none(), "claimed already");
+        assert!(store.estimate() > 0, "the write is counted before any measurement");
+        drop(claim);
+        assert!(store.claim_measurement().is_some(), "given up when dropped");
     }
 
     /// A lease grant or revoke is applied without a commit (its txn stays open), yet lease
