@@ -2,7 +2,9 @@
 //!
 //! These mirror etcd's mvcc and etcdserver messages but are plain Rust: protobuf types stop at
 //! the `api` crate. Byte strings are `Vec<u8>`; revisions, versions and lease IDs are `i64` as
-//! on the wire.
+//! on the wire. Byte strings serialize as bytes (`serde_bytes`): in postcard (the write-ahead
+//! log, TiKV's rows) that is the encoding of a sequence of `u8`, written and read in one copy
+//! instead of byte by byte.
 
 use serde::{Deserialize, Serialize};
 
@@ -30,10 +32,12 @@ pub fn lease_id_to_try(requested: LeaseId) -> LeaseId {
 /// One key at one revision, as etcd's `mvccpb.KeyValue`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     pub create_revision: Revision,
     pub mod_revision: Revision,
     pub version: i64,
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     pub lease: LeaseId,
 }
@@ -43,7 +47,9 @@ pub struct KeyValue {
 /// (and with `key == [0]` as well, every key); otherwise the half-open interval `[key, end)`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRange {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
 }
 
@@ -190,7 +196,9 @@ pub struct RangeResponse {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutRequest {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     pub lease: LeaseId,
     pub prev_kv: bool,
@@ -231,7 +239,7 @@ pub enum CompareTarget {
     Version(i64),
     Create(Revision),
     Mod(Revision),
-    Value(Vec<u8>),
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
     Lease(LeaseId),
 }
 
@@ -394,12 +402,50 @@ pub enum MemberChange {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Doc {
     pub version: u64,
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The write-ahead log and TiKV's rows hold model types in postcard: byte strings as bytes
+    /// must read and write exactly what the same fields as plain sequences did.
+    #[test]
+    fn byte_strings_keep_their_postcard_encoding() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Plain {
+            key: Vec<u8>,
+            create_revision: Revision,
+            mod_revision: Revision,
+            version: i64,
+            value: Vec<u8>,
+            lease: LeaseId,
+        }
+        let kv = KeyValue {
+            key: b"key".to_vec(),
+            create_revision: 2,
+            mod_revision: 300,
+            version: 4,
+            value: vec![7; 300],
+            lease: -5,
+        };
+        let plain = Plain {
+            key: kv.key.clone(),
+            create_revision: 2,
+            mod_revision: 300,
+            version: 4,
+            value: kv.value.clone(),
+            lease: -5,
+        };
+        let bytes = postcard::to_allocvec(&kv).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
+        assert_eq!(postcard::from_bytes::<KeyValue>(&bytes).unwrap(), kv);
+        assert_eq!(postcard::from_bytes::<Plain>(&bytes).unwrap(), plain);
+        let cmp = CompareTarget::Value(vec![1, 2, 3]);
+        assert_eq!(postcard::to_allocvec(&cmp).unwrap(), [3, 3, 1, 2, 3]);
+    }
 
     #[test]
     fn a_lease_grant_tries_the_requested_id_or_a_positive_random_one() {
