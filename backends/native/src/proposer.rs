@@ -33,6 +33,7 @@ pub(crate) const NOT_LEADER: &str = "not leader";
 
 #[derive(Clone)]
 pub(crate) struct Proposer {
+    raft: Raft,
     tx: mpsc::UnboundedSender<(Command, Reply)>,
     /// Held for writing while a leadership transfer is in progress: no new entry is proposed
     /// (requests queue up), as etcd stops proposing during a transfer.
@@ -50,10 +51,17 @@ impl Proposer {
     ) -> (Proposer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let gate = Arc::new(tokio::sync::RwLock::new(()));
-        let task = tokio::spawn(run(raft, rx, gate.clone(), quiet.clone(), replies_on));
+        let task = tokio::spawn(run(
+            raft.clone(),
+            rx,
+            gate.clone(),
+            quiet.clone(),
+            replies_on,
+        ));
         let waiting = Arc::default();
         (
             Proposer {
+                raft,
                 tx,
                 gate,
                 waiting,
@@ -78,30 +86,59 @@ impl Proposer {
                 self.0.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        let (tx, mut rx) = oneshot::channel();
         let alone = self.waiting.fetch_add(1, Ordering::Relaxed) == 0;
         let _waiting = Waiting(&self.waiting);
-        self.tx.send((cmd, tx)).map_err(|_| BackendError::Stopped)?;
-        // A lone write while writes come one at a time: wait for the reply on this thread for
-        // about an fsync (see raft_thread.rs) rather than sleep and be woken for it. This
-        // holds the runtime's worker, which is why it is done only when nothing else writes.
+        // A lone write while writes come one at a time: nothing is in flight (every proposal
+        // in flight is still waiting), so it goes to raft from here as a group of one, without
+        // a hop through the proposer's task and a reply task on the raft thread. Its reply is
+        // waited for on this thread for about an fsync (see raft_thread.rs) rather than slept
+        // for; that holds the runtime's worker, which is why it is done only when nothing else
+        // writes.
         if alone && self.quiet.get() {
-            let mut reply = None;
-            spin_until(|| match rx.try_recv() {
-                Err(oneshot::error::TryRecvError::Empty) => false,
-                other => {
-                    reply = Some(other);
-                    true
-                }
-            });
-            match reply {
-                Some(Ok(r)) => return r,
-                Some(Err(_)) => return Err(BackendError::Stopped),
-                None => {}
+            if let Ok(open) = self.gate.try_read() {
+                note_group(&self.raft, &self.quiet, 1);
+                let pending = self.raft.client_write_ff(cmd).await;
+                drop(open);
+                let mut rx = match pending {
+                    Ok(rx) => rx,
+                    Err(fatal) => return Err(map_write_error(RaftError::Fatal(fatal))),
+                };
+                let mut reply = None;
+                spin_until(|| match rx.try_recv() {
+                    Err(oneshot::error::TryRecvError::Empty) => false,
+                    other => {
+                        reply = Some(other);
+                        true
+                    }
+                });
+                let reply = match reply {
+                    Some(Ok(r)) => r,
+                    Some(Err(_)) => return Err(BackendError::Stopped),
+                    None => rx.await.map_err(|_| BackendError::Stopped)?,
+                };
+                return reply
+                    .map(|resp| (resp.data, resp.log_id.index))
+                    .map_err(|e| map_write_error(RaftError::APIError(e)));
             }
         }
+        let (tx, rx) = oneshot::channel();
+        self.tx.send((cmd, tx)).map_err(|_| BackendError::Stopped)?;
         rx.await.map_err(|_| BackendError::Stopped)?
     }
+}
+
+/// Tells `quiet` of a group of `n` requests about to be proposed. Spinning helps only a lone
+/// node: with other members the raft thread waits for their answers on sockets, which only its
+/// park notices.
+fn note_group(raft: &Raft, quiet: &Quiet, n: usize) {
+    let members = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .nodes()
+        .count();
+    quiet.group(if members == 1 { n } else { 0 });
 }
 
 async fn run(
@@ -124,16 +161,7 @@ async fn run(
                 Err(_) => break,
             }
         }
-        // Spinning helps only a lone node: with other members the raft thread waits for their
-        // answers on sockets, which only its park notices.
-        let members = raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .nodes()
-            .count();
-        quiet.group(if members == 1 { group.len() } else { 0 });
+        note_group(&raft, &quiet, group.len());
         let (mut cmds, replies): (Vec<Command>, Vec<Reply>) = group.into_iter().unzip();
         let cmd = if cmds.len() == 1 {
             cmds.pop().expect("one command")

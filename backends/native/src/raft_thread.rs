@@ -57,8 +57,8 @@ impl Quiet {
         }))
     }
 
-    /// Records a proposed group of `n` requests (0: forget, the node has peers). Only the
-    /// proposer calls it, one group at a time.
+    /// Records a proposed group of `n` requests (0: forget, the node has peers): the
+    /// proposer's task for each group, a writer for the lone write it proposes itself.
     pub fn group(&self, n: usize) {
         let q = &*self.0;
         if n == 1 {
