@@ -202,7 +202,8 @@ impl NativeBackend {
         let network = PeerNetwork {
             peers: peers.clone(),
         };
-        let raft_thread = raft_thread::RaftThread::start()?;
+        let idle_store = store.clone();
+        let raft_thread = raft_thread::RaftThread::start(move || idle_store.insert_deferred())?;
         let raft = raft_thread
             .run(Raft::new(
                 node_id,

@@ -107,7 +107,8 @@ pub(crate) struct RaftThread {
 }
 
 impl RaftThread {
-    pub fn start() -> std::io::Result<RaftThread> {
+    /// Starts the thread; it calls `idle` whenever it has nothing to run, before it parks.
+    pub fn start(idle: impl Fn() + Send + Sync + 'static) -> std::io::Result<RaftThread> {
         let quiet = Quiet::new();
         let hook = quiet.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -116,6 +117,7 @@ impl RaftThread {
             // (a task woken from another thread lands in the global queue). If it comes, the
             // park that follows returns at once instead of sleeping in the kernel.
             .on_thread_park(move || {
+                idle();
                 if hook.get() {
                     let metrics = tokio::runtime::Handle::current().metrics();
                     spin_until(|| metrics.global_queue_depth() > 0);

@@ -96,10 +96,9 @@ fn append_version_key(out: &mut Vec<u8>, key: &[u8]) {
     out.extend_from_slice(key);
 }
 
-/// Writes into `out` (emptied first) the VERSIONS row of `kv`, a tombstone at `rev` when `kv`
-/// is `None`, and returns where its record starts.
-pub fn encode_version_into(out: &mut Vec<u8>, key: &[u8], kv: Option<&KeyValue>, rev: i64) -> usize {
-    out.clear();
+/// Appends to `out` the VERSIONS row of `kv`, a tombstone at `rev` when `kv` is `None`, and
+/// returns where its record starts.
+pub fn append_version(out: &mut Vec<u8>, key: &[u8], kv: Option<&KeyValue>, rev: i64) -> usize {
     append_version_key(out, key);
     let at = out.len();
     match kv {

@@ -51,6 +51,9 @@ const SYNC_EVERY: Duration = Duration::from_millis(1000);
 const FLUSH_EVERY: Duration = Duration::from_millis(1000);
 /// Most history rows in the open write txn (and the overlay) before it is committed.
 const FLUSH_ROWS: usize = 10_000;
+/// Most VERSIONS rows an apply leaves for the raft thread's idle time (see
+/// `OpenTables::rows`).
+const DEFER_ROWS: usize = 64;
 /// Longest time the quota check relies on an estimate of the in-use bytes.
 const MEASURE_EVERY: Duration = Duration::from_millis(1000);
 /// Measuring walks every tree with writers held off, so it takes at most one part in this many
@@ -141,8 +144,13 @@ struct OpenTables<'t> {
     lease_keys: redb::Table<'t, (i64, &'static [u8]), ()>,
     docs: redb::Table<'t, &'static str, &'static [u8]>,
     meta: redb::Table<'t, &'static str, &'static [u8]>,
-    /// Where an apply encodes each VERSIONS row (kept, so that its allocation is reused).
-    row: Vec<u8>,
+    /// VERSIONS rows applied but not yet inserted, back to back, and each one's key and start
+    /// in `rows`. An apply leaves them here and the raft thread inserts them when it has
+    /// nothing else to run ([`Store::insert_deferred`]) or before the txn commits, so a lone
+    /// write's reply does not wait for redb's insert; readers find them in the overlay
+    /// meanwhile, which holds every row of the open txn. Both keep their allocations.
+    rows: Vec<u8>,
+    deferred: Vec<((u64, u32), usize)>,
     /// The revision, compacted revision and last applied log id as of the last apply. They
     /// go into META once, when the txn is committed ([`OpenTxn::finish`]), not with every
     /// apply (three META inserts and an encode each time). `applied` stays unset until an
@@ -163,11 +171,26 @@ impl<'t> OpenTables<'t> {
             lease_keys: txn.open_table(LEASE_KEYS).map_err(db_err)?,
             docs: txn.open_table(DOCS).map_err(db_err)?,
             meta,
-            row: Vec::new(),
+            rows: Vec::new(),
+            deferred: Vec::new(),
             revision,
             compact,
             applied: None,
         })
+    }
+
+    /// Inserts the deferred VERSIONS rows. On an error they all stay deferred (inserting one
+    /// again writes the same row), and the commit that must insert them fails with it.
+    fn insert_deferred(&mut self) -> Result<()> {
+        for (i, &(at, start)) in self.deferred.iter().enumerate() {
+            let end = self.deferred.get(i + 1).map_or(self.rows.len(), |d| d.1);
+            self.versions
+                .insert(at, &self.rows[start..end])
+                .map_err(db_err)?;
+        }
+        self.deferred.clear();
+        self.rows.clear();
+        Ok(())
     }
 
     /// Writes where the applies since the txn was opened left them into META.
@@ -191,7 +214,10 @@ impl<'t> OpenTables<'t> {
 impl OpenTxn {
     /// The txn with everything its applies did written into it, ready to commit.
     fn finish(mut self) -> Result<WriteTransaction> {
-        self.with_dependent_mut(|_, tables| tables.write_meta())?;
+        self.with_dependent_mut(|_, tables| {
+            tables.insert_deferred()?;
+            tables.write_meta()
+        })?;
         Ok(self.into_owner())
     }
 }
@@ -393,6 +419,10 @@ impl Store {
                 };
                 results.push(result);
             }
+            // Under load the thread seldom idles: many rows go in at once, not held back.
+            if t.tables.deferred.len() >= DEFER_ROWS {
+                t.tables.insert_deferred()?;
+            }
             t.tables.revision = rev;
             t.tables.compact = compact;
             if last.is_some() {
@@ -458,6 +488,20 @@ impl Store {
             *self.last_sync.lock() = Instant::now();
         }
         Ok(())
+    }
+
+    /// Inserts the VERSIONS rows applies left for later, unless the write txn is busy (an
+    /// apply, a commit). Called by the raft thread before it parks; an error is left for the
+    /// commit to report.
+    pub fn insert_deferred(&self) {
+        let Some(mut w) = self.writer.try_lock() else {
+            return;
+        };
+        if let Some(open) = w.txn.as_mut() {
+            if let Err(e) = open.with_dependent_mut(|_, t| t.insert_deferred()) {
+                tracing::warn!(error = %e, "inserting applied rows failed; retried at the commit");
+            }
+        }
     }
 
     /// Commits everything applied so far (not synced), for readers of what the overlay does not
@@ -961,11 +1005,10 @@ impl<'a, 't> Tables<'a, 't> {
                     .map_err(db_err)?;
             }
             let t = &mut *self.tables;
-            let at = encode_version_into(&mut t.row, key, put.then_some(&ev.kv), rev);
-            t.versions
-                .insert((rev as u64, sub as u32), t.row.as_slice())
-                .map_err(db_err)?;
-            records.push(Record::from(&t.row[at..]));
+            let start = t.rows.len();
+            let at = append_version(&mut t.rows, key, put.then_some(&ev.kv), rev);
+            t.deferred.push(((rev as u64, sub as u32), start));
+            records.push(Record::from(&t.rows[at..]));
         }
         // Readers see the live records, the rows and the revision change together; index
         // readers skip versions above the revision they read at.
