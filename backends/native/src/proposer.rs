@@ -14,7 +14,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::raft_thread::{spin_until, Quiet};
-use crate::types::{Command, CommandResult, Raft};
+use crate::types::{Command, CommandResult, Raft, TypeConfig};
 
 /// Most commands in one entry.
 const MAX_BATCH: usize = 512;
@@ -111,14 +111,11 @@ impl Proposer {
                         true
                     }
                 });
-                let reply = match reply {
-                    Some(Ok(r)) => r,
-                    Some(Err(_)) => return Err(BackendError::Stopped),
-                    None => rx.await.map_err(|_| BackendError::Stopped)?,
+                return match reply {
+                    Some(Ok(r)) => outcome(r),
+                    Some(Err(_)) => Err(BackendError::Stopped),
+                    None => outcome(rx.await.map_err(|_| BackendError::Stopped)?),
                 };
-                return reply
-                    .map(|resp| (resp.data, resp.log_id.index))
-                    .map_err(|e| map_write_error(RaftError::APIError(e)));
             }
         }
         let (tx, rx) = oneshot::channel();
@@ -174,8 +171,7 @@ async fn run(
         tokio::spawn(async move {
             let result = match pending {
                 Ok(rx) => match rx.await {
-                    Ok(Ok(resp)) => Ok((resp.data, resp.log_id.index)),
-                    Ok(Err(e)) => Err(map_write_error(RaftError::APIError(e))),
+                    Ok(r) => outcome(r),
                     Err(_) => Err(BackendError::Stopped),
                 },
                 Err(fatal) => Err(map_write_error(RaftError::Fatal(fatal))),
@@ -217,6 +213,12 @@ fn deliver(result: Result<(CommandResult, u64)>, mut replies: Vec<Reply>) {
             }
         }
     }
+}
+
+/// What the proposer's caller gets for raft's answer to a write: its result and log index.
+fn outcome(r: openraft::raft::ClientWriteResult<TypeConfig>) -> Result<(CommandResult, u64)> {
+    r.map(|resp| (resp.data, resp.log_id.index))
+        .map_err(|e| map_write_error(RaftError::APIError(e)))
 }
 
 fn map_write_error(e: RaftError<u64, ClientWriteError<u64, openraft::BasicNode>>) -> BackendError {
