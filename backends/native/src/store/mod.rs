@@ -780,8 +780,9 @@ fn open_db(path: &Path, cache_bytes: usize) -> anyhow::Result<Database> {
     }
 }
 
-/// Writes one version's VERSIONS row. Every writer of versions goes through here; the key
-/// index is updated by the caller (an apply) or rebuilt from the table (anything else).
+/// Writes one version's VERSIONS row, for the writers that rebuild the key index from the
+/// table afterwards (migration, snapshot install, import). An apply encodes its rows into
+/// `OpenTables::rows` instead, inserts them later, and updates the index itself.
 pub(crate) fn insert_version(
     versions: &mut redb::Table<'_, (u64, u32), &'static [u8]>,
     key: &[u8],
