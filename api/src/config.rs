@@ -85,6 +85,7 @@ pub struct Flags {
     pub socket_reuse_port: bool,
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
     pub socket_reuse_address: bool,
+    /// Disables fsync, unsafe, will cause data loss.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
     pub unsafe_no_fsync: bool,
 
@@ -114,9 +115,12 @@ pub struct Flags {
     pub strict_reconfig_check: bool,
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
     pub pre_vote: bool,
+    /// Auto compaction retention length. 0 means disable auto compaction.
     #[arg(long, default_value = "0")]
     pub auto_compaction_retention: String,
-    #[arg(long, default_value = "periodic", value_parser = ["periodic", "revision"])]
+    /// Interpret 'auto-compaction-retention' one of: periodic|revision. 'periodic' for duration based retention, defaulting to hours if no time unit is provided (e.g. '5m'). 'revision' for revision number based retention.
+    // Checked after parsing, for etcd's message (see `verify`).
+    #[arg(long, default_value = "periodic")]
     pub auto_compaction_mode: String,
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
     pub enable_v2: bool,
@@ -316,15 +320,12 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "grpc_keepalive_min_time",
     "socket_reuse_port",
     "socket_reuse_address",
-    "unsafe_no_fsync",
     "discovery",
     "discovery_fallback",
     "discovery_proxy",
     "discovery_srv",
     "discovery_srv_name",
     "pre_vote",
-    "auto_compaction_retention",
-    "auto_compaction_mode",
     "enable_v2",
     "v2_deprecation",
     "client_crl_file",
@@ -444,9 +445,17 @@ pub fn parse(args: Vec<OsString>) -> Result<Loaded, ParseExit> {
     check_env_conflicts(&cmd, &matches)?;
     let flags = Flags::from_arg_matches(&matches).map_err(clap_exit)?;
     if let Some(path) = flags.config_file.clone() {
-        return from_file(&path);
+        return from_file(&path).and_then(verify);
     }
-    Ok(Loaded { not_implemented: not_implemented(&matches), flags })
+    verify(Loaded { not_implemented: not_implemented(&matches), flags })
+}
+
+/// etcd's checks of flag values that parsing alone does not make.
+fn verify(loaded: Loaded) -> Result<Loaded, ParseExit> {
+    cairn_api::compactor::AutoCompaction::check_mode(&loaded.flags.auto_compaction_mode).map_err(|e| {
+        ParseExit::Message { text: format!("error verifying flags, {e}. See 'etcd --help'.\n"), code: 1 }
+    })?;
+    Ok(loaded)
 }
 
 /// etcd refuses a flag given both on the command line and in the environment.
@@ -592,6 +601,20 @@ mod tests {
             }
             Ok(_) => panic!("accepted an unknown flag"),
         }
+    }
+
+    #[test]
+    fn an_unknown_auto_compaction_mode_is_etcds_message() {
+        match parse_args(&["--auto-compaction-mode=hourly"]) {
+            Err(ParseExit::Message { text, code }) => {
+                assert_eq!(text, "error verifying flags, unknown auto-compaction-mode \"hourly\". See 'etcd --help'.\n");
+                assert_eq!(code, 1);
+            }
+            Ok(_) => panic!("accepted an unknown auto-compaction mode"),
+        }
+        let l = parse_args(&["--auto-compaction-mode", "revision", "--auto-compaction-retention=1000"]).unwrap();
+        assert_eq!((l.flags.auto_compaction_mode.as_str(), l.flags.auto_compaction_retention.as_str()), ("revision", "1000"));
+        assert!(l.not_implemented.is_empty(), "{:?}", l.not_implemented);
     }
 
     #[test]

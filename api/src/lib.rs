@@ -16,6 +16,7 @@ pub mod alarms;
 pub mod auth;
 pub mod authority_fix;
 pub mod coalesce;
+pub mod compactor;
 pub mod cluster;
 pub mod concurrency;
 pub mod conn;

@@ -126,6 +126,11 @@ fn server_config(flags: &Flags) -> anyhow::Result<ServerConfig> {
         listen_client_urls: split_urls(&flags.listen_client_urls),
         advertise_client_urls: split_urls(&flags.advertise_client_urls),
         listen_metrics_urls: split_urls(&flags.listen_metrics_urls),
+        auto_compaction: cairn_api::compactor::AutoCompaction::parse(
+            &flags.auto_compaction_mode,
+            &flags.auto_compaction_retention,
+        )
+        .map_err(anyhow::Error::msg)?,
         peer_urls: split_urls(&flags.initial_advertise_peer_urls),
         member_id,
         cluster_id,
@@ -191,6 +196,9 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
     let mut peer_server = None;
     let mut postgres = None;
     let mut tikv = None;
+    if flags.unsafe_no_fsync && flags.backend != BackendKind::Native {
+        tracing::warn!("--unsafe-no-fsync has no effect on the {:?} backend: the database decides what it syncs", flags.backend);
+    }
     let backend: Arc<dyn Backend> = match flags.backend {
         BackendKind::Memory => MemoryBackend::new(),
         BackendKind::Native => {
@@ -327,6 +335,7 @@ fn native_config(flags: &Flags, member_id: u64, cluster_id: u64) -> anyhow::Resu
         join_existing: flags.initial_cluster_state == "existing",
         cluster_id,
         slow_disk: std::time::Duration::ZERO,
+        unsafe_no_fsync: flags.unsafe_no_fsync,
         peer_tls,
         data_dir: flags.data_dir().into(),
         snapshot_count: flags.snapshot_count,

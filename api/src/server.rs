@@ -24,6 +24,7 @@ use tower_layer::{Identity, Stack};
 use crate::alarms::Alarms;
 use crate::auth::{AuthConfig, AuthService, AuthStore, Guard};
 use crate::cluster::ClusterService;
+use crate::compactor::AutoCompaction;
 use crate::concurrency::{ElectionService, LockService};
 use crate::conn;
 use crate::gateway::Gateway;
@@ -79,6 +80,8 @@ pub struct ServerConfig {
     pub replicated_members: bool,
     /// --listen-metrics-urls: extra listeners serving only `/metrics` and `/health`.
     pub listen_metrics_urls: Vec<String>,
+    /// --auto-compaction-mode and --auto-compaction-retention (`None`: off, etcd's default).
+    pub auto_compaction: Option<AutoCompaction>,
 }
 
 impl Default for ServerConfig {
@@ -106,6 +109,7 @@ impl Default for ServerConfig {
             publish_member: false,
             replicated_members: false,
             listen_metrics_urls: Vec::new(),
+            auto_compaction: None,
         }
     }
 }
@@ -174,6 +178,7 @@ impl Server {
         let auth_reloader = self.auth.spawn_reload();
         let alarms = Alarms::load(self.backend.clone()).await.context("loading alarms")?;
         let alarm_refresher = alarms.spawn_refresh(std::time::Duration::from_secs(1));
+        let compactor = self.cfg.auto_compaction.map(|a| a.spawn(self.backend.clone()));
         let metrics =
             Metrics::new(self.backend.clone(), self.cfg.member_id, &self.cfg.version, major_minor(&self.cfg.version));
         let (router, http_state) = self.router(&header, alarms, metrics);
@@ -201,6 +206,9 @@ impl Server {
             _ = async { let _ = stopped_rx.await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
         };
         refresher.abort();
+        if let Some(t) = compactor {
+            t.abort();
+        }
         if let Some(t) = alarm_refresher {
             t.abort();
         }

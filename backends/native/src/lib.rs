@@ -78,6 +78,9 @@ pub struct NativeConfig {
     /// Fault injection for tests: every write-ahead-log fsync takes this much longer (a slow
     /// disk). Zero (the default) in production; no flag sets it.
     pub slow_disk: Duration,
+    /// etcd's --unsafe-no-fsync: the write-ahead log is written but not fsynced before a
+    /// write is acknowledged (a machine crash or power loss can lose acknowledged writes).
+    pub unsafe_no_fsync: bool,
     /// etcd's backend to load into a fresh store (a data dir `etcdctl snapshot restore` made,
     /// or an etcd member's); ignored once the store holds data.
     pub import: Option<Arc<cairn_bbolt::etcd::Snapshot>>,
@@ -98,6 +101,7 @@ impl Default for NativeConfig {
             peer_tls: None,
             cluster_id: 0,
             slow_disk: Duration::ZERO,
+            unsafe_no_fsync: false,
             import: None,
         }
     }
@@ -166,7 +170,7 @@ impl NativeBackend {
             .count()
             > 1;
         let clustered = cfg.initial_cluster.len() > 1 || cfg.join_existing || grown;
-        let wal = wal::Wal::open(&cfg.data_dir.join("wal"), cfg.slow_disk, !clustered)?;
+        let wal = wal::Wal::open(&cfg.data_dir.join("wal"), cfg.slow_disk, cfg.unsafe_no_fsync, !clustered)?;
         let (heartbeat, election) = if clustered {
             // etcd's --heartbeat-interval and --election-timeout, in milliseconds.
             let hb = cfg.heartbeat_interval_ms.max(10);

@@ -172,15 +172,19 @@ impl Wal {
     /// the submitter's thread (a single node's raft thread, which has nothing else to do while
     /// an entry is being made durable); otherwise on a writer thread of the log's own, so a
     /// member of a cluster keeps heartbeating meanwhile. `fsync_delay` makes every fsync take
-    /// that much longer (fault injection; zero normally).
-    pub fn open(dir: &Path, fsync_delay: std::time::Duration, inline: bool) -> io::Result<Wal> {
-        Self::open_with(dir, fsync_delay, SEGMENT_BYTES, inline)
+    /// that much longer (fault injection; zero normally). `no_fsync` (etcd's
+    /// --unsafe-no-fsync): appends are written but not fsynced, so an acknowledged write
+    /// survives the process being killed but not the machine losing power; new segments are
+    /// still synced, as etcd's are.
+    pub fn open(dir: &Path, fsync_delay: std::time::Duration, no_fsync: bool, inline: bool) -> io::Result<Wal> {
+        Self::open_with(dir, fsync_delay, no_fsync, SEGMENT_BYTES, inline)
     }
 
     /// [`Wal::open`] with segments of about `segment_bytes` each.
     fn open_with(
         dir: &Path,
         fsync_delay: std::time::Duration,
+        no_fsync: bool,
         segment_bytes: u64,
         inline: bool,
     ) -> io::Result<Wal> {
@@ -213,6 +217,7 @@ impl Wal {
             state: state.clone(),
             failed: None,
             fsync_delay,
+            no_fsync,
         };
         let sink = if inline {
             Sink::Inline(Arc::new(Mutex::new(writer)))
@@ -477,6 +482,8 @@ struct Writer {
     failed: Option<String>,
     /// Fault injection: extra time every fsync takes (a slow disk); zero normally.
     fsync_delay: std::time::Duration,
+    /// --unsafe-no-fsync: appended records are not fsynced.
+    no_fsync: bool,
 }
 
 impl Writer {
@@ -530,7 +537,7 @@ impl Writer {
             self.append(&buf)?;
             // Records nobody waits for (commit index, purge point) need no sync of their own:
             // losing them in a crash is harmless, and the next synced batch carries them.
-            if batch.iter().any(|j| !matches!(j.done, Done::Nothing)) {
+            if !self.no_fsync && batch.iter().any(|j| !matches!(j.done, Done::Nothing)) {
                 if !self.fsync_delay.is_zero() {
                     std::thread::sleep(self.fsync_delay);
                 }
@@ -656,13 +663,13 @@ mod tests {
     async fn records_follow_each_other_across_reopens_and_rotations() {
         let dir = tempfile::tempdir().unwrap();
         for round in 0..4u64 {
-            let wal = Wal::open_with(dir.path(), Duration::ZERO, 512, round % 2 == 1).unwrap();
+            let wal = Wal::open_with(dir.path(), Duration::ZERO, false, 512, round % 2 == 1).unwrap();
             assert_eq!(indexes(&wal), (1..=round * 60).collect::<Vec<_>>());
             for i in 1..=60 {
                 wal.write_sync(&[entry(round * 60 + i)]).await.unwrap();
             }
         }
-        let wal = Wal::open_with(dir.path(), Duration::ZERO, 512, true).unwrap();
+        let wal = Wal::open_with(dir.path(), Duration::ZERO, false, 512, true).unwrap();
         assert_eq!(indexes(&wal), (1..=240).collect::<Vec<_>>());
         let segs = segments(dir.path());
         assert!(segs.len() >= 2, "no rotation happened: {segs:?}");
@@ -680,6 +687,26 @@ mod tests {
         assert!(last[end..].iter().all(|&b| b == 0));
     }
 
+    /// --unsafe-no-fsync: appends are acknowledged without an fsync (every fsync here takes
+    /// 5 s longer, more than all the appends together take without one) and are read back
+    /// after a reopen.
+    #[tokio::test]
+    async fn without_fsync_appends_are_written_but_not_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let stall = Duration::from_secs(5);
+        let started = std::time::Instant::now();
+        for inline in [true, false] {
+            let wal = Wal::open_with(dir.path(), stall, true, 1 << 20, inline).unwrap();
+            let from = indexes(&wal).len() as u64;
+            for i in 1..=20 {
+                wal.write_sync(&[entry(from + i)]).await.unwrap();
+                assert!(started.elapsed() < stall, "append {} waited for an fsync", from + i);
+            }
+        }
+        let wal = Wal::open_with(dir.path(), Duration::ZERO, false, 1 << 20, true).unwrap();
+        assert_eq!(indexes(&wal), (1..=40).collect::<Vec<_>>());
+    }
+
     /// The committed id is written with the next appended entries, and replayed from there.
     #[tokio::test]
     async fn the_committed_id_is_written_with_the_next_entries() {
@@ -692,7 +719,7 @@ mod tests {
             unreachable!()
         };
         {
-            let wal = Wal::open_with(dir.path(), Duration::ZERO, 1 << 20, true).unwrap();
+            let wal = Wal::open_with(dir.path(), Duration::ZERO, false, 1 << 20, true).unwrap();
             let job = wal.encode_entries([first]).unwrap();
             wal.submit_encoded(job, Done::Nothing).unwrap();
             wal.set_committed(id(1));
@@ -702,7 +729,7 @@ mod tests {
             wal.set_committed(id(2));
             wal.write_sync(&[]).await.unwrap();
         }
-        let wal = Wal::open_with(dir.path(), Duration::ZERO, 1 << 20, true).unwrap();
+        let wal = Wal::open_with(dir.path(), Duration::ZERO, false, 1 << 20, true).unwrap();
         assert_eq!(indexes(&wal), vec![1, 2]);
         assert_eq!(wal.state.lock().committed, id(1));
     }
@@ -713,7 +740,7 @@ mod tests {
     async fn a_torn_record_is_cut_with_what_follows_it() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let wal = Wal::open_with(dir.path(), Duration::ZERO, 1 << 20, false).unwrap();
+            let wal = Wal::open_with(dir.path(), Duration::ZERO, false, 1 << 20, false).unwrap();
             for i in 1..=10 {
                 wal.write_sync(&[entry(i)]).await.unwrap();
             }
@@ -736,11 +763,11 @@ mod tests {
             .write_all_at(&torn, end as u64)
             .unwrap();
         {
-            let wal = Wal::open_with(dir.path(), Duration::ZERO, 1 << 20, false).unwrap();
+            let wal = Wal::open_with(dir.path(), Duration::ZERO, false, 1 << 20, false).unwrap();
             assert_eq!(indexes(&wal), (1..=10).collect::<Vec<_>>());
             wal.write_sync(&[entry(11)]).await.unwrap();
         }
-        let wal = Wal::open_with(dir.path(), Duration::ZERO, 1 << 20, false).unwrap();
+        let wal = Wal::open_with(dir.path(), Duration::ZERO, false, 1 << 20, false).unwrap();
         assert_eq!(indexes(&wal), (1..=11).collect::<Vec<_>>());
         let st = wal.state.lock();
         assert_eq!(st.entries[&11].decode().unwrap().log_id.index, 11);
@@ -752,7 +779,7 @@ mod tests {
     async fn damage_is_refused_before_the_last_segment_and_cut_in_it() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let wal = Wal::open_with(dir.path(), Duration::ZERO, 1024, false).unwrap();
+            let wal = Wal::open_with(dir.path(), Duration::ZERO, false, 1024, false).unwrap();
             for i in 1..=200 {
                 wal.write_sync(&[entry(i)]).await.unwrap();
             }
@@ -765,7 +792,7 @@ mod tests {
         f.write_all_at(&[0u8; HEADER], end as u64).unwrap();
         f.write_all_at(&[7u8; 3], (end + HEADER + 100) as u64)
             .unwrap();
-        let wal = Wal::open_with(dir.path(), Duration::ZERO, 1024, false).unwrap();
+        let wal = Wal::open_with(dir.path(), Duration::ZERO, false, 1024, false).unwrap();
         assert_eq!(indexes(&wal).last(), Some(&200));
         drop(wal);
         assert_eq!(
@@ -777,7 +804,7 @@ mod tests {
         let mut data = fs::read(first).unwrap();
         data[HEADER + 1] ^= 0xff;
         fs::write(first, &data).unwrap();
-        let err = Wal::open_with(dir.path(), Duration::ZERO, 1024, false)
+        let err = Wal::open_with(dir.path(), Duration::ZERO, false, 1024, false)
             .err()
             .expect("a damaged earlier segment is refused");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
