@@ -592,26 +592,25 @@ mod tests {
         assert_eq!(f.grpc_keepalive_timeout, Duration::from_secs(90));
     }
 
-    #[test]
-    fn unknown_flag_is_etcds_message() {
-        match parse_args(&["--no-such-flag"]) {
-            Err(ParseExit::Message { text, code }) => {
-                assert_eq!(text, "flag provided but not defined: -no-such-flag\n");
-                assert_eq!(code, 2);
-            }
-            Ok(_) => panic!("accepted an unknown flag"),
+    /// The message and exit code of a command line that must be refused.
+    fn refused(args: &[&str]) -> (String, i32) {
+        match parse_args(args) {
+            Err(ParseExit::Message { text, code }) => (text, code),
+            Ok(_) => panic!("accepted {args:?}"),
         }
     }
 
     #[test]
+    fn unknown_flag_is_etcds_message() {
+        assert_eq!(refused(&["--no-such-flag"]), ("flag provided but not defined: -no-such-flag\n".into(), 2));
+    }
+
+    #[test]
     fn an_unknown_auto_compaction_mode_is_etcds_message() {
-        match parse_args(&["--auto-compaction-mode=hourly"]) {
-            Err(ParseExit::Message { text, code }) => {
-                assert_eq!(text, "error verifying flags, unknown auto-compaction-mode \"hourly\". See 'etcd --help'.\n");
-                assert_eq!(code, 1);
-            }
-            Ok(_) => panic!("accepted an unknown auto-compaction mode"),
-        }
+        assert_eq!(
+            refused(&["--auto-compaction-mode=hourly"]),
+            ("error verifying flags, unknown auto-compaction-mode \"hourly\". See 'etcd --help'.\n".into(), 1)
+        );
         let l = parse_args(&["--auto-compaction-mode", "revision", "--auto-compaction-retention=1000"]).unwrap();
         assert_eq!((l.flags.auto_compaction_mode.as_str(), l.flags.auto_compaction_retention.as_str()), ("revision", "1000"));
         assert!(l.not_implemented.is_empty(), "{:?}", l.not_implemented);
@@ -619,13 +618,10 @@ mod tests {
 
     #[test]
     fn positional_argument_is_etcds_message() {
-        match parse_args(&["extra-arg"]) {
-            Err(ParseExit::Message { text, code }) => {
-                assert_eq!(text, "error verifying flags, 'extra-arg' is not a valid flag. See 'etcd --help'.\n");
-                assert_eq!(code, 1);
-            }
-            Ok(_) => panic!("accepted a positional argument"),
-        }
+        assert_eq!(
+            refused(&["extra-arg"]),
+            ("error verifying flags, 'extra-arg' is not a valid flag. See 'etcd --help'.\n".into(), 1)
+        );
     }
 
     #[test]
