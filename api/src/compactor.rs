@@ -55,22 +55,22 @@ impl AutoCompaction {
     pub fn parse(mode: &str, retention: &str) -> Result<Option<Self>, String> {
         Self::check_mode(mode)?;
         let retention = if retention.is_empty() { "0" } else { retention };
-        let amount = match retention.parse::<i64>() {
-            Ok(n) if n >= 0 => match mode {
-                "revision" => Amount::Count(n),
-                _ => Amount::Time(Duration::from_secs(n as u64).saturating_mul(3600)),
-            },
-            _ => Amount::Time(
-                crate::godur::parse(retention).map_err(|e| format!("error parsing CompactionRetention: {e}"))?,
-            ),
+        let by_revision = mode == "revision";
+        let parsed = match retention.parse::<i64>() {
+            Ok(n) if n >= 0 && by_revision => AutoCompaction::Revision(n),
+            Ok(n) if n >= 0 => AutoCompaction::Periodic(Duration::from_secs(n as u64).saturating_mul(3600)),
+            _ => {
+                let d = crate::godur::parse(retention).map_err(|e| format!("error parsing CompactionRetention: {e}"))?;
+                match by_revision {
+                    true => AutoCompaction::Revision(d.as_nanos().min(i64::MAX as u128) as i64),
+                    false => AutoCompaction::Periodic(d),
+                }
+            }
         };
-        Ok(match (mode, amount) {
-            (_, Amount::Count(0)) => None,
-            (_, Amount::Time(d)) if d.is_zero() => None,
-            ("revision", Amount::Count(n)) => Some(AutoCompaction::Revision(n)),
-            ("revision", Amount::Time(d)) => Some(AutoCompaction::Revision(d.as_nanos().min(i64::MAX as u128) as i64)),
-            (_, Amount::Time(d)) => Some(AutoCompaction::Periodic(d)),
-            (_, Amount::Count(n)) => Some(AutoCompaction::Periodic(Duration::from_secs(n as u64))),
+        Ok(match parsed {
+            AutoCompaction::Revision(0) => None,
+            AutoCompaction::Periodic(d) if d.is_zero() => None,
+            a => Some(a),
         })
     }
 
@@ -81,11 +81,6 @@ impl AutoCompaction {
             AutoCompaction::Revision(keep) => tokio::spawn(by_revision(backend, keep, REVISION_INTERVAL)),
         }
     }
-}
-
-enum Amount {
-    Count(i64),
-    Time(Duration),
 }
 
 /// Periodic mode's compaction interval and sampling interval for a retention.

@@ -197,7 +197,7 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
     let mut postgres = None;
     let mut tikv = None;
     if flags.unsafe_no_fsync && flags.backend != BackendKind::Native {
-        tracing::warn!("--unsafe-no-fsync has no effect on the {:?} backend: the database decides what it syncs", flags.backend);
+        tracing::warn!("--unsafe-no-fsync has no effect on the {:?} backend", flags.backend);
     }
     let backend: Arc<dyn Backend> = match flags.backend {
         BackendKind::Memory => MemoryBackend::new(),
