@@ -5,7 +5,7 @@
 //! woken: by this process's writer after a commit, by a `NOTIFY` from any process (a listener
 //! task on its own connection), by a fallback tick, and after the listener reconnects (a
 //! notification sent while the connection was down is lost, the re-read is not). It reads the
-//! counter row and the rows in one REPEATABLE READ snapshot; since revisions are assigned under
+//! counter row and the rows in one statement (one snapshot); since revisions are assigned under
 //! the counter row's lock and committed with it, every revision up to the counter is complete
 //! in that snapshot. It broadcasts each revision once, in order, to the process's feeds.
 //!
@@ -15,6 +15,7 @@
 //! when writes race the feed's start, when a reader is slow, or when notifications are lost.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,15 +35,13 @@ const IDLE: Duration = Duration::from_millis(100);
 /// Consecutive failed history reads (100 ms apart) before a feed gives up with an error.
 const CATCH_UP_RETRIES: u32 = 300;
 
-/// Reads revisions `from..=min(to, from + CHUNK - 1)` in one snapshot, where `to` is the
-/// current revision. Returns the batches, the snapshot's (revision, compact revision), and
-/// the last revision covered.
+/// Reads revisions `from..=min(to, from + CHUNK - 1)` in one snapshot (one statement), where
+/// `to` is the current revision. Returns the batches, the snapshot's (revision, compact
+/// revision), and the last revision covered.
 async fn read_chunk(inner: &Inner, from: Revision) -> Result<(Vec<Arc<ChangeBatch>>, Revision, Revision, Revision), sqlx::Error> {
-    let mut tx = inner.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
-    let (rev, compact) = sql::read_meta(&mut tx, false).await?;
+    let mut conn = inner.pool.acquire().await?;
+    let (batches, rev, compact) = sql::read_events(&mut conn, from, from.saturating_add(CHUNK - 1)).await?;
     let to = rev.min(from.saturating_add(CHUNK - 1));
-    let batches = if from <= to { sql::read_events(&mut tx, from.max(compact), to).await? } else { Vec::new() };
-    tx.rollback().await?;
     Ok((batches, rev, compact, to))
 }
 
@@ -53,11 +52,17 @@ pub(crate) async fn tailer(inner: Arc<Inner>, start: Revision) {
     let mut tick = tokio::time::interval(inner.opts.feed_poll_interval);
     loop {
         tokio::select! {
-            _ = inner.wake.notified() => {}
+            _ = inner.wake.notified() => {
+                // A notification of this process's own commit, already read after the commit.
+                if inner.committed.load(Ordering::Acquire) <= tail && !inner.recheck.swap(false, Ordering::AcqRel) {
+                    continue;
+                }
+            }
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
         loop {
+            inner.tail_reads.fetch_add(1, Ordering::Relaxed);
             match read_chunk(&inner, tail + 1).await {
                 Ok((batches, rev, compact, to)) => {
                     // Below the compaction point the log is incomplete: never broadcast it.
@@ -104,6 +109,7 @@ pub(crate) async fn listener(inner: Arc<Inner>) {
             }
         };
         // (Re)connected: anything may have been missed meanwhile.
+        inner.recheck.store(true, Ordering::Release);
         inner.wake.notify_one();
         loop {
             let r = tokio::select! {
@@ -111,13 +117,23 @@ pub(crate) async fn listener(inner: Arc<Inner>) {
                 _ = shutdown.wait_for(|s| *s) => return,
             };
             match r {
-                Ok(Some(_)) => inner.wake.notify_one(),
+                Ok(Some(n)) => {
+                    // The payload is the committed revision (see the writer).
+                    if let Ok(rev) = n.payload().parse::<Revision>() {
+                        inner.committed.fetch_max(rev, Ordering::AcqRel);
+                    } else {
+                        inner.recheck.store(true, Ordering::Release);
+                    }
+                    inner.wake.notify_one();
+                }
                 Ok(None) => {
                     tracing::warn!("postgres: LISTEN connection lost; reconnecting");
+                    inner.recheck.store(true, Ordering::Release);
                     inner.wake.notify_one();
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "postgres: LISTEN failed; reconnecting");
+                    inner.recheck.store(true, Ordering::Release);
                     inner.wake.notify_one();
                     break;
                 }
@@ -233,5 +249,57 @@ impl Feed {
                 Err(_idle) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cairn_backend::{Backend, FeedItem, PutRequest, RequestOp, TxnRequest};
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::{testing, PostgresBackend, PostgresOptions};
+
+    /// Each commit of this process comes back as a notification; the tailer, having read the
+    /// revision right after the commit, does not read the log again for it. A watcher still
+    /// gets every revision once, in order.
+    #[test]
+    fn the_tailer_reads_once_per_local_commit() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let url = testing::server().create_database().await.unwrap();
+            let opts = PostgresOptions { feed_poll_interval: Duration::from_secs(600), ..PostgresOptions::default() };
+            let b = PostgresBackend::connect(&url, opts).await.unwrap();
+            let mut feed = b.watch(0).await.unwrap();
+            // The listener is connected (its first wake-up rechecks): reads from here on are
+            // the commits'.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let before = b.inner.tail_reads.load(Ordering::Relaxed);
+            const PUTS: u64 = 20;
+            let mut revs = Vec::new();
+            for i in 0..PUTS {
+                let put = RequestOp::Put(PutRequest { key: format!("k{i}").into(), value: b"v".to_vec(), ..Default::default() });
+                revs.push(b.txn(TxnRequest::unconditional(vec![put])).await.unwrap().revision);
+                // Its notification arrives before the next commit.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let reads = b.inner.tail_reads.load(Ordering::Relaxed) - before;
+            assert!(
+                (PUTS..PUTS + 3).contains(&reads),
+                "{reads} reads of the log for {PUTS} commits (one per commit, and its notification none)"
+            );
+            let mut seen = Vec::new();
+            while seen.len() < revs.len() {
+                match tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap().unwrap().unwrap() {
+                    FeedItem::Changes(c) => {
+                        assert_eq!(c.events[0].kv.key, format!("k{}", seen.len()).into_bytes());
+                        seen.push(c.revision);
+                    }
+                    FeedItem::Progress(_) => {}
+                }
+            }
+            assert_eq!(seen, revs);
+        });
     }
 }

@@ -24,6 +24,7 @@ mod sql;
 pub mod testing;
 mod writer;
 
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,6 +98,15 @@ pub(crate) struct Inner {
     feed: broadcast::Sender<Arc<ChangeBatch>>,
     /// Wakes the tailer (a local commit or a notification).
     wake: Notify,
+    /// The newest revision this process knows to be committed: its writer's last commit or a
+    /// notification's payload. The tailer skips a wake-up for what it has delivered already
+    /// (each local commit also comes back as a notification).
+    committed: AtomicI64,
+    /// Set when notifications may have been missed (the LISTEN connection was down) or one
+    /// could not be read: the tailer's next wake-up reads the database whatever `committed` says.
+    recheck: AtomicBool,
+    /// The tailer's reads of the change log so far.
+    tail_reads: AtomicU64,
     shutdown: watch::Sender<bool>,
     /// The quota check's last measurement of the bytes Cairn's data takes.
     space: parking_lot::Mutex<Space>,
@@ -221,6 +231,9 @@ impl PostgresBackend {
             writer: writer_tx,
             feed,
             wake: Notify::new(),
+            committed: AtomicI64::new(rev),
+            recheck: AtomicBool::new(false),
+            tail_reads: AtomicU64::new(0),
             shutdown,
             space: parking_lot::Mutex::new(Space::default()),
         });
@@ -277,9 +290,29 @@ impl PostgresBackend {
     where
         F: for<'c> Fn(&'c mut sqlx::PgConnection) -> futures::future::BoxFuture<'c, Result<Result<T>, sqlx::Error>>,
     {
+        self.read_with(true, f).await
+    }
+
+    /// As [`Self::read`], for `f` that runs one statement, which is its own snapshot: no
+    /// transaction around it (three round trips fewer).
+    async fn read_once<T, F>(&self, f: F) -> Result<T>
+    where
+        F: for<'c> Fn(&'c mut sqlx::PgConnection) -> futures::future::BoxFuture<'c, Result<Result<T>, sqlx::Error>>,
+    {
+        self.read_with(false, f).await
+    }
+
+    async fn read_with<T, F>(&self, txn: bool, f: F) -> Result<T>
+    where
+        F: for<'c> Fn(&'c mut sqlx::PgConnection) -> futures::future::BoxFuture<'c, Result<Result<T>, sqlx::Error>>,
+    {
         let mut attempt = 0;
         loop {
             let r = async {
+                if !txn {
+                    let mut conn = self.inner.pool.acquire().await?;
+                    return f(&mut conn).await;
+                }
                 let mut tx = self.inner.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
                 let out = f(&mut tx).await?;
                 tx.rollback().await?;
@@ -346,6 +379,20 @@ fn crc32c(crc: u32, data: &[u8]) -> u32 {
 impl Backend for PostgresBackend {
     async fn range(&self, req: RangeRequest) -> Result<RangeResponse> {
         let req = Arc::new(req);
+        if req.revision <= 0 {
+            // The latest revision: one statement, no transaction.
+            return self
+                .read_once(move |conn| {
+                    let req = req.clone();
+                    Box::pin(async move {
+                        let req = &*req;
+                        let (rev, _, kvs, count) = sql::read_latest(conn, &req.range, fetch_limit(req), req.count_only).await?;
+                        let (kvs, more) = if req.count_only { (kvs, false) } else { finish_range(req, kvs) };
+                        Ok(Ok(RangeResponse { revision: rev, kvs, more, count }))
+                    })
+                })
+                .await;
+        }
         self.read(move |conn| {
             let req = req.clone();
             Box::pin(async move {

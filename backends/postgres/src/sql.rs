@@ -142,6 +142,55 @@ pub(crate) fn needs_count_query(r: &KeyRange, limit: Option<usize>, fetched: usi
     }
 }
 
+/// A read of the live keys in `r` in one statement (one snapshot, no transaction): the
+/// revision, the compact revision, at most `limit` kvs in key order and the number of live
+/// keys in `r` (counted in the statement only when the limit may cut the answer; with
+/// `count_only`, only counted).
+pub(crate) async fn read_latest(
+    conn: &mut PgConnection,
+    r: &KeyRange,
+    limit: Option<usize>,
+    count_only: bool,
+) -> Result<(Revision, Revision, Vec<KeyValue>, i64), sqlx::Error> {
+    let (pred, used) = predicate(r, "key", 1);
+    let count = format!("(SELECT count(*) FROM current WHERE {pred})");
+    let sql = if count_only {
+        format!("SELECT revision, compact_revision, {count} FROM meta WHERE id = 1")
+    } else {
+        let count = if needs_count_query(r, limit, usize::MAX) { count.as_str() } else { "NULL::int8" };
+        format!(
+            "SELECT m.revision, m.compact_revision, {count}, c.key, c.create_revision, c.mod_revision, c.version, c.lease, c.value
+             FROM meta m LEFT JOIN (SELECT {KV_COLS} FROM current WHERE {pred} ORDER BY key LIMIT ${}) c ON true
+             WHERE m.id = 1 ORDER BY c.key",
+            used + 1
+        )
+    };
+    let mut q = bind_range(sqlx::query(AssertSqlSafe(sql)), r);
+    if !count_only {
+        q = q.bind(limit.map(|l| l as i64));
+    }
+    let rows = q.fetch_all(&mut *conn).await?;
+    let first = rows.first().ok_or(sqlx::Error::RowNotFound)?;
+    let (rev, compact, counted): (Revision, Revision, Option<i64>) = (first.try_get(0)?, first.try_get(1)?, first.try_get(2)?);
+    if count_only {
+        return Ok((rev, compact, Vec::new(), counted.unwrap_or(0)));
+    }
+    let mut kvs = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let Some(key) = row.try_get::<Option<Vec<u8>>, _>(3)? else { continue };
+        kvs.push(KeyValue {
+            key,
+            create_revision: row.try_get(4)?,
+            mod_revision: row.try_get(5)?,
+            version: row.try_get(6)?,
+            lease: row.try_get(7)?,
+            value: row.try_get(8)?,
+        });
+    }
+    let count = counted.unwrap_or(kvs.len() as i64);
+    Ok((rev, compact, kvs, count))
+}
+
 /// (revision, compact revision) as of the caller's snapshot.
 pub(crate) async fn read_meta(conn: &mut PgConnection, for_update: bool) -> Result<(Revision, Revision), sqlx::Error> {
     let sql = if for_update {
@@ -153,33 +202,49 @@ pub(crate) async fn read_meta(conn: &mut PgConnection, for_update: bool) -> Resu
     Ok((row.try_get(0)?, row.try_get(1)?))
 }
 
-/// The events of revisions `from..=to`, one batch per revision in order, prev_kv filled in.
-/// The caller reads at a snapshot where `from` is at or above the compaction point.
-pub(crate) async fn read_events(conn: &mut PgConnection, from: Revision, to: Revision) -> Result<Vec<Arc<ChangeBatch>>, sqlx::Error> {
+/// In one statement (one snapshot): the current and compact revision, and the events of
+/// revisions `max(from, compact)..=min(current, last)`, one batch per revision in order,
+/// prev_kv filled in. Since revisions are committed with the counter, every revision up to
+/// the counter is complete in the snapshot.
+pub(crate) async fn read_events(
+    conn: &mut PgConnection,
+    from: Revision,
+    last: Revision,
+) -> Result<(Vec<Arc<ChangeBatch>>, Revision, Revision), sqlx::Error> {
     let mut rows = sqlx::query(
-        "SELECT k.mod_revision, k.key, k.deleted, k.create_revision, k.version, k.lease, k.value,
-                p.create_revision, p.mod_revision, p.version, p.lease, p.value
-         FROM kv k LEFT JOIN kv p ON p.key = k.key AND p.mod_revision = k.prev_revision
-         WHERE k.mod_revision >= $1 AND k.mod_revision <= $2
-         ORDER BY k.mod_revision, k.sub",
+        "SELECT m.revision, m.compact_revision, e.mod_revision, e.key, e.deleted, e.create_revision, e.version, e.lease,
+                e.value, e.p_create, e.p_mod, e.p_version, e.p_lease, e.p_value
+         FROM meta m LEFT JOIN LATERAL (
+             SELECT k.mod_revision, k.sub, k.key, k.deleted, k.create_revision, k.version, k.lease, k.value,
+                    p.create_revision AS p_create, p.mod_revision AS p_mod, p.version AS p_version,
+                    p.lease AS p_lease, p.value AS p_value
+             FROM kv k LEFT JOIN kv p ON p.key = k.key AND p.mod_revision = k.prev_revision
+             WHERE k.mod_revision >= greatest($1, m.compact_revision) AND k.mod_revision <= least(m.revision, $2)
+         ) e ON true
+         WHERE m.id = 1
+         ORDER BY e.mod_revision, e.sub",
     )
     .bind(from)
-    .bind(to)
+    .bind(last)
     .fetch(&mut *conn);
     let mut out: Vec<ChangeBatch> = Vec::new();
+    let mut meta = None;
     while let Some(row) = rows.try_next().await? {
-        let revision: i64 = row.try_get(0)?;
-        let key: Vec<u8> = row.try_get(1)?;
-        let deleted: bool = row.try_get(2)?;
-        let prev_mod: Option<i64> = row.try_get(8)?;
+        if meta.is_none() {
+            meta = Some((row.try_get(0)?, row.try_get(1)?));
+        }
+        let Some(revision) = row.try_get::<Option<i64>, _>(2)? else { continue };
+        let key: Vec<u8> = row.try_get(3)?;
+        let deleted: bool = row.try_get(4)?;
+        let prev_mod: Option<i64> = row.try_get(10)?;
         let prev_kv = match prev_mod {
             Some(mod_revision) => Some(KeyValue {
                 key: key.clone(),
-                create_revision: row.try_get(7)?,
+                create_revision: row.try_get(9)?,
                 mod_revision,
-                version: row.try_get(9)?,
-                lease: row.try_get(10)?,
-                value: row.try_get(11)?,
+                version: row.try_get(11)?,
+                lease: row.try_get(12)?,
+                value: row.try_get(13)?,
             }),
             None => None,
         };
@@ -190,11 +255,11 @@ pub(crate) async fn read_events(conn: &mut PgConnection, from: Revision, to: Rev
                 kind: EventKind::Put,
                 kv: KeyValue {
                     key,
-                    create_revision: row.try_get(3)?,
+                    create_revision: row.try_get(5)?,
                     mod_revision: revision,
-                    version: row.try_get(4)?,
-                    lease: row.try_get(5)?,
-                    value: row.try_get(6)?,
+                    version: row.try_get(6)?,
+                    lease: row.try_get(7)?,
+                    value: row.try_get(8)?,
                 },
                 prev_kv,
             }
@@ -204,7 +269,8 @@ pub(crate) async fn read_events(conn: &mut PgConnection, from: Revision, to: Rev
             _ => out.push(ChangeBatch { revision, events: vec![event] }),
         }
     }
-    Ok(out.into_iter().map(Arc::new).collect())
+    let (rev, compact) = meta.ok_or(sqlx::Error::RowNotFound)?;
+    Ok((out.into_iter().map(Arc::new).collect(), rev, compact))
 }
 
 /// SQLSTATE classes and codes that mean "try again": serialization failure, deadlock,

@@ -12,6 +12,7 @@
 //! from scratch when the failure is transient; after that, its requests get `Unavailable`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,93 @@ use crate::Inner;
 
 /// The notification channel every write transaction notifies on commit (payload: revision).
 pub(crate) const CHANNEL: &str = "cairn_feed";
+
+/// Opens a write batch's transaction and takes the revision lock, in one round trip (two
+/// statements in one simple query; the lock statement's row is not needed).
+const BEGIN_LOCKED: &str = "BEGIN; SELECT 1 FROM meta WHERE id = 1 FOR UPDATE";
+
+/// Writes rows to `kv` ($1-$9, one array per column), upserts live keys into `current`
+/// ($10-$15) and deletes deleted ones from it ($16); `delta` is what that changed the space
+/// count by: the bytes of the rows inserted minus those of the rows replaced or deleted (the
+/// replaced ones read in the same statement, whose snapshot does not see its own changes).
+/// Empty arrays write nothing. A macro so that both statements below are literals.
+macro_rules! flush_ctes {
+    () => {
+        "WITH ins AS (
+            INSERT INTO kv (key, mod_revision, sub, create_revision, version, lease, value, deleted, prev_revision)
+            SELECT * FROM UNNEST($1::bytea[], $2::int8[], $3::int4[], $4::int8[], $5::int8[], $6::int8[], $7::bytea[], $8::bool[], $9::int8[])
+            RETURNING cairn_kv_bytes(key, value) AS b),
+          old AS (SELECT coalesce(sum(cairn_current_bytes(key, value)), 0) AS b FROM current WHERE key = ANY($10::bytea[])),
+          up AS (
+            INSERT INTO current (key, create_revision, mod_revision, version, lease, value)
+            SELECT * FROM UNNEST($10::bytea[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::bytea[])
+            ON CONFLICT (key) DO UPDATE SET create_revision = EXCLUDED.create_revision,
+               mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version,
+               lease = EXCLUDED.lease, value = EXCLUDED.value
+            RETURNING cairn_current_bytes(key, value) AS b),
+          gone AS (DELETE FROM current WHERE key = ANY($16::bytea[]) RETURNING cairn_current_bytes(key, value) AS b),
+          delta AS (SELECT ((SELECT coalesce(sum(b), 0) FROM ins) + (SELECT coalesce(sum(b), 0) FROM up)
+                            - (SELECT b FROM old) - (SELECT coalesce(sum(b), 0) FROM gone))::bigint AS b)"
+    };
+}
+
+/// A flush in the middle of a batch (before a revoke, or a read at a past revision).
+const FLUSH: &str = concat!(flush_ctes!(), " SELECT b FROM delta");
+
+/// The flush that ends a batch that wrote: also the new revision ($17) and the batch's other
+/// changes of the space count ($18, grants and revokes) into `meta`, and the notification on
+/// channel $19.
+const FLUSH_AND_CLOSE: &str = concat!(
+    flush_ctes!(),
+    ", u AS (UPDATE meta SET revision = $17, bytes = bytes + $18 + (SELECT b FROM delta) WHERE id = 1 RETURNING revision)
+     SELECT pg_notify($19, revision::text) FROM u"
+);
+
+/// The single keys the batch's txns name (compares, puts, which read the previous version,
+/// single-key gets and deletes, nested txns included), at most [`PREFETCH_KEYS`].
+fn batch_keys(ops: &[WriteOp]) -> Vec<Vec<u8>> {
+    let mut keys = Vec::new();
+    for op in ops {
+        if let WriteOp::Txn(req) = op {
+            exec::single_keys(req, &mut keys);
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    keys.truncate(PREFETCH_KEYS);
+    keys.into_iter().map(<[u8]>::to_vec).collect()
+}
+
+/// With the revision lock held: the revision, the compaction point and the live row (or
+/// `None`) of each of `keys`, in one statement.
+async fn read_locked(
+    conn: &mut PgConnection,
+    keys: Vec<Vec<u8>>,
+) -> Result<(Revision, Revision, HashMap<Vec<u8>, Option<KeyValue>>), sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT m.revision, m.compact_revision, c.key, c.create_revision, c.mod_revision, c.version, c.lease, c.value
+         FROM meta m LEFT JOIN current c ON c.key = ANY($1::bytea[]) WHERE m.id = 1",
+    )
+    .bind(&keys)
+    .fetch_all(&mut *conn)
+    .await?;
+    let first = rows.first().ok_or(sqlx::Error::RowNotFound)?;
+    let (rev, compact) = (first.try_get(0)?, first.try_get(1)?);
+    let mut known: HashMap<Vec<u8>, Option<KeyValue>> = keys.into_iter().map(|k| (k, None)).collect();
+    for row in &rows {
+        let Some(key) = row.try_get::<Option<Vec<u8>>, _>(2)? else { continue };
+        let kv = KeyValue {
+            key: key.clone(),
+            create_revision: row.try_get(3)?,
+            mod_revision: row.try_get(4)?,
+            version: row.try_get(5)?,
+            lease: row.try_get(6)?,
+            value: row.try_get(7)?,
+        };
+        known.insert(key, Some(kv));
+    }
+    Ok((rev, compact, known))
+}
 
 /// A queued write.
 pub(crate) enum WriteOp {
@@ -90,7 +178,8 @@ pub(crate) async fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriteI
         let outcome = tokio::task::spawn_blocking(move || run_with_retry(&inner2, &rt, &ops)).await;
         let results: Vec<Result<WriteReply>> = match outcome {
             Ok(Ok((results, wrote))) => {
-                if wrote {
+                if let Some(rev) = wrote {
+                    inner.committed.fetch_max(rev, Ordering::AcqRel);
                     inner.wake.notify_one();
                 }
                 results
@@ -112,7 +201,7 @@ pub(crate) async fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriteI
     }
 }
 
-fn run_with_retry(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<WriteReply>>, bool), BatchError> {
+fn run_with_retry(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<WriteReply>>, Option<Revision>), BatchError> {
     let mut attempt = 0;
     loop {
         match run_batch(inner, rt, ops) {
@@ -126,16 +215,20 @@ fn run_with_retry(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Re
     }
 }
 
-/// Runs one batch in one transaction. Returns each request's result and whether anything was
-/// committed at a new revision.
-fn run_batch(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<WriteReply>>, bool), BatchError> {
+/// Runs one batch in one transaction. Returns each request's result and the new revision, if
+/// the batch committed one.
+fn run_batch(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<WriteReply>>, Option<Revision>), BatchError> {
     if let [WriteOp::Grant { id, ttl }] = ops {
-        return Ok((vec![grant_alone(inner, rt, *id, *ttl)?.map(WriteReply::Grant)], false));
+        return Ok((vec![grant_alone(inner, rt, *id, *ttl)?.map(WriteReply::Grant)], None));
     }
-    let mut tx = rt.block_on(inner.pool.begin())?;
-    let (base, compact) = rt.block_on(sql::read_meta(&mut tx, true))?;
+    // The lock is taken in BEGIN's round trip, so the next statement, which reads the counter
+    // and the keys, starts after it (a READ COMMITTED statement's snapshot is taken when the
+    // statement starts): it sees every batch committed before this one.
+    let mut tx = rt.block_on(inner.pool.begin_with(BEGIN_LOCKED))?;
+    let keys = batch_keys(ops);
+    let (base, compact, known) = rt.block_on(read_locked(&mut tx, keys))?;
     let mut batch = Batch::new(rt, &mut tx, base, compact);
-    batch.prefetch(ops)?;
+    batch.known = known;
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
         results.push(match op {
@@ -145,22 +238,14 @@ fn run_batch(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<
             WriteOp::Expire => batch.expire()?.map(WriteReply::Expire),
         });
     }
-    batch.flush()?;
     let (rev, bytes) = (batch.rev, batch.bytes);
-    drop(batch);
     let wrote = rev > base;
     if wrote {
-        rt.block_on(
-            sqlx::query(
-                "WITH u AS (UPDATE meta SET revision = $1, bytes = bytes + $3 WHERE id = 1 RETURNING revision)
-                 SELECT pg_notify($2, revision::text) FROM u",
-            )
-            .bind(rev)
-            .bind(CHANNEL)
-            .bind(bytes)
-            .execute(&mut *tx),
-        )?;
-    } else if bytes != 0 {
+        // The rows, the counter and the notification in one statement.
+        batch.flush_and_close()?;
+    }
+    drop(batch);
+    if !wrote && bytes != 0 {
         // Grants, or revokes of leases without keys: no new revision, lease rows more or fewer.
         rt.block_on(sqlx::query("UPDATE meta SET bytes = bytes + $1 WHERE id = 1").bind(bytes).execute(&mut *tx))?;
     }
@@ -170,7 +255,7 @@ fn run_batch(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<
         let commit_sent = !matches!(error, sqlx::Error::Database(_));
         BatchError { error, commit_sent }
     })?;
-    Ok((results, wrote))
+    Ok((results, wrote.then_some(rev)))
 }
 
 /// A grant with nothing else to batch it with: one statement (one round trip) instead of a
@@ -246,7 +331,7 @@ struct Batch<'a> {
     /// the database computed them (`cairn_*_bytes`). Added to the count when the batch commits.
     bytes: i64,
     /// The live row (or `None`: no live key) in `current` of keys the batch's requests name,
-    /// read in one statement before they run (`prefetch`) and kept up to date by `flush`, so a
+    /// read with the revision lock before they run (`read_locked`) and kept up to date by `flush`, so a
     /// request reading one of them needs no round trip. Only this batch writes `current` while
     /// it holds the meta row lock.
     known: HashMap<Vec<u8>, Option<KeyValue>>,
@@ -270,42 +355,29 @@ impl<'a> Batch<'a> {
         }
     }
 
-    /// Reads the live rows of the single keys the batch's txns name, in one statement (when
-    /// there are two or more: one key costs the same round trip read when it is needed).
-    fn prefetch(&mut self, ops: &[WriteOp]) -> Result<(), sqlx::Error> {
-        let mut keys = Vec::new();
-        for op in ops {
-            if let WriteOp::Txn(req) = op {
-                exec::single_keys(req, &mut keys);
-            }
-        }
-        keys.sort_unstable();
-        keys.dedup();
-        keys.truncate(PREFETCH_KEYS);
-        if keys.len() < 2 {
-            return Ok(());
-        }
-        let keys: Vec<Vec<u8>> = keys.into_iter().map(<[u8]>::to_vec).collect();
-        let rows = self.rt.block_on(
-            sqlx::query(
-                "SELECT key, create_revision, mod_revision, version, lease, value FROM current WHERE key = ANY($1::bytea[])",
-            )
-            .bind(&keys)
-            .fetch_all(&mut *self.conn),
-        )?;
-        self.known.extend(keys.into_iter().map(|k| (k, None)));
-        for row in &rows {
-            let kv = sql::decode_kv(row)?;
-            self.known.insert(kv.key.clone(), Some(kv));
-        }
-        Ok(())
-    }
-
-    /// Writes the batch's unflushed changes to `kv` and `current`.
+    /// Writes the batch's unflushed changes to `kv` and `current`, in one statement.
     fn flush(&mut self) -> Result<(), sqlx::Error> {
         if self.rows.is_empty() {
             return Ok(());
         }
+        let q = self.flush_query(FLUSH);
+        let delta: i64 = self.rt.block_on(q.fetch_one(&mut *self.conn))?.try_get(0)?;
+        self.bytes += delta;
+        Ok(())
+    }
+
+    /// The batch's last statement: its unflushed changes, the new revision and space count in
+    /// `meta`, and the notification, which PostgreSQL sends when the transaction commits.
+    fn flush_and_close(&mut self) -> Result<(), sqlx::Error> {
+        let (rev, bytes) = (self.rev, self.bytes);
+        let q = self.flush_query(FLUSH_AND_CLOSE).bind(rev).bind(bytes).bind(CHANNEL);
+        self.rt.block_on(q.execute(&mut *self.conn))?;
+        Ok(())
+    }
+
+    /// `sql` (one of [`FLUSH`] and [`FLUSH_AND_CLOSE`]) with the unflushed changes bound as
+    /// its first 16 parameters; takes them out of the batch and updates what it knows.
+    fn flush_query(&mut self, sql: &'static str) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
         let rows = std::mem::take(&mut self.rows);
         let pending = std::mem::take(&mut self.pending);
         for (key, kv) in &pending {
@@ -334,18 +406,8 @@ impl<'a> Batch<'a> {
                 None => dead.push(key),
             }
         }
-        let conn = &mut *self.conn;
-        // Each statement also returns what it changed the space count by: the bytes of the
-        // rows it inserted, minus those of the rows it replaced or deleted (for the upsert, read
-        // in the same statement, whose snapshot does not see its own changes).
-        let bytes = self.rt.block_on(async {
-            let mut bytes: i64 = sqlx::query(
-                "WITH ins AS (
-                    INSERT INTO kv (key, mod_revision, sub, create_revision, version, lease, value, deleted, prev_revision)
-                    SELECT * FROM UNNEST($1::bytea[], $2::int8[], $3::int4[], $4::int8[], $5::int8[], $6::int8[], $7::bytea[], $8::bool[], $9::int8[])
-                    RETURNING cairn_kv_bytes(key, value) AS b)
-                 SELECT coalesce(sum(b), 0)::bigint FROM ins",
-            )
+        self.flushed_rev = self.rev;
+        sqlx::query(sql)
             .bind(cols.key)
             .bind(cols.mod_revision)
             .bind(cols.sub)
@@ -355,48 +417,13 @@ impl<'a> Batch<'a> {
             .bind(cols.value)
             .bind(cols.deleted)
             .bind(cols.prev_revision)
-            .fetch_one(&mut *conn)
-            .await?
-            .try_get(0)?;
-            if !live.key.is_empty() {
-                let delta: i64 = sqlx::query(
-                    "WITH old AS (SELECT coalesce(sum(cairn_current_bytes(key, value)), 0) AS b FROM current WHERE key = ANY($1::bytea[])),
-                          up AS (
-                            INSERT INTO current (key, create_revision, mod_revision, version, lease, value)
-                            SELECT * FROM UNNEST($1::bytea[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::bytea[])
-                            ON CONFLICT (key) DO UPDATE SET create_revision = EXCLUDED.create_revision,
-                               mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version,
-                               lease = EXCLUDED.lease, value = EXCLUDED.value
-                            RETURNING cairn_current_bytes(key, value) AS b)
-                     SELECT ((SELECT coalesce(sum(b), 0) FROM up) - (SELECT b FROM old))::bigint",
-                )
-                .bind(live.key)
-                .bind(live.create_revision)
-                .bind(live.mod_revision)
-                .bind(live.version)
-                .bind(live.lease)
-                .bind(live.value)
-                .fetch_one(&mut *conn)
-                .await?
-                .try_get(0)?;
-                bytes += delta;
-            }
-            if !dead.is_empty() {
-                let gone: i64 = sqlx::query(
-                    "WITH d AS (DELETE FROM current WHERE key = ANY($1::bytea[]) RETURNING cairn_current_bytes(key, value) AS b)
-                     SELECT coalesce(sum(b), 0)::bigint FROM d",
-                )
-                .bind(dead)
-                .fetch_one(&mut *conn)
-                .await?
-                .try_get(0)?;
-                bytes -= gone;
-            }
-            Ok::<_, sqlx::Error>(bytes)
-        })?;
-        self.bytes += bytes;
-        self.flushed_rev = self.rev;
-        Ok(())
+            .bind(live.key)
+            .bind(live.create_revision)
+            .bind(live.mod_revision)
+            .bind(live.version)
+            .bind(live.lease)
+            .bind(live.value)
+            .bind(dead)
     }
 
     /// Runs one txn request. The outer error aborts the batch (a database failure); the inner
@@ -719,7 +746,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-            assert!(wrote);
+            assert!(wrote.is_some());
             assert_eq!(results.len(), 3);
             match &results[2] {
                 Ok(WriteReply::Txn(t)) => assert!(t.succeeded, "the last txn saw k=1 written earlier in its batch"),
