@@ -107,6 +107,8 @@ pub(crate) struct Inner {
     recheck: AtomicBool,
     /// The tailer's reads of the change log so far.
     tail_reads: AtomicU64,
+    /// When a statement last failed transiently (see the pool's `before_acquire`).
+    trouble: Arc<Trouble>,
     shutdown: watch::Sender<bool>,
     /// The quota check's last measurement of the bytes Cairn's data takes.
     space: parking_lot::Mutex<Space>,
@@ -196,6 +198,38 @@ const FEED_CAPACITY: usize = 1024;
 pub const RAFT_TERM: u64 = 1;
 /// Attempts of a read that fails transiently.
 const READ_ATTEMPTS: u32 = 3;
+/// A pooled connection idle this long is pinged before it is used.
+const PING_IDLE: Duration = Duration::from_secs(1);
+/// After a statement failed transiently, every pooled connection is pinged before it is used
+/// for this long.
+const TROUBLE_FOR: Duration = Duration::from_secs(5);
+
+/// When a statement last failed transiently.
+pub(crate) struct Trouble {
+    base: std::time::Instant,
+    /// Milliseconds since `base`, plus 1 (0: never).
+    at: AtomicU64,
+}
+
+impl Trouble {
+    fn new() -> Trouble {
+        Trouble { base: std::time::Instant::now(), at: AtomicU64::new(0) }
+    }
+
+    /// Notes a transient failure of `e`'s kind, if it is one.
+    pub(crate) fn note(&self, e: &sqlx::Error) {
+        if is_transient(e) {
+            self.at.store(self.base.elapsed().as_millis() as u64 + 1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn recent(&self) -> bool {
+        match self.at.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => false,
+            t => (self.base.elapsed().as_millis() as u64 + 1).saturating_sub(t) < TROUBLE_FOR.as_millis() as u64,
+        }
+    }
+}
 
 /// The PostgreSQL backend. See the crate docs.
 pub struct PostgresBackend {
@@ -209,11 +243,30 @@ impl PostgresBackend {
     /// task and the lease sweeper. Must be called inside a tokio runtime.
     pub async fn connect(url: &str, opts: PostgresOptions) -> anyhow::Result<Arc<PostgresBackend>> {
         let connect: PgConnectOptions = url.parse()?;
+        let trouble = Arc::new(Trouble::new());
         let connect = connect.application_name(&opts.application_name);
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections.max(2))
             .min_connections(opts.min_connections)
             .acquire_timeout(opts.acquire_timeout)
+            // sqlx pings every connection it hands out, a round trip before each read and
+            // write batch. Only one idle for a while is pinged (and replaced if that fails),
+            // or any while connections have been failing (a restarted server, killed
+            // backends): a recently used one that broke fails its statement, which is retried,
+            // and the retry should not find another broken one.
+            .test_before_acquire(false)
+            .before_acquire({
+                let trouble = trouble.clone();
+                move |conn, meta| {
+                    let check = meta.idle_for >= PING_IDLE || trouble.recent();
+                    Box::pin(async move {
+                        if check {
+                            sqlx::Connection::ping(conn).await?;
+                        }
+                        Ok(true)
+                    })
+                }
+            })
             .connect_with(connect)
             .await?;
         let mut conn = pool.acquire().await?;
@@ -234,6 +287,7 @@ impl PostgresBackend {
             committed: AtomicI64::new(rev),
             recheck: AtomicBool::new(false),
             tail_reads: AtomicU64::new(0),
+            trouble,
             shutdown,
             space: parking_lot::Mutex::new(Space::default()),
         });
@@ -319,6 +373,9 @@ impl PostgresBackend {
                 Ok::<_, sqlx::Error>(out)
             }
             .await;
+            if let Err(e) = &r {
+                self.inner.trouble.note(e);
+            }
             match r {
                 Ok(out) => return out,
                 Err(e) if is_transient(&e) && attempt + 1 < READ_ATTEMPTS => {

@@ -204,7 +204,11 @@ pub(crate) async fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriteI
 fn run_with_retry(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<WriteReply>>, Option<Revision>), BatchError> {
     let mut attempt = 0;
     loop {
-        match run_batch(inner, rt, ops) {
+        let r = run_batch(inner, rt, ops);
+        if let Err(e) = &r {
+            inner.trouble.note(&e.error);
+        }
+        match r {
             Err(e) if !e.commit_sent && is_transient(&e.error) && attempt < BATCH_RETRIES => {
                 attempt += 1;
                 tracing::warn!(error = %e.error, attempt, "postgres: write batch failed transiently, retrying");
