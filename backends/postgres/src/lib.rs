@@ -45,8 +45,8 @@ use writer::{WriteItem, WriteOp, WriteReply};
 /// Settings of the PostgreSQL backend.
 #[derive(Clone, Debug)]
 pub struct PostgresOptions {
-    /// Connections in the pool (reads, the writer, feeds catching up, lease calls). The
-    /// LISTEN connection comes on top.
+    /// Connections (at least 3): the writer's own, and a pool of the rest (reads, feeds
+    /// catching up, lease calls). The LISTEN connection comes on top.
     pub max_connections: u32,
     /// Connections kept open when idle.
     pub min_connections: u32,
@@ -199,7 +199,7 @@ pub const RAFT_TERM: u64 = 1;
 /// Attempts of a read that fails transiently.
 const READ_ATTEMPTS: u32 = 3;
 /// A pooled connection idle this long is pinged before it is used.
-const PING_IDLE: Duration = Duration::from_secs(1);
+pub(crate) const PING_IDLE: Duration = Duration::from_secs(1);
 /// After a statement failed transiently, every pooled connection is pinged before it is used
 /// for this long.
 const TROUBLE_FOR: Duration = Duration::from_secs(5);
@@ -223,7 +223,7 @@ impl Trouble {
         }
     }
 
-    fn recent(&self) -> bool {
+    pub(crate) fn recent(&self) -> bool {
         match self.at.load(std::sync::atomic::Ordering::Relaxed) {
             0 => false,
             t => (self.base.elapsed().as_millis() as u64 + 1).saturating_sub(t) < TROUBLE_FOR.as_millis() as u64,
@@ -245,8 +245,9 @@ impl PostgresBackend {
         let connect: PgConnectOptions = url.parse()?;
         let trouble = Arc::new(Trouble::new());
         let connect = connect.application_name(&opts.application_name);
+        // The writer's own connection is one of `max_connections`.
         let pool = PgPoolOptions::new()
-            .max_connections(opts.max_connections.max(2))
+            .max_connections(opts.max_connections.max(3) - 1)
             .min_connections(opts.min_connections)
             .acquire_timeout(opts.acquire_timeout)
             // sqlx pings every connection it hands out, a round trip before each read and
@@ -267,7 +268,7 @@ impl PostgresBackend {
                     })
                 }
             })
-            .connect_with(connect)
+            .connect_with(connect.clone())
             .await?;
         let mut conn = pool.acquire().await?;
         schema::migrate(&mut conn).await?;
@@ -291,8 +292,17 @@ impl PostgresBackend {
             shutdown,
             space: parking_lot::Mutex::new(Space::default()),
         });
+        let writer = {
+            let (inner, conn) = (inner.clone(), writer::WriterConn::new(connect));
+            std::thread::Builder::new()
+                .name("cairn-pg-writer".into())
+                .spawn(move || writer::writer_thread(inner, writer_rx, conn))?
+        };
         let tasks = vec![
-            tokio::spawn(writer::writer_loop(inner.clone(), writer_rx)),
+            // Done when the writer thread is (it stops at shutdown).
+            tokio::spawn(async move {
+                let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+            }),
             tokio::spawn(feed::tailer(inner.clone(), rev)),
             tokio::spawn(feed::listener(inner.clone())),
             tokio::spawn(sweeper(inner.clone())),
@@ -491,7 +501,7 @@ impl Backend for PostgresBackend {
         let mut attempt = 0;
         loop {
             let (inner, rt, req2) = (inner.clone(), rt.clone(), req.clone());
-            let r = tokio::task::spawn_blocking(move || writer::run_read_txn(&inner, &rt, &req2))
+            let r = tokio::task::spawn_blocking(move || writer::run_read_txn(&inner, writer::Block::Handle(&rt), &req2))
                 .await
                 .map_err(|e| BackendError::internal(format!("read txn panicked: {e}")))?;
             match r {

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use cairn_backend::exec::{self, TxnView};
 use cairn_backend::*;
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgConnection, Row};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
@@ -156,15 +157,80 @@ impl From<sqlx::Error> for BatchError {
 /// Retries of a batch that failed transiently before its commit.
 const BATCH_RETRIES: u32 = 5;
 
-/// The writer task: takes what is queued (up to `max_batch`), runs it as one batch on a
-/// blocking thread, replies, and goes on until shutdown.
-pub(crate) async fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriteItem>) {
+/// Runs a future to the end on the calling thread: the writer thread's own runtime, or (for a
+/// read-only txn on a blocking thread of the server's runtime) that runtime's handle.
+#[derive(Clone, Copy)]
+pub(crate) enum Block<'a> {
+    Runtime(&'a tokio::runtime::Runtime),
+    Handle(&'a Handle),
+}
+
+impl Block<'_> {
+    pub(crate) fn block_on<F: std::future::Future>(self, f: F) -> F::Output {
+        match self {
+            Block::Runtime(rt) => rt.block_on(f),
+            Block::Handle(h) => h.block_on(f),
+        }
+    }
+}
+
+/// The writer's own connection, opened on the writer thread's runtime, so that waiting for
+/// PostgreSQL's answers wakes no other thread (a pooled connection's socket is driven by the
+/// server's runtime, which then has to wake the thread blocked on it, on every round trip).
+pub(crate) struct WriterConn {
+    opts: PgConnectOptions,
+    conn: Option<PgConnection>,
+    used: std::time::Instant,
+}
+
+impl WriterConn {
+    pub(crate) fn new(opts: PgConnectOptions) -> WriterConn {
+        WriterConn { opts, conn: None, used: std::time::Instant::now() }
+    }
+
+    /// The connection, opened if there is none, and pinged first (replaced if that fails)
+    /// when it has been idle or connections have been failing, as the pool does.
+    fn get(&mut self, rt: Block<'_>, inner: &Inner) -> Result<&mut PgConnection, sqlx::Error> {
+        if self.conn.is_some() && (self.used.elapsed() >= crate::PING_IDLE || inner.trouble.recent()) {
+            let conn = self.conn.as_mut().expect("checked");
+            if rt.block_on(sqlx::Connection::ping(conn)).is_err() {
+                self.conn = None;
+            }
+        }
+        if self.conn.is_none() {
+            self.conn = Some(rt.block_on(<PgConnection as sqlx::Connection>::connect_with(&self.opts))?);
+        }
+        self.used = std::time::Instant::now();
+        Ok(self.conn.as_mut().expect("just set"))
+    }
+
+    /// After a failed batch: a connection error leaves the connection unusable.
+    fn failed(&mut self, e: &sqlx::Error) {
+        if !matches!(e, sqlx::Error::Database(_)) {
+            self.conn = None;
+        }
+    }
+}
+
+/// The writer thread: takes what is queued (up to `max_batch`), runs it as one batch, replies,
+/// and goes on until shutdown.
+pub(crate) fn writer_thread(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriteItem>, mut conn: WriterConn) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "postgres: cannot start the writer's runtime");
+            return;
+        }
+    };
     let mut shutdown = inner.shutdown.subscribe();
     loop {
-        let first = tokio::select! {
-            item = rx.recv() => match item { Some(i) => i, None => return },
-            _ = shutdown.wait_for(|s| *s) => return,
-        };
+        let first = rt.block_on(async {
+            tokio::select! {
+                item = rx.recv() => item,
+                _ = shutdown.wait_for(|s| *s) => None,
+            }
+        });
+        let Some(first) = first else { return };
         let mut items = vec![first];
         while items.len() < inner.opts.max_batch.max(1) {
             match rx.try_recv() {
@@ -173,9 +239,9 @@ pub(crate) async fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriteI
             }
         }
         let (ops, replies): (Vec<WriteOp>, Vec<_>) = items.into_iter().map(|i| (i.op, i.reply)).unzip();
-        let rt = Handle::current();
-        let inner2 = inner.clone();
-        let outcome = tokio::task::spawn_blocking(move || run_with_retry(&inner2, &rt, &ops)).await;
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_with_retry(&inner, &mut conn, Block::Runtime(&rt), &ops)
+        }));
         let results: Vec<Result<WriteReply>> = match outcome {
             Ok(Ok((results, wrote))) => {
                 if let Some(rev) = wrote {
@@ -193,7 +259,11 @@ pub(crate) async fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriteI
                 };
                 replies.iter().map(|_| Err(err.clone())).collect()
             }
-            Err(join) => replies.iter().map(|_| Err(BackendError::internal(format!("writer panicked: {join}")))).collect(),
+            Err(_) => {
+                // The connection may be mid-transaction: start over with a new one.
+                conn.conn = None;
+                replies.iter().map(|_| Err(BackendError::internal("writer panicked"))).collect()
+            }
         };
         for (reply, result) in replies.into_iter().zip(results) {
             let _ = reply.send(result);
@@ -201,12 +271,18 @@ pub(crate) async fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriteI
     }
 }
 
-fn run_with_retry(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<WriteReply>>, Option<Revision>), BatchError> {
+fn run_with_retry(
+    inner: &Inner,
+    conn: &mut WriterConn,
+    rt: Block<'_>,
+    ops: &[WriteOp],
+) -> Result<(Vec<Result<WriteReply>>, Option<Revision>), BatchError> {
     let mut attempt = 0;
     loop {
-        let r = run_batch(inner, rt, ops);
+        let r = run_batch(inner, conn, rt, ops);
         if let Err(e) = &r {
             inner.trouble.note(&e.error);
+            conn.failed(&e.error);
         }
         match r {
             Err(e) if !e.commit_sent && is_transient(&e.error) && attempt < BATCH_RETRIES => {
@@ -221,14 +297,20 @@ fn run_with_retry(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Re
 
 /// Runs one batch in one transaction. Returns each request's result and the new revision, if
 /// the batch committed one.
-fn run_batch(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<WriteReply>>, Option<Revision>), BatchError> {
+fn run_batch(
+    inner: &Inner,
+    conn: &mut WriterConn,
+    rt: Block<'_>,
+    ops: &[WriteOp],
+) -> Result<(Vec<Result<WriteReply>>, Option<Revision>), BatchError> {
+    let conn = conn.get(rt, inner)?;
     if let [WriteOp::Grant { id, ttl }] = ops {
-        return Ok((vec![grant_alone(inner, rt, *id, *ttl)?.map(WriteReply::Grant)], None));
+        return Ok((vec![grant_alone(conn, rt, *id, *ttl)?.map(WriteReply::Grant)], None));
     }
     // The lock is taken in BEGIN's round trip, so the next statement, which reads the counter
     // and the keys, starts after it (a READ COMMITTED statement's snapshot is taken when the
     // statement starts): it sees every batch committed before this one.
-    let mut tx = rt.block_on(inner.pool.begin_with(BEGIN_LOCKED))?;
+    let mut tx = rt.block_on(sqlx::Connection::begin_with(conn, BEGIN_LOCKED))?;
     let keys = batch_keys(ops);
     let (base, compact, known) = rt.block_on(read_locked(&mut tx, keys))?;
     let mut batch = Batch::new(rt, &mut tx, base, compact);
@@ -264,7 +346,7 @@ fn run_batch(inner: &Inner, rt: &Handle, ops: &[WriteOp]) -> Result<(Vec<Result<
 
 /// A grant with nothing else to batch it with: one statement (one round trip) instead of a
 /// transaction. The lease row and its bytes in the space count go in together.
-fn grant_alone(inner: &Inner, rt: &Handle, id: LeaseId, ttl: i64) -> Result<Result<LeaseGrant>, BatchError> {
+fn grant_alone(conn: &mut PgConnection, rt: Block<'_>, id: LeaseId, ttl: i64) -> Result<Result<LeaseGrant>, BatchError> {
     loop {
         let chosen = cairn_backend::lease_id_to_try(id);
         let row: Option<i64> = rt
@@ -278,7 +360,7 @@ fn grant_alone(inner: &Inner, rt: &Handle, id: LeaseId, ttl: i64) -> Result<Resu
                 )
                 .bind(chosen)
                 .bind(ttl)
-                .fetch_optional(&inner.pool),
+                .fetch_optional(&mut *conn),
             )
             .map_err(|error| {
                 // It commits on its own: unless the database refused it, it may have.
@@ -295,7 +377,7 @@ fn grant_alone(inner: &Inner, rt: &Handle, id: LeaseId, ttl: i64) -> Result<Resu
 
 /// Runs a txn that cannot write (no put or delete on any branch) at one snapshot, without the
 /// revision lock, on the calling blocking thread.
-pub(crate) fn run_read_txn(inner: &Inner, rt: &Handle, req: &TxnRequest) -> Result<TxnResponse> {
+pub(crate) fn run_read_txn(inner: &Inner, rt: Block<'_>, req: &TxnRequest) -> Result<TxnResponse> {
     let mut tx = rt.block_on(inner.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")).map_err(db_err)?;
     let (base, compact) = rt.block_on(sql::read_meta(&mut tx, false)).map_err(db_err)?;
     let mut batch = Batch::new(rt, &mut tx, base, compact);
@@ -320,7 +402,7 @@ struct KvRow {
 
 /// The state of one batch transaction.
 struct Batch<'a> {
-    rt: &'a Handle,
+    rt: Block<'a>,
     conn: &'a mut PgConnection,
     /// The revision before the next request (the batch's writes so far included).
     rev: Revision,
@@ -345,7 +427,7 @@ struct Batch<'a> {
 const PREFETCH_KEYS: usize = 4096;
 
 impl<'a> Batch<'a> {
-    fn new(rt: &'a Handle, conn: &'a mut PgConnection, base: Revision, compact: Revision) -> Self {
+    fn new(rt: Block<'a>, conn: &'a mut PgConnection, base: Revision, compact: Revision) -> Self {
         Batch {
             rt,
             conn,
@@ -744,8 +826,9 @@ mod tests {
             ];
             let inner = b.inner.clone();
             let handle = Handle::current();
+            let mut conn = WriterConn::new(url.parse().unwrap());
             let (results, wrote) = tokio::task::spawn_blocking(move || {
-                run_with_retry(&inner, &handle, &ops).map_err(|e| e.error.to_string())
+                run_with_retry(&inner, &mut conn, Block::Handle(&handle), &ops).map_err(|e| e.error.to_string())
             })
             .await
             .unwrap()
