@@ -154,6 +154,10 @@ impl From<sqlx::Error> for BatchError {
     }
 }
 
+/// A batch's answer to each request and the revision it committed (`None`: no new one), or
+/// its failure.
+type Outcome = std::result::Result<(Vec<Result<WriteReply>>, Option<Revision>), BatchError>;
+
 /// Retries of a batch that failed transiently before its commit.
 const BATCH_RETRIES: u32 = 5;
 
@@ -276,7 +280,7 @@ fn run_with_retry(
     conn: &mut WriterConn,
     rt: Block<'_>,
     ops: &[WriteOp],
-) -> Result<(Vec<Result<WriteReply>>, Option<Revision>), BatchError> {
+) -> Outcome {
     let mut attempt = 0;
     loop {
         let r = run_batch(inner, conn, rt, ops);
@@ -302,7 +306,7 @@ fn run_batch(
     conn: &mut WriterConn,
     rt: Block<'_>,
     ops: &[WriteOp],
-) -> Result<(Vec<Result<WriteReply>>, Option<Revision>), BatchError> {
+) -> Outcome {
     let conn = conn.get(rt, inner)?;
     if let [WriteOp::Grant { id, ttl }] = ops {
         return Ok((vec![grant_alone(conn, rt, *id, *ttl)?.map(WriteReply::Grant)], None));
