@@ -10,10 +10,12 @@
 # With PG_ADMIN_URL set (e.g. postgres://postgres@127.0.0.1:5432, a server the caller runs),
 # every Cairn run uses `--backend postgres` on a database created for it (and dropped after),
 # and the line adds that server's CPU per op (`--store-pid` of its postmaster, from
-# postmaster.pid in its data directory: a local server). Needs `etcdctl` (readiness) and, for
-# PostgreSQL, `psql`.
+# postmaster.pid in its data directory: a local server). With TIKV_FAKE set (the path of a
+# `cairn-tikv-fake` binary), every Cairn run uses `--backend tikv` on a fresh fake PD + TiKV
+# of its own on 127.0.0.1:23810, whose CPU per op the line adds. Needs `etcdctl` (readiness)
+# and, for PostgreSQL, `psql`.
 set -euo pipefail
-[ $# -ge 4 ] || { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 4 ] || { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 workload=$1 clients=$2 rounds=$3
 shift 3
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -22,7 +24,8 @@ url=http://127.0.0.1:23790
 psql_admin() { psql -X -q -tA "$PG_ADMIN_URL/postgres" "$@"; }
 n=0
 pid=
-trap '[ -z "$pid" ] || kill $pid 2>/dev/null || true' EXIT
+fake=
+trap '[ -z "$pid" ] || kill $pid 2>/dev/null || true; [ -z "$fake" ] || kill $fake 2>/dev/null || true' EXIT
 for _ in $(seq "$rounds"); do
     for server in "$@"; do
         n=$((n + 1))
@@ -37,6 +40,14 @@ for _ in $(seq "$rounds"); do
                 db="ab_$$_$n"
                 psql_admin -c "CREATE DATABASE $db"
                 extra=(--backend postgres --postgres-url "$PG_ADMIN_URL/$db")
+            elif [ -n "${TIKV_FAKE:-}" ]; then
+                "$TIKV_FAKE" 127.0.0.1:23810 >/dev/null 2>&1 &
+                fake=$!
+                for _ in $(seq 100); do
+                    (exec 3<>/dev/tcp/127.0.0.1/23810) 2>/dev/null && break
+                    sleep 0.1
+                done
+                extra=(--backend tikv --tikv-pd-endpoints 127.0.0.1:23810)
             fi
             "$server" "${extra[@]}" --data-dir "$dir" --listen-client-urls $url \
                 --advertise-client-urls $url >/dev/null 2>&1 &
@@ -51,6 +62,8 @@ for _ in $(seq "$rounds"); do
         store=()
         if [ -n "$db" ]; then
             store=(--store-pid "$(head -1 "$(psql_admin -c 'SHOW data_directory')/postmaster.pid")")
+        elif [ -n "$fake" ]; then
+            store=(--store-pid $fake)
         fi
         printf '%s ' "$(basename "$server")"
         "$bench" run --endpoints 127.0.0.1:23790 --workload "$workload" --clients "$clients" \
@@ -58,6 +71,11 @@ for _ in $(seq "$rounds"); do
         kill $pid
         wait $pid 2>/dev/null || true
         pid=
+        if [ -n "$fake" ]; then
+            kill $fake
+            wait $fake 2>/dev/null || true
+            fake=
+        fi
         rm -rf "$dir"
         [ -z "$db" ] || psql_admin -c "DROP DATABASE $db"
     done

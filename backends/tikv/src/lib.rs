@@ -201,7 +201,13 @@ impl Inner {
     /// timeout. `write`: in a transaction that commits what the job wrote; otherwise at a
     /// snapshot.
     async fn run<T: Send + 'static>(self: &Arc<Self>, write: bool, job: Job<T>) -> Result<T> {
-        let mut answers = self.run_jobs(write, vec![erase(job)], Vec::new()).await?;
+        self.run_reading(write, job, Vec::new()).await
+    }
+
+    /// [`Inner::run`] for a job that will read `keys` (TiKV keys), read with the counter in
+    /// the attempt's first batch get.
+    async fn run_reading<T: Send + 'static>(self: &Arc<Self>, write: bool, job: Job<T>, keys: Vec<Vec<u8>>) -> Result<T> {
+        let mut answers = self.run_jobs(write, vec![erase(job)], keys).await?;
         unerase(answers.pop().ok_or_else(|| BackendError::internal("tikv: no answer"))??)
     }
 
@@ -274,13 +280,10 @@ impl Inner {
             Ok(x) => x,
             Err(e) => return Attempt::Retry(format!("tikv: begin: {e}")),
         };
-        let mut view = match View::open(rt.clone(), reader, self.keys.clone(), now) {
+        let mut view = match View::open(rt.clone(), reader, self.keys.clone(), now, keys) {
             Ok(v) => v,
             Err(e) => return Attempt::Retry(format!("tikv: read meta: {e}")),
         };
-        if let Err(e) = view.read_ahead(keys) {
-            return Attempt::Retry(format!("tikv: read ahead: {e}"));
-        }
         let mut answers = Vec::with_capacity(jobs.len());
         let mut failed = None;
         for job in jobs {
@@ -666,8 +669,14 @@ fn crc32c(crc: u32, data: &[u8]) -> u32 {
 #[async_trait]
 impl Backend for TikvBackend {
     async fn range(&self, req: RangeRequest) -> Result<RangeResponse> {
+        // A single key at the latest revision: read with the counter.
+        let keys = if req.range.is_single() && req.revision <= 0 {
+            vec![self.inner.keys.current(&req.range.key)]
+        } else {
+            Vec::new()
+        };
         let req = Arc::new(req);
-        self.inner.run(false, Arc::new(move |v: &mut View| exec::range(v, &req))).await
+        self.inner.run_reading(false, Arc::new(move |v: &mut View| exec::range(v, &req)), keys).await
     }
 
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
@@ -680,13 +689,13 @@ impl Backend for TikvBackend {
             v.check_quota(cost, quota)?;
             exec::execute(v, &req).map(|(resp, _)| resp)
         });
+        let mut keys = Vec::new();
+        exec::single_keys(&req_keys, &mut keys);
+        let keys = keys.into_iter().map(|k| self.inner.keys.current(k)).collect();
         if writes {
-            let mut keys = Vec::new();
-            exec::single_keys(&req_keys, &mut keys);
-            let keys = keys.into_iter().map(|k| self.inner.keys.current(k)).collect();
             self.inner.write_reading(job, keys).await
         } else {
-            self.inner.run(false, job).await
+            self.inner.run_reading(false, job, keys).await
         }
     }
 

@@ -201,11 +201,19 @@ pub(crate) struct Checkpoint {
 }
 
 impl View {
-    /// Reads the counter, the compact revision and the space counts (one batch get); on a
-    /// TiKV error, the error's text.
-    pub(crate) fn open(rt: Handle, mut reader: Reader, keys: Keys, now_ms: i64) -> std::result::Result<View, String> {
-        let meta = vec![keys.revision(), keys.compact(), keys.size_written(), keys.size_freed()];
-        let mut found = rt.block_on(reader.batch_get(meta.clone())).map_err(|e| e.to_string())?;
+    /// Reads the counter, the compact revision, the space counts and the keys `ahead` (TiKV
+    /// keys the jobs will read: a request's [`View::get_raw`] finds them without a round
+    /// trip), all in one batch get; on a TiKV error, the error's text.
+    pub(crate) fn open(
+        rt: Handle,
+        mut reader: Reader,
+        keys: Keys,
+        now_ms: i64,
+        ahead: &[Vec<u8>],
+    ) -> std::result::Result<View, String> {
+        let meta = [keys.revision(), keys.compact(), keys.size_written(), keys.size_freed()];
+        let wanted: Vec<Vec<u8>> = meta.iter().chain(ahead).cloned().collect();
+        let mut found = rt.block_on(reader.batch_get(wanted)).map_err(|e| e.to_string())?;
         let mut take = |i: usize| found.remove(&meta[i]);
         let base = be_i64(take(0), 1).unwrap_or(1);
         let compact = be_i64(take(1), 0).unwrap_or(0);
@@ -214,6 +222,11 @@ impl View {
             None => None,
         };
         let freed = be_i64(take(3), 0).map_err(|e| format!("space count: {e}"))?;
+        // The keys found come back owned; only the missing ones are copied again. (A meta key
+        // among `ahead` was taken above; it is never one: those are other prefixes.)
+        let mut known: HashMap<Vec<u8>, Option<Vec<u8>>> =
+            ahead.iter().filter(|k| !found.contains_key(*k)).map(|k| (k.clone(), None)).collect();
+        known.extend(found.into_iter().map(|(k, v)| (k, Some(v))));
         Ok(View {
             rt,
             reader,
@@ -222,7 +235,7 @@ impl View {
             compact,
             now_ms,
             staged: BTreeMap::new(),
-            known: HashMap::new(),
+            known,
             undo: Vec::new(),
             events: Vec::new(),
             sealed: Vec::new(),
@@ -355,23 +368,6 @@ impl View {
         let v = self.io(r)?;
         self.known.insert(key, v.clone());
         Ok(v)
-    }
-
-    /// Reads `keys` (TiKV keys) in one batch get, for the jobs that will read them (a txn's
-    /// puts and compares read live versions, a lease grant or keep-alive its record).
-    pub(crate) fn read_ahead(&mut self, keys: &[Vec<u8>]) -> tikv_client::Result<()> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let found = self.rt.block_on(self.reader.batch_get(keys.to_vec()))?;
-        // The keys found come back owned; only the missing ones are copied again.
-        for k in keys {
-            if !found.contains_key(k) {
-                self.known.insert(k.clone(), None);
-            }
-        }
-        self.known.extend(found.into_iter().map(|(k, v)| (k, Some(v))));
-        Ok(())
     }
 
     /// Every pair in `[start, end)`, staged writes included.
