@@ -24,7 +24,7 @@ mod sql;
 pub mod testing;
 mod writer;
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -219,12 +219,12 @@ impl Trouble {
     /// Notes a transient failure of `e`'s kind, if it is one.
     pub(crate) fn note(&self, e: &sqlx::Error) {
         if is_transient(e) {
-            self.at.store(self.base.elapsed().as_millis() as u64 + 1, std::sync::atomic::Ordering::Relaxed);
+            self.at.store(self.base.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
         }
     }
 
     pub(crate) fn recent(&self) -> bool {
-        match self.at.load(std::sync::atomic::Ordering::Relaxed) {
+        match self.at.load(Ordering::Relaxed) {
             0 => false,
             t => (self.base.elapsed().as_millis() as u64 + 1).saturating_sub(t) < TROUBLE_FOR.as_millis() as u64,
         }
@@ -292,16 +292,18 @@ impl PostgresBackend {
             shutdown,
             space: parking_lot::Mutex::new(Space::default()),
         });
-        let writer = {
+        // The writer thread drops `done` when it ends (it stops at shutdown).
+        let (done, writer_done) = oneshot::channel::<()>();
+        {
             let (inner, conn) = (inner.clone(), writer::WriterConn::new(connect));
-            std::thread::Builder::new()
-                .name("cairn-pg-writer".into())
-                .spawn(move || writer::writer_thread(inner, writer_rx, conn))?
-        };
+            std::thread::Builder::new().name("cairn-pg-writer".into()).spawn(move || {
+                let _done = done;
+                writer::writer_thread(inner, writer_rx, conn)
+            })?;
+        }
         let tasks = vec![
-            // Done when the writer thread is (it stops at shutdown).
             tokio::spawn(async move {
-                let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+                let _ = writer_done.await;
             }),
             tokio::spawn(feed::tailer(inner.clone(), rev)),
             tokio::spawn(feed::listener(inner.clone())),
