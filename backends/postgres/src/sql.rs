@@ -55,13 +55,18 @@ pub(crate) fn bind_range<'q>(q: PgQuery<'q>, r: &KeyRange) -> PgQuery<'q> {
 pub(crate) const KV_COLS: &str = "key, create_revision, mod_revision, version, lease, value";
 
 pub(crate) fn decode_kv(row: &PgRow) -> Result<KeyValue, sqlx::Error> {
+    decode_kv_at(row, 0)
+}
+
+/// The kv in columns `at..at + 6` of `row` ([`KV_COLS`] in order).
+pub(crate) fn decode_kv_at(row: &PgRow, at: usize) -> Result<KeyValue, sqlx::Error> {
     Ok(KeyValue {
-        key: row.try_get(0)?,
-        create_revision: row.try_get(1)?,
-        mod_revision: row.try_get(2)?,
-        version: row.try_get(3)?,
-        lease: row.try_get(4)?,
-        value: row.try_get(5)?,
+        key: row.try_get(at)?,
+        create_revision: row.try_get(at + 1)?,
+        mod_revision: row.try_get(at + 2)?,
+        version: row.try_get(at + 3)?,
+        lease: row.try_get(at + 4)?,
+        value: row.try_get(at + 5)?,
     })
 }
 
@@ -177,15 +182,9 @@ pub(crate) async fn read_latest(
     }
     let mut kvs = Vec::with_capacity(rows.len());
     for row in &rows {
-        let Some(key) = row.try_get::<Option<Vec<u8>>, _>(3)? else { continue };
-        kvs.push(KeyValue {
-            key,
-            create_revision: row.try_get(4)?,
-            mod_revision: row.try_get(5)?,
-            version: row.try_get(6)?,
-            lease: row.try_get(7)?,
-            value: row.try_get(8)?,
-        });
+        if row.try_get::<Option<Vec<u8>>, _>(3)?.is_some() {
+            kvs.push(decode_kv_at(row, 3)?);
+        }
     }
     let count = counted.unwrap_or(kvs.len() as i64);
     Ok((rev, compact, kvs, count))

@@ -102,16 +102,10 @@ async fn read_locked(
     let (rev, compact) = (first.try_get(0)?, first.try_get(1)?);
     let mut known: HashMap<Vec<u8>, Option<KeyValue>> = keys.into_iter().map(|k| (k, None)).collect();
     for row in &rows {
-        let Some(key) = row.try_get::<Option<Vec<u8>>, _>(2)? else { continue };
-        let kv = KeyValue {
-            key: key.clone(),
-            create_revision: row.try_get(3)?,
-            mod_revision: row.try_get(4)?,
-            version: row.try_get(5)?,
-            lease: row.try_get(6)?,
-            value: row.try_get(7)?,
-        };
-        known.insert(key, Some(kv));
+        if row.try_get::<Option<Vec<u8>>, _>(2)?.is_some() {
+            let kv = sql::decode_kv_at(row, 2)?;
+            known.insert(kv.key.clone(), Some(kv));
+        }
     }
     Ok((rev, compact, known))
 }
